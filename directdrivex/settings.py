@@ -1,0 +1,173 @@
+"""Django settings for DirectDriveX: every value is read once, here, from the environment.
+
+The variables and their defaults are documented in docs/configuration.md; bad
+values are reported by the system checks in uploads/checks.py at start-up.
+"""
+
+from pathlib import Path
+
+import dj_database_url
+
+from directdrivex.env import Env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = Env()
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEBUG = env.bool("DEBUG", False)
+
+# Only DEBUG gets a built-in key; uploads.E010 refuses to start without a real one.
+INSECURE_DEV_SECRET_KEY = "django-insecure-directdrivex-development-only"
+SECRET_KEY = env.str("SECRET_KEY") or INSECURE_DEV_SECRET_KEY
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "uploads",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "directdrivex.urls"
+ASGI_APPLICATION = "directdrivex.asgi.application"
+WSGI_APPLICATION = None
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "uploads.context_processors.directdrivex",
+            ],
+        },
+    },
+]
+
+DATABASE_URL = env.str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # IMMEDIATE takes the write lock at BEGIN, so two processes never both read
+    # and then fail to upgrade ("database is locked"); the timeout lets them queue.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL;",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            # socket_timeout well above channels-redis's 5 s blocking read: an idle
+            # consumer must not die with TimeoutError (redis-py 8 defaults to 5 s).
+            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# Production hardening; a TLS-terminating proxy sets X-Forwarded-Proto.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", not DEBUG)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 0, minimum=0)
+if env.bool("SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+REST_FRAMEWORK = {
+    # Token first: an unauthenticated API call gets 401 with WWW-Authenticate.
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: file bodies never go through Django's multipart parser.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "uploads.api_errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "DirectDriveX API",
+    "DESCRIPTION": "Resumable uploads of very large files. The WebSocket protocol is in docs/protocol.md.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "INFO"},
+    "loggers": {
+        # Django adds its own console handler under DEBUG: don't print every line twice.
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        "django.db.backends": {"level": "WARNING"},
+    },
+}
+
+# --- DirectDriveX (docs/configuration.md) ---------------------------------
+DIRECTDRIVEX_STORAGE_DIR = Path(env.str("DIRECTDRIVEX_STORAGE_DIR") or BASE_DIR / "var" / "storage")
+DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS", 20)
+DIRECTDRIVEX_USER_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_USER_UPLOAD_SLOTS", 5)
+DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 30)
+DIRECTDRIVEX_SLOT_LEASE_SECONDS = env.int("DIRECTDRIVEX_SLOT_LEASE_SECONDS", 60)
+DIRECTDRIVEX_MAX_FILE_SIZE = env.int("DIRECTDRIVEX_MAX_FILE_SIZE", 10 * GiB)
+DIRECTDRIVEX_USER_QUOTA = env.int("DIRECTDRIVEX_USER_QUOTA", 50 * GiB, minimum=0)
+DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
+DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
+DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
+DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
+# How long a ws_url ticket admits new connections (not an environment variable).
+DIRECTDRIVEX_TICKET_MAX_AGE = 600
+
+# Read by uploads.checks (uploads.E001) so a bad value stops start-up with a message.
+DIRECTDRIVEX_CONFIG_ERRORS = env.errors

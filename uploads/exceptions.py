@@ -1,0 +1,167 @@
+"""Named refusals: each carries its machine code, HTTP status and WebSocket close code.
+
+Entry points translate these in one place each (uploads.api_errors for HTTP,
+the consumer for WebSocket, CommandError in commands); nothing else catches them.
+"""
+
+
+class DirectDriveXError(Exception):
+    """Base of every refusal a user can be shown."""
+
+    code = "error"
+    http_status = 400
+    close_code = 4400
+    default_detail = "The request was refused."
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None):
+        self.detail = detail or self.default_detail
+        self.retry_after = retry_after
+        super().__init__(self.detail)
+
+    def as_dict(self) -> dict:
+        body = {"code": self.code, "detail": self.detail}
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        return body
+
+
+class InvalidRequest(DirectDriveXError):
+    """A field is missing or malformed."""
+
+    code = "invalid"
+    default_detail = "The request is invalid."
+
+
+class ProtocolError(DirectDriveXError):
+    """The WebSocket client broke the protocol (bad frame, window, message)."""
+
+    code = "protocol_error"
+    default_detail = "The client broke the upload protocol."
+
+
+class Unauthenticated(DirectDriveXError):
+    """No valid ticket and no session."""
+
+    code = "unauthenticated"
+    http_status = 401
+    close_code = 4401
+    default_detail = "Sign in or use a valid, unexpired ticket."
+
+
+class UploadNotFound(DirectDriveXError):
+    """The upload does not exist or belongs to someone else."""
+
+    code = "not_found"
+    http_status = 404
+    close_code = 4404
+    default_detail = "No such upload."
+
+
+class UploadBusy(DirectDriveXError):
+    """Another live connection is writing this upload."""
+
+    code = "busy"
+    http_status = 409
+    close_code = 4409
+    default_detail = "Another connection is writing this upload."
+
+
+class NotUploading(DirectDriveXError):
+    """The upload is complete, cancelled, expired, failed or deleted."""
+
+    code = "not_uploading"
+    http_status = 409
+    close_code = 4409
+    default_detail = "The upload is no longer accepting bytes."
+
+
+class NotComplete(DirectDriveXError):
+    """The file cannot be downloaded before its upload completes."""
+
+    code = "not_complete"
+    http_status = 409
+    close_code = 4409
+    default_detail = "The upload is not complete yet."
+
+
+class LeaseLost(DirectDriveXError):
+    """The writer's slot was reclaimed or reset: a stale generation was used."""
+
+    code = "lease_lost"
+    http_status = 409
+    close_code = 4410
+    default_detail = "This connection's slot was reclaimed; reconnect to resume."
+
+
+class FileTooLarge(DirectDriveXError):
+    """The declared size is above DIRECTDRIVEX_MAX_FILE_SIZE."""
+
+    code = "file_too_large"
+    http_status = 413
+    close_code = 4413
+    default_detail = "The file is larger than the largest size accepted."
+
+
+class QuotaExceeded(DirectDriveXError):
+    """Stored plus reserved bytes would pass the user's quota."""
+
+    code = "quota_exceeded"
+    http_status = 413
+    close_code = 4413
+    default_detail = "The upload would exceed your storage quota."
+
+
+class SizeExceeded(DirectDriveXError):
+    """A frame would go past the declared size."""
+
+    code = "size_exceeded"
+    http_status = 413
+    close_code = 4413
+    default_detail = "The data goes past the declared size."
+
+
+class ChecksumMismatch(DirectDriveXError):
+    """The finished bytes do not match the declared sha256."""
+
+    code = "checksum_mismatch"
+    http_status = 422
+    close_code = 4422
+    default_detail = "The uploaded bytes do not match the declared sha256."
+
+
+class SlotsExhausted(DirectDriveXError):
+    """No slot is free now; ``retry_after`` says when one may be."""
+
+    code = "slots_exhausted"
+    http_status = 429
+    close_code = 4429
+    default_detail = "No upload slot is free right now."
+
+
+class UserSlotsExhausted(SlotsExhausted):
+    """The user already holds the per-user number of upload slots."""
+
+    code = "user_slots_exhausted"
+    default_detail = "You already have the maximum number of uploads in progress."
+
+
+class GlobalSlotsExhausted(SlotsExhausted):
+    """Every upload slot of the deployment is taken."""
+
+    code = "global_slots_exhausted"
+    default_detail = "The server is handling the maximum number of uploads; try again shortly."
+
+
+class DownloadSlotsExhausted(SlotsExhausted):
+    """Every download slot of the deployment is taken."""
+
+    code = "download_slots_exhausted"
+    default_detail = "The server is handling the maximum number of downloads; try again shortly."
+
+
+class RangeNotSatisfiable(DirectDriveXError):
+    """The Range header does not fit the file."""
+
+    code = "range_not_satisfiable"
+    http_status = 416
+    default_detail = "The requested range is outside the file."

@@ -1,0 +1,183 @@
+"""Uploads, the upload/download slots that admit them, and per-user quota overrides.
+
+Slot invariants live in the database, not in Python: partial unique
+constraints over *active* slots (``released_at IS NULL``) make
+"at most N slots" a matter of "at most N distinct indexes", which holds on
+PostgreSQL and SQLite alike and across any number of processes.
+"""
+
+import secrets
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+
+def new_storage_key() -> str:
+    """A random on-disk name: never derived from the user's filename."""
+    return secrets.token_hex(16)
+
+
+class UploadQuerySet(models.QuerySet):
+    def unfinished(self):
+        return self.filter(status=Upload.Status.UPLOADING)
+
+    def counting_toward_quota(self):
+        """Finished files plus bytes reserved by unfinished uploads."""
+        return self.filter(status__in=[Upload.Status.UPLOADING, Upload.Status.COMPLETE])
+
+    def idle_since(self, cutoff):
+        return self.unfinished().filter(last_activity_at__lt=cutoff)
+
+
+class Upload(models.Model):
+    class Status(models.TextChoices):
+        UPLOADING = "uploading"
+        COMPLETE = "complete"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        EXPIRED = "expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="uploads")
+    # As the client sent it (NUL, which PostgreSQL text cannot hold, becomes U+FFFD).
+    original_filename = models.TextField()
+    # Safe to show and to send in Content-Disposition; see uploads.filenames.
+    display_name = models.CharField(max_length=255)
+    size = models.BigIntegerField(help_text="Declared size in bytes.")
+    sha256 = models.CharField(max_length=64, blank=True, help_text="Declared lowercase hex digest, if any.")
+    offset = models.BigIntegerField(default=0, help_text="Durable resume point: bytes fsynced and committed.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.UPLOADING)
+    storage_key = models.CharField(max_length=64, unique=True, default=new_storage_key, editable=False)
+    # Fencing token: bumped whenever a writer is granted or revoked. Offset
+    # commits compare-and-swap on it, so a writer whose lease was reclaimed
+    # (reap, reset, cancel) can never move the offset again.
+    writer_generation = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    last_activity_at = models.DateTimeField(default=timezone.now)
+
+    objects = UploadQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=Q(size__gt=0), name="upload_size_positive"),
+            models.CheckConstraint(condition=Q(offset__gte=0) & Q(offset__lte=F("size")), name="upload_offset_in_file"),
+        ]
+        indexes = [
+            # GET /api/uploads/?status=… (newest first) and the quota sum.
+            models.Index(fields=["owner", "status", "-created_at"], name="upload_owner_status"),
+            # uploads expire: unfinished uploads idle past the expiry.
+            models.Index(fields=["status", "last_activity_at"], name="upload_status_activity"),
+        ]
+
+    def __str__(self):
+        return f"{self.display_name} ({self.id})"
+
+
+class SlotQuerySet(models.QuerySet):
+    def active(self):
+        return self.filter(released_at__isnull=True)
+
+    def released(self):
+        return self.filter(released_at__isnull=False)
+
+    def stuck(self, now):
+        """Active slots whose lease ran out: the holder is gone or frozen."""
+        return self.active().filter(lease_expires_at__lte=now)
+
+    def live(self, now):
+        return self.active().filter(lease_expires_at__gt=now)
+
+
+class Slot(models.Model):
+    class Kind(models.TextChoices):
+        UPLOAD = "upload"
+        DOWNLOAD = "download"
+
+    class ReleaseReason(models.TextChoices):
+        COMPLETED = "completed"
+        CANCELLED = "cancelled"
+        DISCONNECTED = "disconnected"
+        ERROR = "error"
+        EXPIRED = "expired", "lease expired (reaped)"
+        RESET = "reset"
+        FAILED = "failed"
+
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="slots")
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, null=True, blank=True, related_name="slots")
+    # Position among the kind's slots, 0 <= global_index < global limit, unique
+    # among active slots: this is what makes the global limit a DB constraint.
+    global_index = models.PositiveSmallIntegerField()
+    # Likewise per user; NULL for kinds without a per-user limit (downloads).
+    user_index = models.PositiveSmallIntegerField(null=True, blank=True)
+    acquired_at = models.DateTimeField()
+    lease_expires_at = models.DateTimeField()
+    # The upload's writer_generation when this slot was granted to a writer.
+    generation = models.BigIntegerField(default=0)
+    # Channel name of the consumer holding the slot; empty while reserved by
+    # POST /api/uploads/ and not yet claimed by a connection.
+    holder_channel = models.CharField(max_length=200, blank=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+    release_reason = models.CharField(max_length=16, choices=ReleaseReason.choices, blank=True)
+
+    objects = SlotQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-acquired_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "global_index"],
+                condition=Q(released_at__isnull=True),
+                name="slot_global_limit",
+                violation_error_message="No free global slot.",
+            ),
+            models.UniqueConstraint(
+                fields=["kind", "user", "user_index"],
+                condition=Q(released_at__isnull=True),
+                name="slot_user_limit",
+                violation_error_message="No free slot for this user.",
+            ),
+            models.UniqueConstraint(
+                fields=["upload"],
+                condition=Q(released_at__isnull=True, kind="upload"),
+                name="slot_one_writer_per_upload",
+                violation_error_message="The upload already has a writer.",
+            ),
+            models.CheckConstraint(
+                condition=Q(released_at__isnull=True) | ~Q(release_reason=""),
+                name="slot_release_has_reason",
+            ),
+        ]
+        indexes = [
+            # Admission, reaping and GET /api/slots/: active slots by kind and lease.
+            models.Index(
+                fields=["kind", "lease_expires_at"],
+                condition=Q(released_at__isnull=True),
+                name="slot_active_lease",
+            ),
+        ]
+
+    @property
+    def is_active(self):
+        return self.released_at is None
+
+    def __str__(self):
+        return f"{self.kind} slot #{self.pk} ({self.user_id})"
+
+
+class UserQuota(models.Model):
+    """A per-user override of DIRECTDRIVEX_USER_QUOTA, edited in the admin."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="quota")
+    max_bytes = models.BigIntegerField(help_text="Bytes this user may store (finished + reserved).")
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(max_bytes__gte=0), name="quota_not_negative")]
+
+    def __str__(self):
+        return f"quota of {self.user}: {self.max_bytes} bytes"

@@ -1,0 +1,234 @@
+"""Slot services: the only code that admits, renews, releases, reaps and resets slots.
+
+Concurrency rules (see docs/slots.md):
+
+* Limits are enforced by partial unique constraints over active slots
+  (uploads.models.Slot.Meta): admission picks a free index and inserts; a lost
+  race is an IntegrityError in a savepoint, and we pick again.
+* Fencing: granting or revoking a writer bumps ``Upload.writer_generation``;
+  offset commits compare-and-swap on it (uploads.transfers).
+* Lock order is always slot rows, then upload rows, so that the reaper, a
+  reset, a cancel and an offset commit cannot deadlock one another.
+"""
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Min
+from django.utils import timezone
+
+from uploads.exceptions import (
+    DirectDriveXError,
+    DownloadSlotsExhausted,
+    GlobalSlotsExhausted,
+    LeaseLost,
+    UploadBusy,
+    UserSlotsExhausted,
+)
+from uploads.models import Slot, Upload
+
+log = logging.getLogger(__name__)
+
+# Each retry means another process took the index we picked; with random
+# picks among free indexes a handful of attempts is plenty.
+ADMIT_ATTEMPTS = 10
+
+
+@dataclass(frozen=True)
+class Limits:
+    global_limit: int
+    user_limit: int | None
+
+
+def slot_limits(kind: str) -> Limits:
+    if kind == Slot.Kind.UPLOAD:
+        return Limits(settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS, settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS)
+    return Limits(settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS, None)
+
+
+def lease_duration() -> timedelta:
+    return timedelta(seconds=settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS)
+
+
+def _retry_after(slots, now: datetime) -> int:
+    """Seconds until the earliest lease in ``slots`` runs out: the soonest a slot can be reclaimed."""
+    earliest = slots.aggregate(earliest=Min("lease_expires_at"))["earliest"]
+    lease = settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS
+    if earliest is None:
+        return 1
+    return max(1, min(lease, math.ceil((earliest - now).total_seconds())))
+
+
+def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel: str = "", now=None) -> Slot:
+    """Take a free slot of ``kind`` for ``user`` or raise the named *SlotsExhausted refusal.
+
+    Expired leases of the kind are reclaimed first, so a crashed holder never
+    blocks an admission for longer than one lease.
+    """
+    now = now or timezone.now()
+    limits = slot_limits(kind)
+    with transaction.atomic():
+        _reap(kind=kind, now=now)
+        for _attempt in range(ADMIT_ATTEMPTS):
+            active = Slot.objects.active().filter(kind=kind)
+            user_index = None
+            if limits.user_limit is not None:
+                mine = active.filter(user=user)
+                taken = set(mine.values_list("user_index", flat=True))
+                free = [i for i in range(limits.user_limit) if i not in taken]
+                if not free:
+                    raise UserSlotsExhausted(retry_after=_retry_after(mine, now))
+                user_index = free[0]
+            taken = set(active.values_list("global_index", flat=True))
+            free = [i for i in range(limits.global_limit) if i not in taken]
+            if not free:
+                refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
+                raise refusal(retry_after=_retry_after(active, now))
+            try:
+                # A savepoint: losing the race for an index rolls back only this insert.
+                with transaction.atomic():
+                    slot = Slot.objects.create(
+                        kind=kind,
+                        user=user,
+                        upload=upload,
+                        # Random, so that processes racing for the last few slots spread out.
+                        global_index=random.choice(free),
+                        user_index=user_index,
+                        acquired_at=now,
+                        lease_expires_at=now + lease_duration(),
+                        generation=upload.writer_generation if upload else 0,
+                        holder_channel=holder_channel,
+                    )
+            except IntegrityError:
+                if upload is not None and Slot.objects.active().filter(upload=upload, kind=kind).exists():
+                    raise UploadBusy(retry_after=_retry_after(Slot.objects.active().filter(upload=upload), now))
+                continue
+            log.info("slot admitted kind=%s slot=%s user=%s upload=%s", kind, slot.pk, user.pk, upload and upload.pk)
+            return slot
+    # Every attempt lost a race: the slots are churning; ask the caller to come back at once.
+    refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
+    raise refusal(retry_after=1)
+
+
+def slot_renew(slot_id: int, generation: int, *, now=None) -> datetime:
+    """Extend a lease; raises LeaseLost if the slot was released, reaped or reset since."""
+    now = now or timezone.now()
+    expires = now + lease_duration()
+    renewed = Slot.objects.active().filter(pk=slot_id, generation=generation).update(lease_expires_at=expires)
+    if renewed != 1:
+        raise LeaseLost()
+    return expires
+
+
+def slot_release(slot_id: int, reason: str, *, generation: int | None = None, now=None) -> bool:
+    """Release a slot held by the caller. False if it was already released (by a reap or reset)."""
+    now = now or timezone.now()
+    slots = Slot.objects.active().filter(pk=slot_id)
+    if generation is not None:
+        slots = slots.filter(generation=generation)
+    released = slots.update(released_at=now, release_reason=reason) == 1
+    if released:
+        log.info("slot released slot=%s reason=%s", slot_id, reason)
+    return released
+
+
+def _revoke(slots: list[Slot], reason: str, now, error: DirectDriveXError) -> list[Slot]:
+    """Release ``slots`` (already locked by the caller) and fence off their writers.
+
+    Bumping writer_generation makes every later offset commit or renewal of the
+    old holders fail; their connections are told after commit.
+    """
+    if not slots:
+        return []
+    ids = [slot.pk for slot in slots]
+    Slot.objects.filter(pk__in=ids, released_at__isnull=True).update(released_at=now, release_reason=reason)
+    upload_ids = sorted({slot.upload_id for slot in slots if slot.kind == Slot.Kind.UPLOAD and slot.upload_id})
+    if upload_ids:
+        Upload.objects.filter(pk__in=upload_ids).update(writer_generation=F("writer_generation") + 1)
+    channels = [slot.holder_channel for slot in slots if slot.holder_channel]
+    if channels:
+        transaction.on_commit(lambda: notify_holders(channels, error))
+    for slot in slots:
+        log.warning(
+            "slot revoked slot=%s reason=%s user=%s upload=%s holder=%s",
+            slot.pk, reason, slot.user_id, slot.upload_id, slot.holder_channel or "-",
+        )
+    return slots
+
+
+def _reap(*, now, kind: str | None = None, dry_run: bool = False) -> list[Slot]:
+    stuck = Slot.objects.stuck(now)
+    if kind is not None:
+        stuck = stuck.filter(kind=kind)
+    if dry_run:
+        return list(stuck.order_by("pk"))
+    # skip_locked: a slot another transaction is reaping is not ours to wait for.
+    locked = list(stuck.select_for_update(skip_locked=True).order_by("pk"))
+    return _revoke(locked, Slot.ReleaseReason.EXPIRED, now, LeaseLost())
+
+
+def slots_reap(*, dry_run: bool = False, now=None) -> list[Slot]:
+    """Release every slot whose lease ran out; returns them (or, with dry_run, what would be)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        return _reap(now=now, dry_run=dry_run)
+
+
+def slots_reset(*, user=None, upload=None, everything: bool = False, dry_run: bool = False, now=None) -> list[Slot]:
+    """Release every active slot in a scope and fence off its writers (admin repair)."""
+    if not (everything or user is not None or upload is not None):
+        raise ValueError("slots_reset needs a scope: everything, a user or an upload.")
+    now = now or timezone.now()
+    scope = Slot.objects.active()
+    if user is not None:
+        scope = scope.filter(user=user)
+    if upload is not None:
+        scope = scope.filter(upload=upload)
+    with transaction.atomic():
+        if dry_run:
+            return list(scope.order_by("pk"))
+        locked = list(scope.select_for_update().order_by("pk"))
+        return _revoke(locked, Slot.ReleaseReason.RESET, now, LeaseLost("An administrator reset this upload's slot."))
+
+
+def slots_revoke_for_upload(upload: Upload, reason: str, error: DirectDriveXError, *, now=None) -> list[Slot]:
+    """Inside the caller's transaction: release the upload's active slots and fence its writer."""
+    now = now or timezone.now()
+    locked = list(Slot.objects.active().filter(upload=upload).select_for_update().order_by("pk"))
+    return _revoke(locked, reason, now, error)
+
+
+def slots_summary(now=None) -> dict:
+    """Counts per kind for GET /api/slots/ and `slots status`."""
+    now = now or timezone.now()
+    summary = {}
+    for kind in Slot.Kind.values:
+        active = Slot.objects.active().filter(kind=kind)
+        per_user = active.values("user__username").annotate(n=Count("pk")).order_by("user__username")
+        summary[kind] = {
+            "limit": slot_limits(kind).global_limit,
+            "active": active.count(),
+            "stuck": active.filter(lease_expires_at__lte=now).count(),
+            "by_user": {row["user__username"]: row["n"] for row in per_user},
+        }
+    return summary
+
+
+def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
+    """Tell live consumers, through the channel layer, to close with ``error``'s code."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "upload.revoke", **error.as_dict(), "close_code": error.close_code}
+    for channel in channels:
+        try:
+            async_to_sync(layer.send)(channel, message)
+        except Exception:  # the holder may be long gone; the fence stops it anyway
+            log.warning("could not notify holder=%s", channel, exc_info=True)
