@@ -27,8 +27,17 @@ class SlotStateFilter(admin.SimpleListFilter):
 @admin.register(Slot)
 class SlotAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "kind", "user", "upload", "state", "acquired_at", "lease_expires_at",
-        "generation", "holder_channel", "released_at", "release_reason",
+        "id",
+        "kind",
+        "user",
+        "upload",
+        "state",
+        "acquired_at",
+        "lease_expires_at",
+        "generation",
+        "holder_channel",
+        "released_at",
+        "release_reason",
     ]
     list_filter = [SlotStateFilter, "kind", "release_reason"]
     search_fields = ["user__username", "upload__id", "holder_channel"]

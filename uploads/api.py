@@ -23,7 +23,7 @@ REFUSAL = OpenApiResponse(ErrorSerializer, description='{"code", "detail"} (and 
 
 class UploadListCreate(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("status", str, enum=Upload.Status.values, description="Only uploads in this status.")],
+        parameters=[OpenApiParameter("status", str, enum=Upload.Status.values, description="Only this status.")],
         responses={200: UploadSerializer(many=True), 400: REFUSAL},
     )
     def get(self, request):

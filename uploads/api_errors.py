@@ -71,6 +71,6 @@ def exception_handler(exc, context):
 
     # Not a refusal we know: a server fault. Log it and answer a JSON 500.
     view = context.get("view")
-    log.exception("unhandled error in %s", type(view).__name__ if view else "API view")
+    log.error("unhandled error in %s", type(view).__name__ if view else "API view", exc_info=exc)
     set_rollback()
     return Response({"code": "internal_error", "detail": "The server failed; the error was logged."}, status=500)

@@ -40,7 +40,7 @@ def check_configuration(app_configs, **kwargs):
         errors.append(
             Error(
                 "SECRET_KEY is missing or is the development default while DEBUG is off.",
-                hint='Set SECRET_KEY to a long random value, e.g. python -c "import secrets; print(secrets.token_urlsafe(50))".',
+                hint="Set SECRET_KEY to a long random value, e.g. from secrets.token_urlsafe(50).",
                 id="uploads.E004",
             )
         )

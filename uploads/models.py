@@ -162,12 +162,12 @@ class Slot(models.Model):
             ),
         ]
 
+    def __str__(self):
+        return f"{self.kind} slot #{self.pk} ({self.user_id})"
+
     @property
     def is_active(self):
         return self.released_at is None
-
-    def __str__(self):
-        return f"{self.kind} slot #{self.pk} ({self.user_id})"
 
 
 class UserQuota(models.Model):

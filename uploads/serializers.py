@@ -36,7 +36,10 @@ class UploadCreateSerializer(serializers.Serializer):
     filename = serializers.CharField(max_length=MAX_FILENAME_CHARS, trim_whitespace=False)
     size = StrictIntegerField(help_text="Exact size of the file in bytes, at least 1.")
     sha256 = serializers.CharField(
-        required=False, allow_blank=True, default="", help_text="Optional hex sha256 of the whole file; verified at the end."
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Optional hex sha256 of the whole file, verified at the end.",
     )
 
     def validate_size(self, value):
@@ -58,8 +61,16 @@ class UploadSerializer(serializers.ModelSerializer):
     class Meta:
         model = Upload
         fields = [
-            "id", "filename", "size", "offset", "status", "sha256",
-            "created_at", "completed_at", "expires_at", "ws_url",
+            "id",
+            "filename",
+            "size",
+            "offset",
+            "status",
+            "sha256",
+            "created_at",
+            "completed_at",
+            "expires_at",
+            "ws_url",
         ]
         read_only_fields = fields
 

@@ -108,7 +108,8 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
                     )
             except IntegrityError:
                 if upload is not None and Slot.objects.active().filter(upload=upload, kind=kind).exists():
-                    raise UploadBusy(retry_after=_retry_after(Slot.objects.active().filter(upload=upload), now))
+                    holder = Slot.objects.active().filter(upload=upload)
+                    raise UploadBusy(retry_after=_retry_after(holder, now)) from None
                 continue
             log.info("slot admitted kind=%s slot=%s user=%s upload=%s", kind, slot.pk, user.pk, upload and upload.pk)
             return slot
@@ -158,7 +159,11 @@ def _revoke(slots: list[Slot], reason: str, now, error: DirectDriveXError) -> li
     for slot in slots:
         log.warning(
             "slot revoked slot=%s reason=%s user=%s upload=%s holder=%s",
-            slot.pk, reason, slot.user_id, slot.upload_id, slot.holder_channel or "-",
+            slot.pk,
+            reason,
+            slot.user_id,
+            slot.upload_id,
+            slot.holder_channel or "-",
         )
     return slots
 
