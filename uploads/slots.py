@@ -237,3 +237,35 @@ def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
             async_to_sync(layer.send)(channel, message)
         except Exception:  # the holder may be long gone; the fence stops it anyway
             log.warning("could not notify holder=%s", channel, exc_info=True)
+
+
+def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
+    """Make ``holder_channel`` the upload's only writer, with a fresh fencing generation.
+
+    Takes over the slot reserved by POST /api/uploads/ if it is unclaimed,
+    reclaims one whose holder's lease ran out, or admits a new one. A live
+    holder means UploadBusy. Runs inside the caller's transaction.
+    """
+    now = now or timezone.now()
+    current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
+    if current is not None and current.holder_channel:
+        if current.lease_expires_at > now:
+            raise UploadBusy(retry_after=_retry_after(Slot.objects.filter(pk=current.pk), now))
+        _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
+        current = None
+    # A new generation fences off every earlier writer of this upload.
+    Upload.objects.filter(pk=upload.pk).update(writer_generation=F("writer_generation") + 1)
+    upload.refresh_from_db(fields=["writer_generation"])
+    if current is None:
+        return slot_admit(Slot.Kind.UPLOAD, upload.owner, upload=upload, holder_channel=holder_channel, now=now)
+    claimed = (
+        Slot.objects.active()
+        .filter(pk=current.pk, holder_channel="")
+        .update(
+            holder_channel=holder_channel, generation=upload.writer_generation, lease_expires_at=now + lease_duration()
+        )
+    )
+    if claimed != 1:  # pragma: no cover - the row lock above makes this unreachable on PostgreSQL
+        raise UploadBusy(retry_after=1)
+    current.refresh_from_db()
+    return current

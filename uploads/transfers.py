@@ -6,7 +6,8 @@ here too, so that the API, the consumer, the admin and the commands share them.
 
 import logging
 import uuid
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -15,10 +16,10 @@ from django.db.models import F, Sum
 from django.utils import timezone
 
 from uploads import storage
-from uploads.exceptions import FileTooLarge, NotUploading, QuotaExceeded, UploadNotFound
+from uploads.exceptions import FileTooLarge, LeaseLost, NotUploading, QuotaExceeded, UploadNotFound
 from uploads.filenames import display_name, stored_original
 from uploads.models import Slot, Upload, UserQuota
-from uploads.slots import slot_admit, slots_revoke_for_upload
+from uploads.slots import slot_admit, slot_claim_writer, slot_release, slot_renew, slots_revoke_for_upload
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +124,102 @@ def upload_delete(user, upload_id, *, now=None) -> None:
         Upload.objects.filter(pk=upload.pk).delete()
     storage.delete(upload.storage_key)
     log.info("upload deleted upload=%s user=%s", upload.pk, user.pk)
+
+
+@dataclass(frozen=True)
+class WriterGrant:
+    """What a connection may write: the fencing token it must present at every commit."""
+
+    upload_id: uuid.UUID
+    user_id: int
+    slot_id: int
+    generation: int
+    offset: int
+    size: int
+    sha256: str
+    storage_key: str
+    lease_expires_at: datetime
+
+
+def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGrant:
+    """Admit a WebSocket connection as the upload's single writer, or raise the named refusal."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        upload = upload_for(user, upload_id)
+        if upload.status != Upload.Status.UPLOADING:
+            raise NotUploading(f"The upload is {upload.status}.")
+        slot = slot_claim_writer(upload, holder_channel, now=now)
+        Upload.objects.filter(pk=upload.pk).update(last_activity_at=now)
+    log.info("writer admitted upload=%s user=%s slot=%s gen=%s", upload.pk, user.pk, slot.pk, slot.generation)
+    return WriterGrant(
+        upload_id=upload.pk,
+        user_id=user.pk,
+        slot_id=slot.pk,
+        generation=slot.generation,
+        offset=upload.offset,
+        size=upload.size,
+        sha256=upload.sha256,
+        storage_key=upload.storage_key,
+        lease_expires_at=slot.lease_expires_at,
+    )
+
+
+def _fenced_upload(grant: WriterGrant):
+    return Upload.objects.filter(pk=grant.upload_id, status=Upload.Status.UPLOADING, writer_generation=grant.generation)
+
+
+def _why_fenced(grant: WriterGrant):
+    """The refusal for a writer whose compare-and-swap changed nothing."""
+    status = Upload.objects.filter(pk=grant.upload_id).values_list("status", flat=True).first()
+    if status != Upload.Status.UPLOADING:
+        return NotUploading("The upload was deleted." if status is None else f"The upload is {status}.")
+    return LeaseLost()
+
+
+def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
+    """Record ``offset`` (already fsynced by the caller) as durable and renew the lease.
+
+    Compare-and-swap on the fencing generation: a writer whose slot was reaped,
+    reset or cancelled changes nothing and gets LeaseLost / NotUploading.
+    Returns the new lease expiry.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        # Lock order: slot row first, then upload row (see uploads.slots).
+        try:
+            expires = slot_renew(grant.slot_id, grant.generation, now=now)
+        except LeaseLost:
+            raise _why_fenced(grant) from None
+        if _fenced_upload(grant).update(offset=offset, last_activity_at=now) != 1:
+            raise _why_fenced(grant)
+    return expires
+
+
+def writer_complete(grant: WriterGrant, *, now=None) -> None:
+    """The bytes are verified and durably in place: mark the upload complete and free its slot."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        if not slot_release(grant.slot_id, Slot.ReleaseReason.COMPLETED, generation=grant.generation, now=now):
+            raise _why_fenced(grant)
+        done = _fenced_upload(grant).update(
+            offset=grant.size, status=Upload.Status.COMPLETE, completed_at=now, last_activity_at=now
+        )
+        if done != 1:
+            raise _why_fenced(grant)
+    log.info("upload complete upload=%s user=%s size=%s", grant.upload_id, grant.user_id, grant.size)
+
+
+def writer_fail(grant: WriterGrant, *, now=None) -> bool:
+    """The bytes did not match the declared sha256: the upload becomes failed and its slot is freed."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        slot_release(grant.slot_id, Slot.ReleaseReason.FAILED, generation=grant.generation, now=now)
+        failed = _fenced_upload(grant).update(status=Upload.Status.FAILED, last_activity_at=now) == 1
+    storage.delete(grant.storage_key)
+    log.warning("upload failed checksum upload=%s user=%s", grant.upload_id, grant.user_id)
+    return failed
+
+
+def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:
+    """The connection ends without finishing: free the slot; the upload stays resumable."""
+    return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
