@@ -1,1 +1,292 @@
-"""Placeholder replaced below."""
+"""The WebSocket upload protocol (docs/protocol.md): binary frames in, acks out.
+
+The consumer only speaks the protocol. Admission, offset commits and
+completion are service calls (uploads.transfers); bytes and hashing are
+uploads.storage.PartFile, run in a worker thread so that disk writes and
+sha256 never block the event loop that parses frames.
+
+Flow control: the client may have at most ``window`` bytes beyond the last
+ack in flight; frames wait in ``self.pending`` (bounded by the window) while
+one batch at a time is written in a thread. Durability: every
+COMMIT_BYTES or COMMIT_SECONDS the part file is fsynced and the offset is
+committed with a fenced compare-and-swap that also renews the lease.
+"""
+
+import asyncio
+import json
+import logging
+import time
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from uploads import storage
+from uploads.exceptions import (
+    ChecksumMismatch,
+    DirectDriveXError,
+    InternalError,
+    LeaseLost,
+    ProtocolError,
+    SizeExceeded,
+    Unauthenticated,
+    UploadBusy,
+)
+from uploads.models import Slot
+from uploads.transfers import (
+    WriterGrant,
+    writer_admit,
+    writer_commit,
+    writer_complete,
+    writer_fail,
+    writer_release,
+)
+
+log = logging.getLogger(__name__)
+
+# Durable-offset commits: fsync + one fenced UPDATE, never per frame. The
+# spec promises durability within 64 MiB or 5 s of an ack; we commit at half.
+COMMIT_BYTES = 32 * 1024 * 1024
+COMMIT_SECONDS = 2.5
+# Stop writing this long before the lease we last renewed runs out, unless a
+# commit renews it first: a process that was frozen past its lease must
+# re-check with the database before it writes another byte.
+LEASE_SAFETY_SECONDS = 5
+
+
+class LocalLeaseExpired(Exception):
+    """The writer thread refused to write: our lease may have been reclaimed."""
+
+
+class UploadConsumer(AsyncWebsocketConsumer):
+    grant: WriterGrant | None = None
+    part: storage.PartFile | None = None
+    closing = False
+    drain_task: asyncio.Task | None = None
+    heartbeat_task: asyncio.Task | None = None
+    written = durable = 0
+
+    # --- connection lifecycle ------------------------------------------------
+
+    async def connect(self):
+        self.pending: list[bytes] = []
+        # Serializes commits (drain and heartbeat), so the offset only moves forward.
+        self.commit_lock = asyncio.Lock()
+        # Accept first: a refusal must reach the client as an error message and
+        # a close code, not as a bare HTTP 403 at the handshake.
+        await self.accept()
+        try:
+            await self._admit()
+        except DirectDriveXError as refusal:
+            await self.refuse(refusal)
+        except Exception:
+            log.exception("connect failed upload=%s", self.scope["url_route"]["kwargs"].get("upload_id"))
+            await self.refuse(InternalError())
+
+    async def _admit(self):
+        upload_id = self.scope["url_route"]["kwargs"]["upload_id"]
+        user = self.scope.get("user")
+        if not getattr(user, "is_authenticated", False):
+            raise Unauthenticated()
+        if self.scope.get("auth_method") == "ticket" and self.scope.get("ticket_upload_id") != upload_id:
+            raise Unauthenticated("This ticket is for another upload.")
+        grant = await database_sync_to_async(writer_admit)(user, upload_id, self.channel_name)
+        self.grant = grant
+        try:
+            self.part = await asyncio.to_thread(storage.PartFile, grant.storage_key, grant.offset)
+        except storage.PartFileLocked:
+            # A frozen or dying writer still holds the file: it must not share it.
+            raise UploadBusy("Another process still holds this upload's file.", retry_after=2) from None
+        self.chunk_size = settings.DIRECTDRIVEX_CHUNK_SIZE
+        self.window = settings.DIRECTDRIVEX_WINDOW
+        self.ack_every = max(1, self.window // 4)
+        self.received = self.written = self.durable = self.acked = grant.offset
+        self.last_commit = time.monotonic()
+        self.lease_deadline = self.last_commit + settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS - LEASE_SAFETY_SECONDS
+        self.heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        log.info("writer ready upload=%s user=%s offset=%s", grant.upload_id, grant.user_id, grant.offset)
+        await self.send_json(
+            {"type": "ready", "offset": grant.offset, "chunk_size": self.chunk_size, "window": self.window}
+        )
+        if grant.offset == grant.size:  # every byte was already durable: only finalization was missing
+            self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def disconnect(self, code):
+        await self._cleanup(Slot.ReleaseReason.DISCONNECTED)
+
+    async def __call__(self, scope, receive, send):
+        # Server shutdown cancels the application without websocket.disconnect:
+        # release the slot on every exit path; a crash leaves the lease to expire.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup(Slot.ReleaseReason.DISCONNECTED)
+
+    # --- frames ----------------------------------------------------------------
+
+    async def receive(self, text_data=None, bytes_data=None):
+        if self.closing or self.grant is None:
+            return  # after a refusal, frames still in flight are dropped
+        if bytes_data is None:
+            await self.refuse(ProtocolError("Text message received where a binary frame was expected."))
+            return
+        size = len(bytes_data)
+        if size > self.chunk_size:
+            await self.refuse(ProtocolError(f"Frame of {size} bytes is larger than chunk_size {self.chunk_size}."))
+            return
+        if self.received + size - self.acked > self.window:
+            await self.refuse(
+                ProtocolError(f"Window exceeded: {self.received + size - self.acked} bytes beyond the last ack.")
+            )
+            return
+        if self.received + size > self.grant.size:
+            await self.refuse(
+                SizeExceeded(f"Frame would end at byte {self.received + size}; the upload is {self.grant.size}.")
+            )
+            return
+        if not size:
+            return
+        self.received += size
+        self.pending.append(bytes_data)
+        if self.drain_task is None:
+            self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self):
+        """Write pending frames one batch at a time in a thread; ack, commit and finish as bytes land."""
+        try:
+            while self.pending and not self.closing:
+                batch, self.pending = self.pending, []
+                await self._write(batch)
+                if self.written - self.acked >= self.ack_every:
+                    await self._send_ack()
+                if self.written - self.durable >= COMMIT_BYTES or time.monotonic() - self.last_commit >= COMMIT_SECONDS:
+                    await self._commit()
+            if not self.closing and self.written == self.grant.size:
+                await self._finish()
+        except DirectDriveXError as refusal:
+            await self.refuse(refusal)
+        except Exception:
+            log.exception("upload write failed upload=%s", self.grant.upload_id)
+            await self.refuse(InternalError())
+        finally:
+            self.drain_task = None
+
+    async def _write(self, batch):
+        try:
+            self.written = await asyncio.to_thread(self._append_guarded, batch)
+        except LocalLeaseExpired:
+            await self._commit()  # renews the lease, or raises LeaseLost if it was reclaimed
+            self.written = await asyncio.to_thread(self._append_guarded, batch)
+
+    def _append_guarded(self, batch) -> int:
+        # Checked in the writer thread, right before the write: a process that
+        # wakes from a freeze past its lease writes nothing until it re-checks.
+        if time.monotonic() >= self.lease_deadline:
+            raise LocalLeaseExpired()
+        return self.part.append(batch)
+
+    async def _send_ack(self):
+        self.acked = self.written
+        await self.send_json({"type": "ack", "offset": self.written})
+
+    async def _commit(self):
+        """fsync, then one fenced UPDATE of offset + lease (never inside a transaction with the fsync)."""
+        async with self.commit_lock:
+            started = time.monotonic()
+            offset = self.written
+            await asyncio.to_thread(self.part.sync)
+            await database_sync_to_async(writer_commit)(self.grant, offset)
+            self.durable = offset
+            self.last_commit = started
+            self.lease_deadline = started + settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS - LEASE_SAFETY_SECONDS
+
+    async def _heartbeat(self):
+        """Keep the lease alive (and the offset durable) while the client is connected but slow or idle."""
+        interval = max(1.0, min(COMMIT_SECONDS, settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS / 4))
+        while not self.closing:
+            await asyncio.sleep(interval)
+            if self.drain_task is None and not self.closing:
+                try:
+                    await self._commit()
+                except DirectDriveXError as refusal:
+                    await self.refuse(refusal)
+                    return
+
+    async def _finish(self):
+        grant = self.grant
+        digest = self.part.hexdigest()
+        await asyncio.to_thread(self.part.sync)
+        if grant.sha256 and digest != grant.sha256:
+            await database_sync_to_async(writer_fail)(grant)
+            await self.refuse(
+                ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
+            )
+            return
+        await asyncio.to_thread(self.part.finalize)
+        try:
+            await database_sync_to_async(writer_complete)(grant)
+        except DirectDriveXError:
+            # Cancelled or fenced while we finalized: the file must not outlive its row.
+            await asyncio.to_thread(storage.delete, grant.storage_key)
+            raise
+        self.grant = None  # the slot is released; nothing left to clean up
+        self.closing = True
+        await self.send_json({"type": "complete", "id": str(grant.upload_id), "size": grant.size, "sha256": digest})
+        await self.close(code=1000)
+
+    # --- refusals and revocation -------------------------------------------------
+
+    async def upload_revoke(self, event):
+        """A reap, reset or cancel elsewhere took our slot (sent through the channel layer)."""
+        error = {"type": "error", "code": event["code"], "detail": event["detail"]}
+        await self._close_with(error, event["close_code"])
+
+    async def refuse(self, refusal: DirectDriveXError):
+        if self.grant is not None:
+            log.info(
+                "refused upload=%s user=%s code=%s detail=%s",
+                self.grant.upload_id,
+                self.grant.user_id,
+                refusal.code,
+                refusal.detail,
+            )
+        await self._close_with({"type": "error", **refusal.as_dict(ws=True)}, refusal.close_code)
+
+    async def _close_with(self, message: dict, close_code: int):
+        if self.closing:
+            return
+        self.closing = True
+        self.pending = []
+        await self.send_json(message)
+        await self.close(code=close_code)
+
+    async def send_json(self, message: dict):
+        await self.send(text_data=json.dumps(message))
+
+    async def _cleanup(self, reason: str):
+        """Every exit path: stop writing, make written bytes durable if we still may, free the slot."""
+        self.closing = True
+        if self.heartbeat_task is not None:
+            self.heartbeat_task.cancel()
+            self.heartbeat_task = None
+        if self.drain_task is not None:
+            try:
+                await self.drain_task
+            except Exception:
+                log.exception("drain failed during cleanup")
+        grant, part = self.grant, self.part
+        self.grant = self.part = None
+        try:
+            if grant is not None and part is not None and self.written > self.durable:
+                try:
+                    await asyncio.to_thread(part.sync)
+                    await database_sync_to_async(writer_commit)(grant, self.written)
+                except LeaseLost:
+                    pass  # someone else owns the upload now; our bytes past durable are theirs to drop
+                except DirectDriveXError as refusal:
+                    log.info("final commit refused upload=%s code=%s", grant.upload_id, refusal.code)
+            if grant is not None:
+                await database_sync_to_async(writer_release)(grant, reason)
+        finally:
+            if part is not None:
+                await asyncio.to_thread(part.close)

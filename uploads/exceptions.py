@@ -18,8 +18,13 @@ class DirectDriveXError(Exception):
         self.retry_after = retry_after
         super().__init__(self.detail)
 
-    def as_dict(self) -> dict:
-        body = {"code": self.code, "detail": self.detail}
+    @property
+    def ws_code(self) -> str:
+        """The code in the WebSocket error message (the spec's close-code table)."""
+        return self.code
+
+    def as_dict(self, *, ws: bool = False) -> dict:
+        body = {"code": self.ws_code if ws else self.code, "detail": self.detail}
         if self.retry_after is not None:
             body["retry_after"] = self.retry_after
         return body
@@ -137,6 +142,11 @@ class SlotsExhausted(DirectDriveXError):
     close_code = 4429
     default_detail = "No upload slot is free right now."
 
+    @property
+    def ws_code(self) -> str:
+        # The WebSocket protocol has one code for all of them; the detail says which.
+        return "slots_exhausted"
+
 
 class UserSlotsExhausted(SlotsExhausted):
     """The user already holds the per-user number of upload slots."""
@@ -157,6 +167,15 @@ class DownloadSlotsExhausted(SlotsExhausted):
 
     code = "download_slots_exhausted"
     default_detail = "The server is handling the maximum number of downloads; try again shortly."
+
+
+class InternalError(DirectDriveXError):
+    """A server fault; the upload stays resumable."""
+
+    code = "internal_error"
+    http_status = 500
+    close_code = 1011
+    default_detail = "The server failed; the upload can be resumed."
 
 
 class RangeNotSatisfiable(DirectDriveXError):

@@ -7,6 +7,7 @@ from django.conf import settings
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.validators import ProhibitNullCharactersValidator
 
 from uploads.models import Upload
 from uploads.tickets import ws_url
@@ -32,8 +33,19 @@ class StrictIntegerField(serializers.Field):
         return value
 
 
+class FilenameField(serializers.CharField):
+    """Any name a client's file system can produce, NUL included: uploads.filenames makes it safe.
+
+    DRF refuses NUL by default; surrogates stay refused (no database can store them).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.validators = [v for v in self.validators if not isinstance(v, ProhibitNullCharactersValidator)]
+
+
 class UploadCreateSerializer(serializers.Serializer):
-    filename = serializers.CharField(max_length=MAX_FILENAME_CHARS, trim_whitespace=False)
+    filename = FilenameField(max_length=MAX_FILENAME_CHARS, trim_whitespace=False)
     size = StrictIntegerField(help_text="Exact size of the file in bytes, at least 1.")
     sha256 = serializers.CharField(
         required=False,

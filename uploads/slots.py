@@ -231,7 +231,7 @@ def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
     layer = get_channel_layer()
     if layer is None:
         return
-    message = {"type": "upload.revoke", **error.as_dict(), "close_code": error.close_code}
+    message = {"type": "upload.revoke", **error.as_dict(ws=True), "close_code": error.close_code}
     for channel in channels:
         try:
             async_to_sync(layer.send)(channel, message)

@@ -28,6 +28,10 @@ class PartFileLocked(Exception):
     """Another open PartFile (in any process) holds the part file's lock."""
 
 
+class PartFileShort(Exception):
+    """The part file holds fewer bytes than the durable offset: state to repair (uploads fsck)."""
+
+
 def root() -> Path:
     return Path(settings.DIRECTDRIVEX_STORAGE_DIR)
 
@@ -73,11 +77,12 @@ def part_size(key: str) -> int | None:
 
 
 class PartFile:
-    """The single writer's handle on a part file.
+    """The single writer's handle on a part file, with the running sha256 of its bytes.
 
     An exclusive, non-blocking ``flock`` taken at open is held until close: a
     second writer in any process is refused at once (PartFileLocked), and a
-    frozen writer keeps the lock, so nobody else can write under it.
+    frozen writer keeps the lock, so nobody else can write under it. All
+    methods block on disk: async callers run them in a thread.
     """
 
     def __init__(self, key: str, offset: int):
@@ -92,35 +97,51 @@ class PartFile:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise PartFileLocked(key) from exc
             raise
-        # Bytes past the durable offset were never acknowledged as durable: drop them.
-        os.ftruncate(self.fd, offset)
-        self.offset = offset
+        try:
+            on_disk = os.fstat(self.fd).st_size
+            if on_disk < offset:
+                raise PartFileShort(f"part file {self.path} has {on_disk} bytes, durable offset is {offset}")
+            # Bytes past the durable offset were never committed: drop them.
+            os.ftruncate(self.fd, offset)
+            self.offset = offset
+            self.digest = self._hash_prefix()
+        except BaseException:
+            self.close()
+            raise
 
-    def hash_prefix(self):
-        """A sha256 object over the bytes already on disk (once, after a resume)."""
+    def _hash_prefix(self):
+        """sha256 over the bytes already on disk: read once after a resume, never on the hot path."""
         digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            remaining = self.offset
-            while remaining:
-                block = handle.read(min(READ_BLOCK, remaining))
-                if not block:
-                    raise OSError(f"part file {self.path} is shorter than its durable offset")
-                digest.update(block)
-                remaining -= len(block)
+        position = 0
+        while position < self.offset:
+            block = os.pread(self.fd, min(READ_BLOCK, self.offset - position), position)
+            if not block:
+                raise PartFileShort(f"part file {self.path} ended at {position}, expected {self.offset}")
+            digest.update(block)
+            position += len(block)
         return digest
 
-    def write(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, self.offset)
-            self.offset += written
-            view = view[written:]
+    def append(self, chunks) -> int:
+        """Write ``chunks`` at the end and fold them into the digest; returns the new offset."""
+        for chunk in chunks:
+            view = memoryview(chunk)
+            # hashlib and os.pwrite both release the GIL on large buffers, so
+            # this thread runs beside the event loop that parses frames.
+            self.digest.update(view)
+            while view:
+                written = os.pwrite(self.fd, view, self.offset)
+                self.offset += written
+                view = view[written:]
+        return self.offset
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
     def sync(self) -> None:
         os.fsync(self.fd)
 
     def finalize(self) -> Path:
-        """fsync, rename into files/, fsync the directory: the file is now durable and visible."""
+        """fsync, rename into files/, fsync both directories: the file is now durable and visible."""
         os.fsync(self.fd)
         target = final_path(self.key)
         target.parent.mkdir(parents=True, exist_ok=True)

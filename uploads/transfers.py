@@ -215,9 +215,13 @@ def writer_fail(grant: WriterGrant, *, now=None) -> bool:
     with transaction.atomic():
         slot_release(grant.slot_id, Slot.ReleaseReason.FAILED, generation=grant.generation, now=now)
         failed = _fenced_upload(grant).update(status=Upload.Status.FAILED, last_activity_at=now) == 1
+    if not failed:
+        # Fenced off: the bytes now belong to whoever holds the upload; a stale writer deletes nothing.
+        log.warning("stale writer's checksum failure ignored upload=%s user=%s", grant.upload_id, grant.user_id)
+        return False
     storage.delete(grant.storage_key)
     log.warning("upload failed checksum upload=%s user=%s", grant.upload_id, grant.user_id)
-    return failed
+    return True
 
 
 def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:

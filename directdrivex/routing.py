@@ -1,0 +1,21 @@
+"""The ASGI application: HTTP through Django, WebSockets through Channels.
+
+Tests import it from here; servers import directdrivex.asgi, which runs the
+system checks first.
+"""
+
+from channels.routing import ProtocolTypeRouter, URLRouter
+from django.core.asgi import get_asgi_application
+
+# Django must be set up (get_asgi_application does it) before importing code that uses models.
+django_asgi_app = get_asgi_application()
+
+from uploads.routing import websocket_urlpatterns  # noqa: E402
+from uploads.ws_auth import websocket_auth_stack  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
+    }
+)

@@ -1,0 +1,107 @@
+"""Fixtures shared by every test: the named users, API clients per auth method, limits, a private storage folder.
+
+alice owns uploads, bob is another user, staff is an admin. alice's client
+authenticates with a DRF token (``Authorization: Token <key>``), bob's and
+staff's with a session, so both ways into the API are exercised.
+"""
+
+import functools
+
+import pytest
+from django.contrib.auth.hashers import make_password
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+PASSWORD = "correct-horse-battery-staple"
+
+
+@functools.cache
+def _password_hash() -> str:
+    # Hashing with the real hasher costs about half a second: do it once per run.
+    return make_password(PASSWORD)
+
+
+def make_user(username: str, **fields):
+    """A user with the shared PASSWORD, created with the ORM."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create(
+        username=username, email=f"{username}@example.com", password=_password_hash(), **fields
+    )
+
+
+def token_client(user) -> APIClient:
+    """An API client that sends ``Authorization: Token <key>`` (how scripts call the API)."""
+    token, _created = Token.objects.get_or_create(user=user)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+def session_client(user) -> APIClient:
+    """An API client signed in with a session cookie (how the pages call the API)."""
+    client = APIClient()
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def storage_dir(settings, tmp_path, monkeypatch):
+    """Every test stores bytes in its own folder, never in var/ (subprocesses inherit it too)."""
+    path = tmp_path / "storage"
+    settings.DIRECTDRIVEX_STORAGE_DIR = path
+    monkeypatch.setenv("DIRECTDRIVEX_STORAGE_DIR", str(path))
+    return path
+
+
+@pytest.fixture
+def limits(settings):
+    """Set DirectDriveX limits for one test: ``limits(user_upload_slots=2, global_upload_slots=3)``.
+
+    Names are the settings without the DIRECTDRIVEX_ prefix, lowercase; a typo fails loudly.
+    """
+
+    def apply(**values):
+        for name, value in values.items():
+            setting = f"DIRECTDRIVEX_{name.upper()}"
+            if not hasattr(settings, setting):
+                raise AttributeError(f"no setting {setting}")
+            setattr(settings, setting, value)
+        return settings
+
+    return apply
+
+
+@pytest.fixture
+def alice(db):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(db):
+    return make_user("bob")
+
+
+@pytest.fixture
+def staff(db):
+    return make_user("staff", is_staff=True)
+
+
+@pytest.fixture
+def anonymous_client():
+    return APIClient()
+
+
+@pytest.fixture
+def alice_client(alice):
+    return token_client(alice)
+
+
+@pytest.fixture
+def bob_client(bob):
+    return session_client(bob)
+
+
+@pytest.fixture
+def staff_client(staff):
+    return session_client(staff)

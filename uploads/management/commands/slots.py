@@ -1,0 +1,101 @@
+"""`manage.py slots status|reap|reset`: look at and repair upload/download slots.
+
+Thin on purpose: each subcommand calls one service in uploads.slots (the same
+ones the admin actions use), prints what it found and what it did, and is
+safe to rerun.
+"""
+
+import json
+import uuid
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
+
+from uploads.exceptions import DirectDriveXError
+from uploads.models import Upload
+from uploads.slots import slots_reap, slots_reset, slots_summary
+
+
+class Command(BaseCommand):
+    help = "Show, reap or reset upload/download slots (docs/slots.md)."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{status,reap,reset}")
+
+        status = sub.add_parser("status", help="Active, stuck and per-user slot counts.")
+        status.add_argument("--json", action="store_true", dest="as_json", help="Print the summary as JSON.")
+
+        reap = sub.add_parser("reap", help="Release every slot whose lease has expired.")
+        reap.add_argument("--dry-run", action="store_true", help="List what would be reaped; change nothing.")
+
+        reset = sub.add_parser("reset", help="Release active slots in a scope and fence off their writers.")
+        scope = reset.add_mutually_exclusive_group(required=True)
+        scope.add_argument("--all", action="store_true", dest="everything", help="Every active slot.")
+        scope.add_argument("--user", metavar="USERNAME", help="The active slots of this user.")
+        scope.add_argument("--upload", metavar="ID", help="The active slot of this upload.")
+        reset.add_argument("--dry-run", action="store_true", help="List what would be reset; change nothing.")
+
+    def handle(self, *args, action, **options):
+        try:
+            getattr(self, f"handle_{action}")(**options)
+        except DirectDriveXError as exc:
+            raise CommandError(f"{exc.code}: {exc.detail}") from exc
+
+    def handle_status(self, *, as_json: bool = False, **options):
+        summary = slots_summary()
+        if as_json:
+            self.stdout.write(json.dumps(summary, indent=2, sort_keys=True))
+            return
+        for kind, counts in summary.items():
+            self.stdout.write(
+                f"{kind}: {counts['active']} active of {counts['limit']}, {counts['stuck']} stuck (lease expired)"
+            )
+            for username, count in counts["by_user"].items():
+                self.stdout.write(f"  {username}: {count}")
+        if any(counts["stuck"] for counts in summary.values()):
+            self.stdout.write("Stuck slots are reclaimed by the next admission, or now by `manage.py slots reap`.")
+
+    def handle_reap(self, *, dry_run: bool = False, **options):
+        slots = slots_reap(dry_run=dry_run)
+        self._report(slots, "reap", dry_run)
+
+    def handle_reset(self, *, everything=False, user=None, upload=None, dry_run: bool = False, **options):
+        scope = {"everything": everything, "user": self._user(user), "upload": self._upload(upload)}
+        slots = slots_reset(**scope, dry_run=dry_run)
+        self._report(slots, "reset", dry_run)
+
+    def _user(self, username):
+        if username is None:
+            return None
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(f"No user named {username!r}.")
+        return user
+
+    def _upload(self, upload_id):
+        if upload_id is None:
+            return None
+        try:
+            key = uuid.UUID(upload_id)
+        except ValueError:
+            raise CommandError(f"{upload_id!r} is not an upload id (a UUID).") from None
+        upload = Upload.objects.filter(pk=key).first()
+        if upload is None:
+            raise CommandError(f"No upload with id {upload_id}.")
+        return upload
+
+    def _report(self, slots, verb: str, dry_run: bool):
+        now = timezone.now()
+        for slot in slots:
+            lease = "expired" if slot.lease_expires_at <= now else "live"
+            self.stdout.write(
+                f"  slot {slot.pk}: {slot.kind} user={slot.user_id} upload={slot.upload_id or '-'} "
+                f"generation={slot.generation} lease {lease} at {slot.lease_expires_at.isoformat()} "
+                f"holder={slot.holder_channel or '-'}"
+            )
+        if dry_run:
+            self.stdout.write(f"Would {verb} {len(slots)} slot(s); nothing changed (dry run).")
+        else:
+            done = {"reap": "Reaped", "reset": "Reset"}[verb]
+            self.stdout.write(self.style.SUCCESS(f"{done} {len(slots)} slot(s)."))
