@@ -258,6 +258,9 @@ class UploadConsumer(AsyncWebsocketConsumer):
         self.closing = True
         self.pending = []
         await self.send_json(message)
+        # Durable offset and slot are settled before the close code goes out, so
+        # a client that reconnects at once finds the resume point and a free slot.
+        await self._cleanup(Slot.ReleaseReason.ERROR)
         await self.close(code=close_code)
 
     async def send_json(self, message: dict):
@@ -267,9 +270,12 @@ class UploadConsumer(AsyncWebsocketConsumer):
         """Every exit path: stop writing, make written bytes durable if we still may, free the slot."""
         self.closing = True
         if self.heartbeat_task is not None:
-            self.heartbeat_task.cancel()
+            # A refusal found by the heartbeat runs this cleanup in the heartbeat
+            # task itself: cancelling it would abort the cleanup and the close.
+            if self.heartbeat_task is not asyncio.current_task():
+                self.heartbeat_task.cancel()
             self.heartbeat_task = None
-        if self.drain_task is not None:
+        if self.drain_task is not None and self.drain_task is not asyncio.current_task():
             try:
                 await self.drain_task
             except Exception:

@@ -4,10 +4,10 @@ import re
 from datetime import datetime
 
 from django.conf import settings
+from django.core.validators import ProhibitNullCharactersValidator
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-from rest_framework.validators import ProhibitNullCharactersValidator
 
 from uploads.models import Upload
 from uploads.tickets import ws_url

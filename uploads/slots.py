@@ -75,6 +75,12 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
     now = now or timezone.now()
     limits = slot_limits(kind)
     with transaction.atomic():
+        if upload is not None:
+            # Lock the upload's own active slot before reaping others (slot rows first, as
+            # everywhere). Otherwise two admissions that each reap the other's upload's stuck
+            # slot (skip_locked) then each wait, inserting, on the other's uncommitted release
+            # in slot_one_writer_per_upload: a deadlock on PostgreSQL.
+            list(Slot.objects.active().filter(upload=upload, kind=kind).select_for_update())
         _reap(kind=kind, now=now)
         for _attempt in range(ADMIT_ATTEMPTS):
             active = Slot.objects.active().filter(kind=kind)

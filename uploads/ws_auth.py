@@ -50,11 +50,11 @@ class OriginValidatorAllowingScripts:
 
     def __init__(self, application):
         self.application = application
-        self.validated = AllowedHostsOriginValidator(application)
 
     async def __call__(self, scope, receive, send):
         if _has_origin(scope):
-            return await self.validated(scope, receive, send)
+            # Built per connection: the validator copies ALLOWED_HOSTS when it is made.
+            return await AllowedHostsOriginValidator(self.application)(scope, receive, send)
         return await self.application(scope, receive, send)
 
 

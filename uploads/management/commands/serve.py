@@ -21,7 +21,9 @@ class Command(BaseCommand):
         parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
         parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
         parser.add_argument("--fd", type=int, help="listen on an inherited socket file descriptor instead")
-        parser.add_argument("--print", action="store_true", dest="print_only", help="print the Daphne arguments and exit")
+        parser.add_argument(
+            "--print", action="store_true", dest="print_only", help="print the Daphne arguments and exit"
+        )
 
     def handle(self, *args, bind, port, fd, print_only, **options):
         arguments = server.daphne_arguments(bind=bind, port=port, fd=fd)
