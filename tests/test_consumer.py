@@ -295,13 +295,53 @@ async def test_no_free_slot_on_reconnect_is_slots_exhausted_with_retry_after(ali
     assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4429}
 
 
-async def test_part_file_shorter_than_the_durable_offset_is_an_internal_error(alice):
-    upload = await create(alice, payload(4 * CHUNK))
-    await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=2 * CHUNK)
-    communicator, error = await connect_ticket(upload)
-    assert error["code"] == "internal_error"
-    assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 1011}
+async def test_part_file_shorter_than_the_durable_offset_resumes_from_what_is_on_disk(alice):
+    data = payload(4 * CHUNK)
+    upload = await create(alice, data)
+    # The row promises 3 chunks but only 1 survived on disk (disk loss, a hand-deleted file).
+    await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=3 * CHUNK)
+    storage.ensure_layout()
+    storage.part_path(upload.storage_key).write_bytes(data[:CHUNK])
+    communicator, ready = await connect_ticket(upload)
+    assert ready["offset"] == CHUNK
+    assert (await refresh(upload)).offset == CHUNK
+    await send_range(communicator, data, CHUNK, len(data), CHUNK)
+    assert (await finish(communicator))["type"] == "complete"
+    assert storage.final_path(upload.storage_key).read_bytes() == data
+
+
+async def test_disk_failure_is_an_internal_error_and_the_upload_stays_resumable(alice, monkeypatch):
+    data = payload(4 * CHUNK)
+    upload = await create(alice, data)
+
+    def disk_full(part, chunks):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.PartFile, "append", disk_full)
+    communicator, _ready = await connect_ticket(upload)
+    await communicator.send_to(bytes_data=data[:CHUNK])
+    await expect_close(communicator, "internal_error", 1011)
     assert (await refresh(upload)).status == "uploading"
+    assert await active_slots(upload) == 0
+
+    monkeypatch.undo()
+    resumed, ready = await connect_ticket(upload)
+    await send_range(resumed, data, ready["offset"], len(data), ready["offset"])
+    assert (await finish(resumed))["type"] == "complete"
+
+
+async def test_crash_after_the_atomic_rename_is_completed_on_reconnect(alice):
+    data = payload(3 * CHUNK)
+    upload = await create(alice, data)
+    # The file reached files/ but the process died before the row said complete.
+    storage.ensure_layout()
+    storage.final_path(upload.storage_key).write_bytes(data)
+    communicator, ready = await connect_ticket(upload)
+    assert ready["offset"] == len(data)
+    complete = json.loads(await communicator.receive_from(timeout=5))
+    assert (complete["type"], complete["sha256"]) == ("complete", hashlib.sha256(data).hexdigest())
+    done = await refresh(upload)
+    assert (done.status, done.offset) == ("complete", len(data))
     assert await active_slots(upload) == 0
 
 
@@ -366,6 +406,7 @@ async def test_session_cookie_without_origin_is_not_enough(alice):
     cookie = await database_sync_to_async(session_cookie)(alice)
     communicator, error = await connect(f"/ws/uploads/{upload.pk}/", headers=[(b"cookie", cookie)])
     assert error["code"] == "unauthenticated"
+    assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}
 
 
 async def test_foreign_origin_is_refused_at_the_handshake_even_with_a_ticket(alice):

@@ -40,6 +40,7 @@ from uploads.transfers import (
     writer_complete,
     writer_fail,
     writer_release,
+    writer_rewind,
 )
 
 log = logging.getLogger(__name__)
@@ -90,26 +91,40 @@ class UploadConsumer(AsyncWebsocketConsumer):
             raise Unauthenticated()
         if self.scope.get("auth_method") == "ticket" and self.scope.get("ticket_upload_id") != upload_id:
             raise Unauthenticated("This ticket is for another upload.")
-        grant = await database_sync_to_async(writer_admit)(user, upload_id, self.channel_name)
-        self.grant = grant
+        self.grant = grant = await database_sync_to_async(writer_admit)(user, upload_id, self.channel_name)
+        self.chunk_size = settings.DIRECTDRIVEX_CHUNK_SIZE
+        self.window = settings.DIRECTDRIVEX_WINDOW
+        self.ack_every = max(1, self.window // 4)
+        self.last_commit = time.monotonic()
+        self.lease_deadline = self.last_commit + settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS - LEASE_SAFETY_SECONDS
+        finished = await asyncio.to_thread(storage.finished_digest, grant.storage_key, grant.size)
+        if finished is not None:
+            # A crash came between the atomic rename and the database update: finish that.
+            await self._send_ready(grant.size)
+            await self._complete(finished)
+            return
+        self.grant = grant = await self._open_part(grant)
+        self.received = self.written = self.durable = self.acked = grant.offset
+        self.heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        await self._send_ready(grant.offset)
+        if grant.offset == grant.size:  # every byte was already durable: only finalization was missing
+            self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _open_part(self, grant: WriterGrant) -> WriterGrant:
         try:
             self.part = await asyncio.to_thread(storage.PartFile, grant.storage_key, grant.offset)
         except storage.PartFileLocked:
             # A frozen or dying writer still holds the file: it must not share it.
             raise UploadBusy("Another process still holds this upload's file.", retry_after=2) from None
-        self.chunk_size = settings.DIRECTDRIVEX_CHUNK_SIZE
-        self.window = settings.DIRECTDRIVEX_WINDOW
-        self.ack_every = max(1, self.window // 4)
-        self.received = self.written = self.durable = self.acked = grant.offset
-        self.last_commit = time.monotonic()
-        self.lease_deadline = self.last_commit + settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS - LEASE_SAFETY_SECONDS
-        self.heartbeat_task = asyncio.ensure_future(self._heartbeat())
-        log.info("writer ready upload=%s user=%s offset=%s", grant.upload_id, grant.user_id, grant.offset)
-        await self.send_json(
-            {"type": "ready", "offset": grant.offset, "chunk_size": self.chunk_size, "window": self.window}
-        )
-        if grant.offset == grant.size:  # every byte was already durable: only finalization was missing
-            self.drain_task = asyncio.ensure_future(self._drain())
+        except storage.PartFileShort as short:
+            # Bytes promised durable are gone (disk loss, manual deletion): resume from what is there.
+            grant = await database_sync_to_async(writer_rewind)(grant, short.on_disk)
+            self.part = await asyncio.to_thread(storage.PartFile, grant.storage_key, grant.offset)
+        return grant
+
+    async def _send_ready(self, offset: int):
+        log.info("writer ready upload=%s user=%s offset=%s", self.grant.upload_id, self.grant.user_id, offset)
+        await self.send_json({"type": "ready", "offset": offset, "chunk_size": self.chunk_size, "window": self.window})
 
     async def disconnect(self, code):
         await self._cleanup(Slot.ReleaseReason.DISCONNECTED)
@@ -213,16 +228,16 @@ class UploadConsumer(AsyncWebsocketConsumer):
                     return
 
     async def _finish(self):
+        await self._complete(self.part.hexdigest(), finalize=self.part.finalize)
+
+    async def _complete(self, digest: str, finalize=None):
+        """Verify, make the file durable and visible, then mark it complete: in that order."""
         grant = self.grant
-        digest = self.part.hexdigest()
-        await asyncio.to_thread(self.part.sync)
         if grant.sha256 and digest != grant.sha256:
             await database_sync_to_async(writer_fail)(grant)
-            await self.refuse(
-                ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
-            )
-            return
-        await asyncio.to_thread(self.part.finalize)
+            raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
+        if finalize is not None:
+            await asyncio.to_thread(finalize)
         try:
             await database_sync_to_async(writer_complete)(grant)
         except DirectDriveXError:

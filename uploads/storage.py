@@ -29,7 +29,11 @@ class PartFileLocked(Exception):
 
 
 class PartFileShort(Exception):
-    """The part file holds fewer bytes than the durable offset: state to repair (uploads fsck)."""
+    """The part file holds fewer bytes than the durable offset (lost by the disk or by hand)."""
+
+    def __init__(self, path, on_disk: int, offset: int):
+        super().__init__(f"part file {path} has {on_disk} bytes, durable offset is {offset}")
+        self.on_disk = on_disk
 
 
 def root() -> Path:
@@ -76,6 +80,25 @@ def part_size(key: str) -> int | None:
         return None
 
 
+def finished_digest(key: str, size: int) -> str | None:
+    """sha256 of a finished file of exactly ``size`` bytes, or None if there is none.
+
+    Finds uploads whose finalization crashed after the atomic rename but before
+    the database said complete.
+    """
+    path = final_path(key)
+    try:
+        if path.stat().st_size != size:
+            return None
+    except FileNotFoundError:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(READ_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class PartFile:
     """The single writer's handle on a part file, with the running sha256 of its bytes.
 
@@ -100,7 +123,7 @@ class PartFile:
         try:
             on_disk = os.fstat(self.fd).st_size
             if on_disk < offset:
-                raise PartFileShort(f"part file {self.path} has {on_disk} bytes, durable offset is {offset}")
+                raise PartFileShort(self.path, on_disk, offset)
             # Bytes past the durable offset were never committed: drop them.
             os.ftruncate(self.fd, offset)
             self.offset = offset
@@ -116,7 +139,7 @@ class PartFile:
         while position < self.offset:
             block = os.pread(self.fd, min(READ_BLOCK, self.offset - position), position)
             if not block:
-                raise PartFileShort(f"part file {self.path} ended at {position}, expected {self.offset}")
+                raise PartFileShort(self.path, position, self.offset)
             digest.update(block)
             position += len(block)
         return digest

@@ -6,7 +6,7 @@ here too, so that the API, the consumer, the admin and the commands share them.
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -193,6 +193,20 @@ def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
         if _fenced_upload(grant).update(offset=offset, last_activity_at=now) != 1:
             raise _why_fenced(grant)
     return expires
+
+
+def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
+    """Move the durable offset back to ``offset`` because the bytes past it are gone from disk.
+
+    Only the current writer may do it (fenced); the upload stays resumable from there.
+    """
+    now = now or timezone.now()
+    if _fenced_upload(grant).filter(offset__gt=offset).update(offset=offset, last_activity_at=now) != 1:
+        raise _why_fenced(grant)
+    log.error(
+        "durable offset rewound upload=%s user=%s from=%s to=%s", grant.upload_id, grant.user_id, grant.offset, offset
+    )
+    return replace(grant, offset=offset)
 
 
 def writer_complete(grant: WriterGrant, *, now=None) -> None:
