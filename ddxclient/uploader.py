@@ -229,7 +229,10 @@ class Uploader:
                     data = handle.read(frame)
                     if len(data) != frame:
                         raise Failed(f"{path} changed while uploading (short read at {sent})")
-                    await ws.send(data)
+                    try:
+                        await ws.send(data)
+                    except websockets.ConnectionClosed:
+                        break  # the reader below says why: an error message, or the close code (1006 on a reset)
                     sent += frame
             await reader
         finally:

@@ -2,8 +2,11 @@
 
 It runs against its own storage folder and database: a SQLite file in the
 work folder, or, when ``database_url`` is a PostgreSQL URL, that database
-(created and migrated here). Users and tokens are made with manage.py, so
-the caller's process never needs Django set up.
+(``postgres_database()`` makes a fresh one; ``migrate()`` migrates it). Users
+and tokens are made with manage.py, so the caller's process never needs
+Django set up. ``sibling()`` starts a second process of the same deployment
+(same database, channel layer and storage, its own port), as production runs
+several Daphne processes.
 """
 
 import contextlib
@@ -14,7 +17,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +28,28 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_database(server_url: str, label: str = "live"):
+    """A new, empty database on the PostgreSQL server of ``server_url``, dropped (forcibly) afterwards.
+
+    Yields its URL. Named after the database in ``server_url``, so that
+    parallel runs that use different databases never collide.
+    """
+    import psycopg
+
+    parts = urlsplit(server_url)
+    base = parts.path.lstrip("/") or "ddx"
+    name = f"{base}_{label}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin_url = urlunsplit(parts._replace(path="/postgres", query=""))
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -41,12 +68,21 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class LiveServer:
-    def __init__(self, workdir: Path, *, database_url: str | None = None, redis_url: str | None = None, **settings):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        storage_dir: Path | None = None,
+        **settings,
+    ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.storage = self.workdir / "storage"
+        self.storage = Path(storage_dir) if storage_dir is not None else self.workdir / "storage"
+        self.settings = settings
         self.env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "directdrivex.settings",
@@ -109,6 +145,23 @@ class LiveServer:
             time.sleep(0.1)
         raise RuntimeError(f"server did not answer within {timeout}s:\n{self.log_path.read_text()}")
 
+    def restart(self, timeout: float = 30) -> None:
+        """Start again on the same port (after kill() or stop()), as a process manager would."""
+        if self.process and self.process.poll() is None:
+            raise RuntimeError("the server is still running: kill() or stop() it first")
+        self.start(timeout)
+
+    def sibling(self, workdir: Path, **settings) -> "LiveServer":
+        """Another server process of this deployment: same database, channel layer, storage and
+        settings (``settings`` override them), its own port and log. Not started."""
+        return LiveServer(
+            workdir,
+            database_url=self.env["DATABASE_URL"],
+            redis_url=self.env.get("REDIS_URL"),
+            storage_dir=self.storage,
+            **{**self.settings, **settings},
+        )
+
     @property
     def pid(self) -> int:
         assert self.process is not None
@@ -125,6 +178,7 @@ class LiveServer:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen (SIGSTOP) server could not shut down
             self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(15)
