@@ -17,24 +17,18 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-# Daphne refuses WebSocket messages above its limits with a TCP reset, before the
-# application sees them; twice the chunk size lets an oversize frame reach the
-# consumer, which refuses it cleanly with close code 4400 (docs/deployment.md).
-# Underscores are allowed in the variable, as settings allow them.
-CHUNK_SIZE := $(subst _,,$(or $(DIRECTDRIVEX_CHUNK_SIZE),1048576))
-WS_MAX_SIZE := $(or $(shell expr 2 \* '$(CHUNK_SIZE)' 2>/dev/null),not-an-integer)
-
-# The one place the server's flags are written down; docs/deployment.md and the
-# benchmarks use the same ones (`make -s daphne-args` prints them).
-DAPHNE_ARGS := --websocket-max-message-size $(WS_MAX_SIZE) --websocket-max-frame-size $(WS_MAX_SIZE) --websocket_timeout -1
-DAPHNE_APP := directdrivex.asgi:application
-DAPHNE_CMD := $(VENV)/bin/daphne -b $(HOST) -p $(PORT) $(DAPHNE_ARGS) $(DAPHNE_APP)
+# The one place the server command is written down. `manage.py serve` starts Daphne
+# with WebSocket message/frame limits of twice DIRECTDRIVEX_CHUNK_SIZE (so an
+# oversize frame reaches the consumer and gets a clean 4400 instead of a TCP
+# reset), no 24 h connection cap, and transport backpressure (directdrivex/server.py;
+# docs/deployment.md). `make -s daphne-command` prints the equivalent Daphne flags.
+SERVE_CMD := $(PY) manage.py serve --bind $(HOST) --port $(PORT)
 
 STORAGE_DIR := $(or $(DIRECTDRIVEX_STORAGE_DIR),var/storage)
 # make run is a development server: DEBUG on unless the caller says otherwise.
 RUN_DEBUG := $(or $(DEBUG),1)
 
-.PHONY: help venv run test lint format ci daphne-args daphne-command clean
+.PHONY: help venv run test lint format ci daphne-command clean
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -51,11 +45,10 @@ $(STAMP): requirements.txt | $(PY)
 venv: $(STAMP)
 
 run: $(STAMP)
-	@[ "$(WS_MAX_SIZE)" != not-an-integer ] || { echo "DIRECTDRIVEX_CHUNK_SIZE=$(DIRECTDRIVEX_CHUNK_SIZE) is not an integer" >&2; exit 2; }
 	mkdir -p var "$(STORAGE_DIR)"
 	DEBUG=$(RUN_DEBUG) $(PY) manage.py migrate --noinput
 	DEBUG=$(RUN_DEBUG) $(PY) manage.py bootstrap_admin --base-url http://$(HOST):$(PORT)
-	DEBUG=$(RUN_DEBUG) exec $(DAPHNE_CMD)
+	DEBUG=$(RUN_DEBUG) exec $(SERVE_CMD)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -72,11 +65,8 @@ format: $(STAMP)
 ci:
 	bash .ci/run
 
-daphne-args:
-	@echo $(DAPHNE_ARGS)
-
-daphne-command:
-	@echo $(DAPHNE_CMD)
+daphne-command: $(STAMP)
+	@DEBUG=$(RUN_DEBUG) $(SERVE_CMD) --print
 
 clean:
 	rm -rf .pytest_cache .ruff_cache .hypothesis

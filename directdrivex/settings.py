@@ -19,7 +19,7 @@ GiB = 1024 * MiB
 
 DEBUG = env.bool("DEBUG", False)
 
-# Only DEBUG gets a built-in key; uploads.E010 refuses to start without a real one.
+# Only DEBUG gets a built-in key; uploads.E004 refuses to start without a real one.
 INSECURE_DEV_SECRET_KEY = "django-insecure-directdrivex-development-only"
 SECRET_KEY = env.str("SECRET_KEY") or INSECURE_DEV_SECRET_KEY
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
@@ -118,6 +118,8 @@ SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", not DEBUG)
 CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", not DEBUG)
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", False)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", False)
 if env.bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 

@@ -4,6 +4,7 @@ Every close code of the spec's table is provoked here; bytes on disk and rows
 in the database are checked after each.
 """
 
+import contextlib
 import hashlib
 import json
 import random
@@ -32,6 +33,19 @@ def small_frames(limits):
     limits(chunk_size=CHUNK, window=WINDOW)
 
 
+OPENED: list[WebsocketCommunicator] = []
+
+
+@pytest.fixture(autouse=True)
+async def disconnect_everything():
+    """End every connection a test opened, so no consumer is left for the event loop's teardown to cancel."""
+    yield
+    while OPENED:
+        communicator = OPENED.pop()
+        with contextlib.suppress(Exception):
+            await communicator.disconnect(timeout=5)
+
+
 def payload(size: int) -> bytes:
     return random.Random(size).randbytes(size)
 
@@ -52,6 +66,7 @@ async def active_slots(upload: Upload) -> int:
 
 async def connect(path: str, headers=()) -> tuple[WebsocketCommunicator, dict]:
     communicator = WebsocketCommunicator(application, path, headers=list(headers))
+    OPENED.append(communicator)
     connected, _subprotocol = await communicator.connect()
     assert connected
     return communicator, json.loads(await communicator.receive_from(timeout=5))
@@ -413,6 +428,7 @@ async def test_foreign_origin_is_refused_at_the_handshake_even_with_a_ticket(ali
     upload = await create(alice, payload(CHUNK))
     path = await database_sync_to_async(ws_url)(upload)
     communicator = WebsocketCommunicator(application, path, headers=[(b"origin", b"https://evil.example")])
+    OPENED.append(communicator)
     connected, _code = await communicator.connect()
     # Closed before accept: Daphne answers such a handshake with HTTP 403.
     assert connected is False

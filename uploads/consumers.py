@@ -53,6 +53,11 @@ COMMIT_SECONDS = 2.5
 # commit renews it first: a process that was frozen past its lease must
 # re-check with the database before it writes another byte.
 LEASE_SAFETY_SECONDS = 5
+# A writer that does not answer a ping within this is taken to be dead (its
+# process crashed): the new connection takes over without waiting for the lease.
+# Taking over from a writer that is merely frozen is still safe: it keeps the
+# part file's lock (new writers get `busy`) and is fenced when it wakes.
+HOLDER_PING_SECONDS = 2.0
 
 
 class LocalLeaseExpired(Exception):
@@ -91,7 +96,17 @@ class UploadConsumer(AsyncWebsocketConsumer):
             raise Unauthenticated()
         if self.scope.get("auth_method") == "ticket" and self.scope.get("ticket_upload_id") != upload_id:
             raise Unauthenticated("This ticket is for another upload.")
-        self.grant = grant = await database_sync_to_async(writer_admit)(user, upload_id, self.channel_name)
+        try:
+            grant = await database_sync_to_async(writer_admit)(user, upload_id, self.channel_name)
+        except UploadBusy as busy:
+            if not busy.holder_channel or await self._holder_answers(busy.holder_channel):
+                raise
+            # The holder's process died (kill -9, crash): take over now, not after its lease.
+            log.warning("taking over from unresponsive holder=%s upload=%s", busy.holder_channel, upload_id)
+            grant = await database_sync_to_async(writer_admit)(
+                user, upload_id, self.channel_name, dead_holder=busy.holder_channel
+            )
+        self.grant = grant
         self.chunk_size = settings.DIRECTDRIVEX_CHUNK_SIZE
         self.window = settings.DIRECTDRIVEX_WINDOW
         self.ack_every = max(1, self.window // 4)
@@ -109,6 +124,20 @@ class UploadConsumer(AsyncWebsocketConsumer):
         await self._send_ready(grant.offset)
         if grant.offset == grant.size:  # every byte was already durable: only finalization was missing
             self.drain_task = asyncio.ensure_future(self._drain())
+
+    async def _holder_answers(self, holder: str) -> bool:
+        """Ping the writer that holds the upload, through the channel layer, on a private reply channel."""
+        reply_to = await self.channel_layer.new_channel()
+        await self.channel_layer.send(holder, {"type": "upload.ping", "reply_to": reply_to})
+        try:
+            await asyncio.wait_for(self.channel_layer.receive(reply_to), HOLDER_PING_SECONDS)
+        except TimeoutError:
+            return False
+        return True
+
+    async def upload_ping(self, event):
+        """Another connection asks whether we are alive (see _holder_answers)."""
+        await self.channel_layer.send(event["reply_to"], {"type": "upload.pong"})
 
     async def _open_part(self, grant: WriterGrant) -> WriterGrant:
         try:
@@ -172,6 +201,8 @@ class UploadConsumer(AsyncWebsocketConsumer):
             while self.pending and not self.closing:
                 batch, self.pending = self.pending, []
                 await self._write(batch)
+                if self.closing:
+                    break  # refused meanwhile: the error message must be the last one before the close
                 if self.written - self.acked >= self.ack_every:
                     await self._send_ack()
                 if self.written - self.durable >= COMMIT_BYTES or time.monotonic() - self.last_commit >= COMMIT_SECONDS:
@@ -282,8 +313,10 @@ class UploadConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(message))
 
     async def _cleanup(self, reason: str):
-        """Every exit path: stop writing, make written bytes durable if we still may, free the slot."""
-        self.closing = True
+        """Every exit path: finish writing what was received, make it durable if we still may, free the slot.
+
+        After a refusal ``pending`` is already empty, so nothing more is written.
+        """
         if self.heartbeat_task is not None:
             # A refusal found by the heartbeat runs this cleanup in the heartbeat
             # task itself: cancelling it would abort the cleanup and the close.
@@ -295,6 +328,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
                 await self.drain_task
             except Exception:
                 log.exception("drain failed during cleanup")
+        self.closing = True
         grant, part = self.grant, self.part
         self.grant = self.part = None
         try:

@@ -70,6 +70,11 @@ class UploadBusy(DirectDriveXError):
     close_code = 4409
     default_detail = "Another connection is writing this upload."
 
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None, holder_channel: str = ""):
+        super().__init__(detail, retry_after=retry_after)
+        # Internal: lets the consumer ask whether the holder is still alive. Never sent to clients.
+        self.holder_channel = holder_channel
+
 
 class NotUploading(DirectDriveXError):
     """The upload is complete, cancelled, expired, failed or deleted."""

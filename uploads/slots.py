@@ -245,18 +245,20 @@ def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
             log.warning("could not notify holder=%s", channel, exc_info=True)
 
 
-def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
+def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str = "", now=None) -> Slot:
     """Make ``holder_channel`` the upload's only writer, with a fresh fencing generation.
 
     Takes over the slot reserved by POST /api/uploads/ if it is unclaimed,
-    reclaims one whose holder's lease ran out, or admits a new one. A live
-    holder means UploadBusy. Runs inside the caller's transaction.
+    reclaims one whose holder's lease ran out (or whose holder is
+    ``dead_holder``, found unresponsive by the caller), or admits a new one. A
+    live holder means UploadBusy. Runs inside the caller's transaction.
     """
     now = now or timezone.now()
     current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
     if current is not None and current.holder_channel:
-        if current.lease_expires_at > now:
-            raise UploadBusy(retry_after=_retry_after(Slot.objects.filter(pk=current.pk), now))
+        if current.lease_expires_at > now and current.holder_channel != dead_holder:
+            retry_after = _retry_after(Slot.objects.filter(pk=current.pk), now)
+            raise UploadBusy(retry_after=retry_after, holder_channel=current.holder_channel)
         _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
         current = None
     # A new generation fences off every earlier writer of this upload.

@@ -141,14 +141,18 @@ class WriterGrant:
     lease_expires_at: datetime
 
 
-def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGrant:
-    """Admit a WebSocket connection as the upload's single writer, or raise the named refusal."""
+def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "", now=None) -> WriterGrant:
+    """Admit a WebSocket connection as the upload's single writer, or raise the named refusal.
+
+    ``dead_holder``: the channel of a previous writer that did not answer a ping;
+    its slot is taken over at once instead of waiting for its lease to run out.
+    """
     now = now or timezone.now()
     with transaction.atomic():
         upload = upload_for(user, upload_id)
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
-        slot = slot_claim_writer(upload, holder_channel, now=now)
+        slot = slot_claim_writer(upload, holder_channel, dead_holder=dead_holder, now=now)
         Upload.objects.filter(pk=upload.pk).update(last_activity_at=now)
     log.info("writer admitted upload=%s user=%s slot=%s gen=%s", upload.pk, user.pk, slot.pk, slot.generation)
     return WriterGrant(
