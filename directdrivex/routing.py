@@ -5,10 +5,16 @@ system checks first.
 """
 
 from channels.routing import ProtocolTypeRouter, URLRouter
+from django.conf import settings
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
 
 # Django must be set up (get_asgi_application does it) before importing code that uses models.
 django_asgi_app = get_asgi_application()
+if settings.DEBUG:
+    # Daphne serves no static files: under make run, let Django serve the admin's CSS.
+    # In production a proxy serves STATIC_ROOT (manage.py collectstatic; docs/deployment.md).
+    django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 from uploads.routing import websocket_urlpatterns  # noqa: E402
 from uploads.ws_auth import websocket_auth_stack  # noqa: E402
