@@ -16,11 +16,11 @@ from channels.testing import WebsocketCommunicator
 from django.test import Client
 
 from directdrivex.routing import application
-from uploads import storage
+from uploads import consumers, storage
 from uploads.models import Slot, Upload
 from uploads.slots import slot_release, slots_reset
 from uploads.tickets import ticket_issue, ws_url
-from uploads.transfers import upload_create, upload_delete
+from uploads.transfers import upload_create, upload_delete, writer_admit
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -259,6 +259,20 @@ async def test_second_connection_while_the_first_writes_is_busy_with_retry_after
     await first.send_to(bytes_data=b"a" * CHUNK)
     await first.disconnect()
     assert (await refresh(upload)).offset == CHUNK
+
+
+async def test_writer_whose_process_died_is_taken_over_without_waiting_for_its_lease(alice, monkeypatch):
+    monkeypatch.setattr(consumers, "HOLDER_PING_SECONDS", 0.2)
+    data = payload(2 * CHUNK)
+    upload = await create(alice, data)
+    # A writer admitted by a process that then died: its lease is still valid, nobody answers its channel.
+    dead = await database_sync_to_async(writer_admit)(alice, upload.pk, "specific.crashed-process!writer")
+    communicator, ready = await connect_ticket(upload)
+    assert ready["type"] == "ready"
+    taken_over = await database_sync_to_async(Slot.objects.get)(pk=dead.slot_id)
+    assert taken_over.release_reason == "expired"
+    await send_range(communicator, data, 0, len(data), 0)
+    assert (await finish(communicator))["type"] == "complete"
 
 
 async def test_slot_reset_while_writing_closes_the_writer_with_lease_lost(alice):
