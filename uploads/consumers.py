@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -68,14 +69,16 @@ class UploadConsumer(AsyncWebsocketConsumer):
     grant: WriterGrant | None = None
     part: storage.PartFile | None = None
     closing = False
+    accepting = True
     drain_task: asyncio.Task | None = None
+    commit_task: asyncio.Task | None = None
     heartbeat_task: asyncio.Task | None = None
     written = durable = 0
 
     # --- connection lifecycle ------------------------------------------------
 
     async def connect(self):
-        self.pending: list[bytes] = []
+        self.pending: deque[bytes] = deque()
         # Serializes commits (drain and heartbeat), so the offset only moves forward.
         self.commit_lock = asyncio.Lock()
         # Accept first: a refusal must reach the client as an error message and
@@ -168,23 +171,34 @@ class UploadConsumer(AsyncWebsocketConsumer):
 
     # --- frames ----------------------------------------------------------------
 
+    async def dispatch(self, message):
+        if message["type"] == "websocket.receive":
+            # The hot path, once per frame. Channels would first hop to the DB
+            # thread to close stale connections; every DB call here goes through
+            # database_sync_to_async, which does that itself.
+            await self.websocket_receive(message)
+            return
+        await super().dispatch(message)
+
     async def receive(self, text_data=None, bytes_data=None):
-        if self.closing or self.grant is None:
+        if self.closing or not self.accepting or self.grant is None:
             return  # after a refusal, frames still in flight are dropped
         if bytes_data is None:
-            await self.refuse(ProtocolError("Text message received where a binary frame was expected."))
+            await self._refuse_frame(ProtocolError("Text message received where a binary frame was expected."))
             return
         size = len(bytes_data)
         if size > self.chunk_size:
-            await self.refuse(ProtocolError(f"Frame of {size} bytes is larger than chunk_size {self.chunk_size}."))
+            await self._refuse_frame(
+                ProtocolError(f"Frame of {size} bytes is larger than chunk_size {self.chunk_size}.")
+            )
             return
         if self.received + size - self.acked > self.window:
-            await self.refuse(
+            await self._refuse_frame(
                 ProtocolError(f"Window exceeded: {self.received + size - self.acked} bytes beyond the last ack.")
             )
             return
         if self.received + size > self.grant.size:
-            await self.refuse(
+            await self._refuse_frame(
                 SizeExceeded(f"Frame would end at byte {self.received + size}; the upload is {self.grant.size}.")
             )
             return
@@ -195,18 +209,24 @@ class UploadConsumer(AsyncWebsocketConsumer):
         if self.drain_task is None:
             self.drain_task = asyncio.ensure_future(self._drain())
 
+    async def _refuse_frame(self, refusal: DirectDriveXError):
+        """The client broke the protocol: keep the valid frames it sent before this one, then refuse."""
+        self.accepting = False
+        if self.drain_task is not None:
+            await self.drain_task
+        await self.refuse(refusal)
+
     async def _drain(self):
-        """Write pending frames one batch at a time in a thread; ack, commit and finish as bytes land."""
+        """Write pending frames in a thread, a quarter window per hop; ack, commit and finish as bytes land."""
         try:
             while self.pending and not self.closing:
-                batch, self.pending = self.pending, []
-                await self._write(batch)
+                await self._write(self._next_batch())
                 if self.closing:
                     break  # refused meanwhile: the error message must be the last one before the close
                 if self.written - self.acked >= self.ack_every:
                     await self._send_ack()
                 if self.written - self.durable >= COMMIT_BYTES or time.monotonic() - self.last_commit >= COMMIT_SECONDS:
-                    await self._commit()
+                    self._commit_soon()
             if not self.closing and self.written == self.grant.size:
                 await self._finish()
         except DirectDriveXError as refusal:
@@ -216,6 +236,15 @@ class UploadConsumer(AsyncWebsocketConsumer):
             await self.refuse(InternalError())
         finally:
             self.drain_task = None
+
+    def _next_batch(self) -> list[bytes]:
+        # Bounded, so acks go out while the rest of the window is still arriving.
+        batch, size = [], 0
+        while self.pending and size < self.ack_every:
+            frame = self.pending.popleft()
+            batch.append(frame)
+            size += len(frame)
+        return batch
 
     async def _write(self, batch):
         try:
@@ -234,6 +263,26 @@ class UploadConsumer(AsyncWebsocketConsumer):
     async def _send_ack(self):
         self.acked = self.written
         await self.send_json({"type": "ack", "offset": self.written})
+
+    def _commit_soon(self):
+        """Commit in the background: frames keep being written and acked while fsync and the DB run."""
+        if self.commit_task is None or self.commit_task.done():
+            self.commit_task = asyncio.ensure_future(self._commit_or_refuse())
+
+    async def _commit_or_refuse(self):
+        try:
+            await self._commit()
+        except DirectDriveXError as refusal:
+            await self.refuse(refusal)
+        except Exception:
+            log.exception("offset commit failed upload=%s", self.grant and self.grant.upload_id)
+            await self.refuse(InternalError())
+
+    async def _settle_commit(self):
+        """Wait for a background commit (it may have refused the connection meanwhile)."""
+        task = self.commit_task
+        if task is not None and task is not asyncio.current_task():
+            await task
 
     async def _commit(self):
         """fsync, then one fenced UPDATE of offset + lease (never inside a transaction with the fsync)."""
@@ -259,6 +308,9 @@ class UploadConsumer(AsyncWebsocketConsumer):
                     return
 
     async def _finish(self):
+        await self._settle_commit()
+        if self.closing:
+            return  # the commit found the lease lost or the upload gone, and said so
         await self._complete(self.part.hexdigest(), finalize=self.part.finalize)
 
     async def _complete(self, digest: str, finalize=None):
@@ -302,7 +354,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
         if self.closing:
             return
         self.closing = True
-        self.pending = []
+        self.pending.clear()
         await self.send_json(message)
         # Durable offset and slot are settled before the close code goes out, so
         # a client that reconnects at once finds the resume point and a free slot.
@@ -328,6 +380,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
                 await self.drain_task
             except Exception:
                 log.exception("drain failed during cleanup")
+        await self._settle_commit()
         self.closing = True
         grant, part = self.grant, self.part
         self.grant = self.part = None
