@@ -327,8 +327,9 @@ def test_admissions_reclaiming_each_others_stuck_slots_do_not_deadlock(alice, bo
     Before slot_admit locked the upload's own slot first, each insert waited on
     the other's uncommitted release in slot_one_writer_per_upload and PostgreSQL
     killed one with "deadlock detected". A barrier after the reap forces that
-    interleaving (the only way to do so deterministically); now B waits for A's
-    lock before reaping, A's barrier times out, and both get a proper answer.
+    interleaving (the only way to do so deterministically). Now a standalone
+    admission commits its reap before it inserts, and a nested one locks the
+    upload's own slot first: both get a proper answer.
     """
     if not on_postgresql():
         pytest.skip("row locks and the deadlock detector are PostgreSQL's; SQLite serializes writers")
@@ -377,10 +378,12 @@ def test_admissions_reclaiming_each_others_stuck_slots_do_not_deadlock(alice, bo
     b.join(30)
 
     assert not a.is_alive() and not b.is_alive()
-    # Y's slot was still live at A's time: busy, and A's reap of X's slot rolled back with it.
-    assert isinstance(outcomes["A"], exceptions.UploadBusy), outcomes["A"]
+    # No "deadlock detected" (OperationalError): each admission either got a slot or was told busy.
+    for name, outcome in outcomes.items():
+        assert isinstance(outcome, Slot | exceptions.UploadBusy), (name, outcome)
+    # B ran when both old slots were stuck: it got X's writer slot, whatever A did.
     assert isinstance(outcomes["B"], Slot), outcomes["B"]
-    assert list(Slot.objects.active().values_list("pk", flat=True)) == [outcomes["B"].pk]
-    assert Slot.objects.get(pk=outcomes["B"].pk).upload_id == upload_x.pk
-    reasons = dict(Slot.objects.filter(pk__in=[stuck_x.pk, stuck_y.pk]).values_list("pk", "release_reason"))
-    assert reasons == {stuck_x.pk: "expired", stuck_y.pk: "expired"}
+    assert Slot.objects.active().filter(upload=upload_x).get().pk == outcomes["B"].pk
+    assert Slot.objects.active().filter(upload=upload_y).count() <= 1
+    assert Slot.objects.get(pk=stuck_x.pk).release_reason == "expired"
+    assert Slot.objects.get(pk=stuck_y.pk).released_at is not None  # reaped by A or B, or released by A's take-over

@@ -21,7 +21,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Min
+from django.db.models import Count, F
 from django.utils import timezone
 
 from uploads.exceptions import (
@@ -58,11 +58,14 @@ def lease_duration() -> timedelta:
 
 
 def _retry_after(slots, now: datetime) -> int:
-    """Seconds until the earliest lease in ``slots`` runs out: the soonest a slot can be reclaimed."""
-    earliest = slots.aggregate(earliest=Min("lease_expires_at"))["earliest"]
+    """Seconds until the earliest lease among ``slots`` runs out: the soonest one can be reclaimed.
+
+    ``slots`` are rows as read by slot_admit: tuples ending in lease_expires_at.
+    """
     lease = settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS
-    if earliest is None:
+    if not slots:
         return 1
+    earliest = min(row[-1] for row in slots)
     return max(1, min(lease, math.ceil((earliest - now).total_seconds())))
 
 
@@ -70,55 +73,72 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
     """Take a free slot of ``kind`` for ``user`` or raise the named *SlotsExhausted refusal.
 
     Expired leases of the kind are reclaimed first, so a crashed holder never
-    blocks an admission for longer than one lease.
+    blocks an admission for longer than one lease. The common case is two
+    statements: one read of the kind's active slots, one INSERT that the
+    partial unique constraints accept or refuse.
     """
     now = now or timezone.now()
     limits = slot_limits(kind)
-    with transaction.atomic():
-        if upload is not None:
-            # Lock the upload's own active slot before reaping others (slot rows first, as
-            # everywhere). Otherwise two admissions that each reap the other's upload's stuck
-            # slot (skip_locked) then each wait, inserting, on the other's uncommitted release
-            # in slot_one_writer_per_upload: a deadlock on PostgreSQL.
-            list(Slot.objects.active().filter(upload=upload, kind=kind).select_for_update())
-        _reap(kind=kind, now=now)
-        for _attempt in range(ADMIT_ATTEMPTS):
-            active = Slot.objects.active().filter(kind=kind)
-            user_index = None
-            if limits.user_limit is not None:
-                mine = active.filter(user=user)
-                taken = set(mine.values_list("user_index", flat=True))
-                free = [i for i in range(limits.user_limit) if i not in taken]
-                if not free:
-                    raise UserSlotsExhausted(retry_after=_retry_after(mine, now))
-                user_index = free[0]
-            taken = set(active.values_list("global_index", flat=True))
-            free = [i for i in range(limits.global_limit) if i not in taken]
+    nested = transaction.get_connection().in_atomic_block
+    if nested and upload is not None:
+        # Inside the caller's transaction the reap below and our insert commit
+        # together: lock the upload's own active slot first (slot rows first, as
+        # everywhere). Otherwise two admissions that each reap the other's
+        # upload's stuck slot then each wait, inserting, on the other's
+        # uncommitted release in slot_one_writer_per_upload: a deadlock.
+        list(Slot.objects.active().filter(upload=upload, kind=kind).select_for_update())
+    reaped = False
+    for _attempt in range(ADMIT_ATTEMPTS):
+        # (global_index, user_id, user_index, lease_expires_at) of every active slot of the kind.
+        active = list(
+            Slot.objects.active()
+            .filter(kind=kind)
+            .values_list("global_index", "user_id", "user_index", "lease_expires_at")
+        )
+        if not reaped and any(expires <= now for *_rest, expires in active):
+            with transaction.atomic():  # committed before we insert, unless the caller holds a transaction
+                _reap(kind=kind, now=now)
+            reaped = True
+            continue
+        user_index = None
+        if limits.user_limit is not None:
+            mine = [row for row in active if row[1] == user.pk]
+            taken = {row[2] for row in mine}
+            free = [i for i in range(limits.user_limit) if i not in taken]
             if not free:
-                refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
-                raise refusal(retry_after=_retry_after(active, now))
-            try:
+                raise UserSlotsExhausted(retry_after=_retry_after(mine, now))
+            user_index = free[0]
+        taken = {row[0] for row in active}
+        free = [i for i in range(limits.global_limit) if i not in taken]
+        if not free:
+            refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
+            raise refusal(retry_after=_retry_after(active, now))
+        fields = {
+            "kind": kind,
+            "user": user,
+            "upload": upload,
+            # Random, so that processes racing for the last few slots spread out.
+            "global_index": random.choice(free),
+            "user_index": user_index,
+            "acquired_at": now,
+            "lease_expires_at": now + lease_duration(),
+            "generation": upload.writer_generation if upload else 0,
+            "holder_channel": holder_channel,
+        }
+        try:
+            if nested:
                 # A savepoint: losing the race for an index rolls back only this insert.
                 with transaction.atomic():
-                    slot = Slot.objects.create(
-                        kind=kind,
-                        user=user,
-                        upload=upload,
-                        # Random, so that processes racing for the last few slots spread out.
-                        global_index=random.choice(free),
-                        user_index=user_index,
-                        acquired_at=now,
-                        lease_expires_at=now + lease_duration(),
-                        generation=upload.writer_generation if upload else 0,
-                        holder_channel=holder_channel,
-                    )
-            except IntegrityError:
-                if upload is not None and Slot.objects.active().filter(upload=upload, kind=kind).exists():
-                    holder = Slot.objects.active().filter(upload=upload)
-                    raise UploadBusy(retry_after=_retry_after(holder, now)) from None
-                continue
-            log.info("slot admitted kind=%s slot=%s user=%s upload=%s", kind, slot.pk, user.pk, upload and upload.pk)
-            return slot
+                    slot = Slot.objects.create(**fields)
+            else:
+                slot = Slot.objects.create(**fields)  # one statement, atomic by itself
+        except IntegrityError:
+            holder = Slot.objects.active().filter(upload=upload, kind=kind) if upload is not None else None
+            if holder is not None and holder.exists():
+                raise UploadBusy(retry_after=_retry_after(list(holder.values_list("lease_expires_at")), now)) from None
+            continue  # another process took that index between our read and our insert
+        log.info("slot admitted kind=%s slot=%s user=%s upload=%s", kind, slot.pk, user.pk, upload and upload.pk)
+        return slot
     # Every attempt lost a race: the slots are churning; ask the caller to come back at once.
     refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
     raise refusal(retry_after=1)
@@ -257,7 +277,7 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str =
     current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
     if current is not None and current.holder_channel:
         if current.lease_expires_at > now and current.holder_channel != dead_holder:
-            retry_after = _retry_after(Slot.objects.filter(pk=current.pk), now)
+            retry_after = _retry_after([(current.lease_expires_at,)], now)
             raise UploadBusy(retry_after=retry_after, holder_channel=current.holder_channel)
         _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
         current = None
