@@ -14,6 +14,7 @@ import threading
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 from django.test import Client
 
 from directdrivex.routing import application
@@ -45,6 +46,9 @@ async def disconnect_everything():
         communicator = OPENED.pop()
         with contextlib.suppress(Exception):
             await communicator.disconnect(timeout=5)
+    # The consumers' database thread keeps its connection (CONN_MAX_AGE); close it,
+    # or PostgreSQL refuses to drop the test database at the end of the run.
+    await database_sync_to_async(connections.close_all)()
 
 
 def payload(size: int) -> bytes:
