@@ -21,6 +21,7 @@ from daphne.cli import CommandLineInterface  # noqa: E402
 from daphne.server import Server  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from django.conf import settings  # noqa: E402
+from twisted.internet import defer  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,25 @@ class BackpressureServer(Server):
             application_instance, loop=asyncio.get_event_loop()
         )
         return input_queue
+
+    def kill_all_applications(self):
+        """At shutdown, cancel every application and make the reactor wait for them to end.
+
+        Daphne's own version stops with a KeyError at the first connection that
+        has no application (the HTTP request that was upgraded to a WebSocket), so
+        shutdown did not wait for uploads to make their bytes durable and free
+        their slots (uploads.consumers runs that cleanup when cancelled).
+        """
+        wait_for = []
+        for details in self.connections.values():
+            application = details.get("application_instance")
+            if application is not None and not application.done():
+                application.cancel()
+                wait_for.append(application)
+        log.info("shutdown: waiting for %d application instance(s)", len(wait_for))
+        waiting = defer.Deferred.fromFuture(asyncio.gather(*wait_for, return_exceptions=True))
+        waiting.addErrback(lambda _failure: None)
+        return waiting
 
 
 class DirectDriveXDaphne(CommandLineInterface):

@@ -497,3 +497,32 @@ async def test_second_writer_on_one_server_is_refused_busy_with_retry_after(back
     assert upload_detail(server, token, upload["id"])["status"] == "complete"
     [stored] = stored_files(server)
     assert stored.read_bytes() == data
+
+
+async def test_server_shutdown_makes_received_bytes_durable_and_frees_the_slot(backend, start_server):
+    token = backend.alice_token
+    server = start_server()
+    data = os.urandom(6 * MiB)  # acks come every 2 MiB (window / 4)
+    upload = create_upload(server, token, "shutdown.bin", data)
+
+    async with ws_connect(server, upload["ws_url"]) as ws:
+        ready = await receive(ws)
+        for start in range(0, 4 * MiB, ready["chunk_size"]):
+            await ws.send(data[start : start + ready["chunk_size"]])
+        while (await receive(ws))["offset"] < 4 * MiB:
+            pass  # acks: every byte sent so far is written
+        server.signal(signal.SIGTERM)  # what a process manager sends
+        assert server.process.wait(WS_TIMEOUT) is not None
+        with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
+            await asyncio.wait_for(ws.recv(), WS_TIMEOUT)
+
+    # The process is gone: the database alone says what it left behind.
+    restarted = start_server("after", sibling_of=server)  # same database and storage
+    detail = upload_detail(restarted, token, upload["id"])
+    assert (detail["status"], detail["offset"]) == ("uploading", 4 * MiB)
+    async with ws_connect(restarted, detail["ws_url"]) as ws:
+        # Admitted at once: the shutdown released the slot instead of leaving it to expire.
+        resumed = await receive(ws)
+        assert (resumed["type"], resumed["offset"]) == ("ready", 4 * MiB)
+        complete = await stream(ws, data, 4 * MiB, chunk=resumed["chunk_size"], window=resumed["window"])
+    assert complete["sha256"] == hashlib.sha256(data).hexdigest()

@@ -72,6 +72,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
     accepting = True
     drain_task: asyncio.Task | None = None
     commit_task: asyncio.Task | None = None
+    cleanup_task: asyncio.Task | None = None
     heartbeat_task: asyncio.Task | None = None
     written = durable = 0
 
@@ -367,20 +368,39 @@ class UploadConsumer(AsyncWebsocketConsumer):
     async def _cleanup(self, reason: str):
         """Every exit path: finish writing what was received, make it durable if we still may, free the slot.
 
-        After a refusal ``pending`` is already empty, so nothing more is written.
+        Runs once, as a task of its own: when a server shutdown cancels the
+        connection (Daphne then waits for it to end), the cleanup still finishes
+        before the cancellation goes on. After a refusal ``pending`` is already
+        empty, so nothing more is written.
         """
+        if self.cleanup_task is None:
+            self.cleanup_task = asyncio.ensure_future(self._settle(reason, caller=asyncio.current_task()))
+        interrupted = False
+        while True:
+            try:
+                await asyncio.shield(self.cleanup_task)
+                break
+            except asyncio.CancelledError:
+                if self.cleanup_task.cancelled():
+                    raise
+                interrupted = True
+        if interrupted:
+            raise asyncio.CancelledError
+
+    async def _settle(self, reason: str, caller: asyncio.Task | None):
+        # ``caller`` (the drain, the heartbeat or a background commit that hit a
+        # refusal) is waiting for us: neither cancel it nor wait for it.
         if self.heartbeat_task is not None:
-            # A refusal found by the heartbeat runs this cleanup in the heartbeat
-            # task itself: cancelling it would abort the cleanup and the close.
-            if self.heartbeat_task is not asyncio.current_task():
+            if self.heartbeat_task is not caller:
                 self.heartbeat_task.cancel()
             self.heartbeat_task = None
-        if self.drain_task is not None and self.drain_task is not asyncio.current_task():
+        if self.drain_task is not None and self.drain_task is not caller:
             try:
                 await self.drain_task
             except Exception:
                 log.exception("drain failed during cleanup")
-        await self._settle_commit()
+        if self.commit_task is not None and self.commit_task is not caller:
+            await self.commit_task
         self.closing = True
         grant, part = self.grant, self.part
         self.grant = self.part = None
