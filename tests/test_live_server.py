@@ -526,3 +526,42 @@ async def test_server_shutdown_makes_received_bytes_durable_and_frees_the_slot(b
         assert (resumed["type"], resumed["offset"]) == ("ready", 4 * MiB)
         complete = await stream(ws, data, 4 * MiB, chunk=resumed["chunk_size"], window=resumed["window"])
     assert complete["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def test_client_that_ignores_acks_is_refused_and_the_server_stays_small(backend, start_server):
+    """The spec's hostile client: it floods without reading acks. The window refuses it with
+    4400 and transport backpressure keeps unprocessed frames from piling up in the process."""
+    token = backend.alice_token
+    server = start_server()
+    size = 512 * MiB
+    status, upload = api(server, token, "POST", "/api/uploads/", {"filename": "flood.bin", "size": size})
+    assert status == 201, upload
+    before = server.rss()["VmHWM"]
+
+    async def flood() -> tuple[list[dict], int]:
+        async with ws_connect(server, upload["ws_url"]) as ws:
+            ready = await receive(ws)
+            frame = os.urandom(ready["chunk_size"])
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for _ in range(size // len(frame)):
+                    await ws.send(frame)  # never waits for an ack
+            return await messages_until_closed(ws)
+
+    messages, close_code = await asyncio.wait_for(flood(), 120)
+
+    growth = server.rss()["VmHWM"] - before
+    assert growth <= 64 * MiB, f"the server grew by {growth / MiB:.1f} MiB"
+    detail = upload_detail(server, token, upload["id"])
+    if close_code == 1000:
+        # The server kept up with the flood: acks never fell a window behind.
+        assert (messages[-1]["type"], detail["status"]) == ("complete", "complete")
+    else:
+        # It fell behind: the frame past the window was refused, what fitted is the resume point.
+        # The close code is 4400, or 1006 when the server gave up on a close handshake whose
+        # answer sat behind megabytes of flood in the socket (the error message may then be
+        # lost with the connection's unread bytes).
+        assert close_code in (4400, 1006), messages[-3:]
+        errors = [message for message in messages if message["type"] == "error"]
+        assert all(error["code"] == "protocol_error" for error in errors), errors
+        assert detail["status"] == "uploading"
+        assert detail["offset"] < size

@@ -60,9 +60,7 @@ class SlotAdmin(admin.ModelAdmin):
 
     @admin.action(description="Release (reset) selected slots and stop their connections")
     def release_selected(self, request, queryset):
-        released = []
-        for slot in queryset.active():
-            released += slots_reset(upload=slot.upload) if slot.upload_id else slots_reset(user=slot.user)
+        released = slots_reset(ids=list(queryset.values_list("pk", flat=True)))
         self.message_user(request, f"Released {len(released)} slot(s).", messages.SUCCESS)
 
     @admin.action(description="Reap every slot whose lease expired")

@@ -4,7 +4,8 @@ Concurrency rules (see docs/slots.md):
 
 * Limits are enforced by partial unique constraints over active slots
   (uploads.models.Slot.Meta): admission picks a free index and inserts; a lost
-  race is an IntegrityError in a savepoint, and we pick again.
+  race is an IntegrityError (in a savepoint inside a caller's transaction), and
+  we pick again.
 * Fencing: granting or revoking a writer bumps ``Upload.writer_generation``;
   offset commits compare-and-swap on it (uploads.transfers).
 * Lock order is always slot rows, then upload rows, so that the reaper, a
@@ -212,16 +213,20 @@ def slots_reap(*, dry_run: bool = False, now=None) -> list[Slot]:
         return _reap(now=now, dry_run=dry_run)
 
 
-def slots_reset(*, user=None, upload=None, everything: bool = False, dry_run: bool = False, now=None) -> list[Slot]:
+def slots_reset(
+    *, user=None, upload=None, ids=None, everything: bool = False, dry_run: bool = False, now=None
+) -> list[Slot]:
     """Release every active slot in a scope and fence off its writers (admin repair)."""
-    if not (everything or user is not None or upload is not None):
-        raise ValueError("slots_reset needs a scope: everything, a user or an upload.")
+    if not (everything or user is not None or upload is not None or ids is not None):
+        raise ValueError("slots_reset needs a scope: everything, a user, an upload or slot ids.")
     now = now or timezone.now()
     scope = Slot.objects.active()
     if user is not None:
         scope = scope.filter(user=user)
     if upload is not None:
         scope = scope.filter(upload=upload)
+    if ids is not None:
+        scope = scope.filter(pk__in=ids)
     with transaction.atomic():
         if dry_run:
             return list(scope.order_by("pk"))
