@@ -91,26 +91,46 @@ def uploads_of(user, status: str | None = None):
     return uploads
 
 
-def upload_end(upload: Upload, status: str, reason: str, *, now=None) -> bool:
+def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now=None) -> bool:
     """Stop an unfinished upload for good (cancelled, expired): slot released, writer fenced, bytes removed.
 
-    Returns False if the upload had already left `uploading` (someone else ended it).
+    With ``idle_since``, only if the upload has seen no activity since then.
+    Returns False, changing nothing, if the upload had already left `uploading`
+    (someone else ended or completed it) or was active after ``idle_since``.
     """
     now = now or timezone.now()
     with transaction.atomic():
         slots_revoke_for_upload(upload, reason, NotUploading(f"The upload was {status}."), now=now)
-        ended = (
-            Upload.objects.filter(pk=upload.pk, status=Upload.Status.UPLOADING).update(
-                status=status, writer_generation=F("writer_generation") + 1, last_activity_at=now
-            )
-            == 1
-        )
+        candidate = Upload.objects.filter(pk=upload.pk, status=Upload.Status.UPLOADING)
+        if idle_since is not None:
+            candidate = candidate.filter(last_activity_at__lt=idle_since)
+        if candidate.update(status=status, writer_generation=F("writer_generation") + 1, last_activity_at=now) != 1:
+            # Not ours to end: undo the revocation too (and the notification queued with it).
+            transaction.set_rollback(True)
+            return False
     # After commit: no file I/O inside the transaction. A writer still holding
     # the file open writes into an unlinked inode and is fenced at its next commit.
     storage.delete(upload.storage_key)
-    if ended:
-        log.info("upload ended upload=%s user=%s status=%s", upload.pk, upload.owner_id, status)
-    return ended
+    log.info("upload ended upload=%s user=%s status=%s", upload.pk, upload.owner_id, status)
+    return True
+
+
+def uploads_expire(*, dry_run: bool = False, now=None) -> list[Upload]:
+    """Expire unfinished uploads idle for DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS: slot freed, bytes deleted.
+
+    Returns what was expired (or, with dry_run, what would be). An upload that
+    moved on after it was listed (a writer committed, someone cancelled) is left alone.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS)
+    idle = list(Upload.objects.idle_since(cutoff).order_by("last_activity_at"))
+    if dry_run:
+        return idle
+    return [
+        upload
+        for upload in idle
+        if upload_end(upload, Upload.Status.EXPIRED, Slot.ReleaseReason.EXPIRED, idle_since=cutoff, now=now)
+    ]
 
 
 def upload_delete(user, upload_id, *, now=None) -> None:

@@ -1,0 +1,81 @@
+"""Unfinished uploads idle for DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS expire: slot freed, bytes deleted, quota back."""
+
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from uploads import storage
+from uploads.models import Slot, Upload
+from uploads.transfers import quota_used, upload_create, upload_end, uploads_expire, writer_admit, writer_commit
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def day(limits):
+    limits(upload_expiry_seconds=86400)
+    return timedelta(seconds=86400)
+
+
+def idle_upload(user, name: str, *, idle_for: timedelta) -> Upload:
+    upload, _slot = upload_create(user, filename=name, size=100, now=timezone.now() - idle_for)
+    storage.ensure_layout()
+    storage.part_path(upload.storage_key).write_bytes(b"x" * 10)
+    return upload
+
+
+def test_idle_upload_expires_with_its_bytes_slot_and_quota(alice, day):
+    stale = idle_upload(alice, "stale.bin", idle_for=day + timedelta(minutes=1))
+    fresh = idle_upload(alice, "fresh.bin", idle_for=day - timedelta(minutes=1))
+
+    expired = uploads_expire()
+
+    assert [upload.pk for upload in expired] == [stale.pk]
+    assert Upload.objects.get(pk=stale.pk).status == "expired"
+    assert not storage.part_path(stale.storage_key).exists()
+    assert not Slot.objects.active().filter(upload=stale).exists()
+    assert Upload.objects.get(pk=fresh.pk).status == "uploading"
+    assert storage.part_path(fresh.storage_key).exists()
+    assert quota_used(alice) == fresh.size
+
+
+def test_dry_run_lists_and_changes_nothing(alice, day):
+    stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
+    assert [upload.pk for upload in uploads_expire(dry_run=True)] == [stale.pk]
+    assert Upload.objects.get(pk=stale.pk).status == "uploading"
+    assert storage.part_path(stale.storage_key).exists()
+
+
+def test_upload_written_to_after_it_was_listed_does_not_expire(alice, day):
+    stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
+    cutoff = timezone.now() - day
+    assert [upload.pk for upload in uploads_expire(dry_run=True)] == [stale.pk]  # listed as idle...
+    grant = writer_admit(alice, stale.pk, "specific.writer!1")
+    writer_commit(grant, 10)  # ...then a writer shows up before it is expired
+
+    assert upload_end(stale, Upload.Status.EXPIRED, Slot.ReleaseReason.EXPIRED, idle_since=cutoff) is False
+    assert Upload.objects.get(pk=stale.pk).status == "uploading"
+    assert Slot.objects.get(pk=grant.slot_id).released_at is None  # the writer keeps its slot and generation
+    assert Upload.objects.get(pk=stale.pk).writer_generation == grant.generation
+    assert storage.part_path(stale.storage_key).exists()
+
+
+def test_ending_an_upload_that_already_completed_changes_nothing(alice):
+    upload, slot = upload_create(alice, filename="done.bin", size=10)
+    Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.COMPLETE, offset=10)
+    storage.ensure_layout()
+    storage.final_path(upload.storage_key).write_bytes(b"y" * 10)
+
+    assert upload_end(upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED) is False
+    assert storage.final_path(upload.storage_key).read_bytes() == b"y" * 10  # a finished file is never lost
+    assert Slot.objects.get(pk=slot.pk).released_at is None
+
+
+def test_expire_command_is_safe_to_rerun(alice, day):
+    stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
+    call_command("uploads", "expire")
+    call_command("uploads", "expire")
+    assert Upload.objects.get(pk=stale.pk).status == "expired"
+    assert Slot.objects.get(upload=stale).release_reason == "expired"
