@@ -302,11 +302,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
         while not self.closing:
             await asyncio.sleep(interval)
             if self.drain_task is None and not self.closing:
-                try:
-                    await self._commit()
-                except DirectDriveXError as refusal:
-                    await self.refuse(refusal)
-                    return
+                await self._commit_or_refuse()
 
     async def _finish(self):
         await self._settle_commit()
