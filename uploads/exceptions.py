@@ -85,15 +85,6 @@ class NotUploading(DirectDriveXError):
     default_detail = "The upload is no longer accepting bytes."
 
 
-class NotComplete(DirectDriveXError):
-    """The file cannot be downloaded before its upload completes."""
-
-    code = "not_complete"
-    http_status = 409
-    close_code = 4409
-    default_detail = "The upload is not complete yet."
-
-
 class LeaseLost(DirectDriveXError):
     """The writer's slot was reclaimed or reset: a stale generation was used."""
 
@@ -181,11 +172,3 @@ class InternalError(DirectDriveXError):
     http_status = 500
     close_code = 1011
     default_detail = "The server failed; the upload can be resumed."
-
-
-class RangeNotSatisfiable(DirectDriveXError):
-    """The Range header does not fit the file."""
-
-    code = "range_not_satisfiable"
-    http_status = 416
-    default_detail = "The requested range is outside the file."

@@ -73,13 +73,6 @@ def delete(key: str) -> bool:
     return removed
 
 
-def part_size(key: str) -> int | None:
-    try:
-        return part_path(key).stat().st_size
-    except FileNotFoundError:
-        return None
-
-
 def finished_digest(key: str, size: int) -> str | None:
     """sha256 of a finished file of exactly ``size`` bytes, or None if there is none.
 
