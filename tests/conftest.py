@@ -12,6 +12,8 @@ from django.contrib.auth.hashers import make_password
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from uploads import storage
+
 PASSWORD = "correct-horse-battery-staple"
 
 
@@ -28,6 +30,16 @@ def make_user(username: str, **fields):
     return get_user_model().objects.create(
         username=username, email=f"{username}@example.com", password=_password_hash(), **fields
     )
+
+
+def write_part(key: str, data: bytes) -> None:
+    """Bytes in an upload's part file, written as a writer would (through uploads.storage)."""
+    part = storage.PartFile(key, 0)
+    try:
+        part.append([data])
+        part.sync()
+    finally:
+        part.close()
 
 
 def token_client(user) -> APIClient:

@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from tests.conftest import make_user, token_client
+from tests.conftest import make_user, token_client, write_part
 from uploads import storage
 from uploads.models import Slot, Upload, UserQuota
 from uploads.slots import slots_reap
@@ -57,15 +57,6 @@ def complete(user, upload_id, data: bytes) -> None:
     finally:
         part.close()
     writer_complete(grant)
-
-
-def write_part(key: str, data: bytes) -> None:
-    part = storage.PartFile(key, 0)
-    try:
-        part.append([data])
-        part.sync()
-    finally:
-        part.close()
 
 
 # --- POST /api/uploads/: success ---------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
+from tests.conftest import write_part
 from uploads import storage
 from uploads.exceptions import LeaseLost, NotUploading, UploadBusy
 from uploads.models import Slot, Upload
@@ -45,15 +46,6 @@ def rows(upload):
         model_to_dict(Upload.objects.get(pk=upload.pk)),
         [model_to_dict(slot) for slot in Slot.objects.filter(upload=upload).order_by("pk")],
     )
-
-
-def write_part(key: str, data: bytes) -> None:
-    part = storage.PartFile(key, 0)
-    try:
-        part.append([data])
-        part.sync()
-    finally:
-        part.close()
 
 
 def test_the_first_writer_claims_the_slot_reserved_by_post(alice, upload, t0):
