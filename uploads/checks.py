@@ -7,11 +7,6 @@ before serving, and every manage.py command that serves or migrates does too.
 from django.conf import settings
 from django.core.checks import Error, Tags, register
 
-from directdrivex.settings import INSECURE_DEV_SECRET_KEY
-
-# Daphne's default WebSocket message size; make run passes twice the chunk size.
-DAPHNE_DEFAULT_MAX_MESSAGE = 1024 * 1024
-
 
 @register(Tags.compatibility, deploy=False)
 def check_configuration(app_configs, **kwargs):
@@ -36,7 +31,7 @@ def check_configuration(app_configs, **kwargs):
                 id="uploads.E003",
             )
         )
-    if not settings.DEBUG and settings.SECRET_KEY in ("", INSECURE_DEV_SECRET_KEY):
+    if not settings.DEBUG and settings.SECRET_KEY in ("", settings.INSECURE_DEV_SECRET_KEY):
         errors.append(
             Error(
                 "SECRET_KEY is missing or is the development default while DEBUG is off.",
