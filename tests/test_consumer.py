@@ -355,7 +355,7 @@ async def test_disk_failure_is_an_internal_error_and_the_upload_stays_resumable(
     monkeypatch.setattr(storage.PartFile, "append", disk_full)
     communicator, _ready = await connect_ticket(upload)
     await communicator.send_to(bytes_data=data[:CHUNK])
-    await expect_close(communicator, "internal_error", 1011)
+    await expect_close(communicator, "internal_error", 4500)
     assert (await refresh(upload)).status == "uploading"
     assert await active_slots(upload) == 0
 

@@ -165,10 +165,80 @@ class DownloadSlotsExhausted(SlotsExhausted):
     default_detail = "The server is handling the maximum number of downloads; try again shortly."
 
 
+class IdleTimeout(DirectDriveXError):
+    """A connected writer delivered no bytes for DIRECTDRIVEX_IDLE_SECONDS; its slot is freed."""
+
+    code = "idle_timeout"
+    http_status = 408
+    close_code = 4408
+    default_detail = "No bytes arrived for too long; the slot was freed. Reconnect to resume."
+
+
+class RequestTooLarge(DirectDriveXError):
+    """An HTTP request body is larger than DIRECTDRIVEX_MAX_REQUEST_BYTES."""
+
+    code = "request_too_large"
+    http_status = 413
+    close_code = 4413
+    default_detail = "The request body is larger than the server accepts."
+
+
 class InternalError(DirectDriveXError):
-    """A server fault; the upload stays resumable."""
+    """A server fault; the upload stays resumable.
+
+    Close code 4500, not 1011: Daphne lets an application close only with 1000
+    or 3000-4999 and drops the close (and the error) otherwise.
+    """
 
     code = "internal_error"
     http_status = 500
-    close_code = 1011
+    close_code = 4500
     default_detail = "The server failed; the upload can be resumed."
+
+
+class Unavailable(DirectDriveXError):
+    """The database or the channel layer is unreachable or out of connections; try again later."""
+
+    code = "unavailable"
+    http_status = 503
+    close_code = 4503
+    default_detail = "The server cannot reach its database or channel layer right now; try again shortly."
+
+    # Long enough for a restarting database or a reconnecting pool; short enough to feel live.
+    DEFAULT_RETRY_AFTER = 5
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None):
+        super().__init__(detail, retry_after=self.DEFAULT_RETRY_AFTER if retry_after is None else retry_after)
+
+
+def _outage_types() -> tuple[type[BaseException], ...]:
+    """Low-level errors that mean "a backing service is down or saturated", not "this code is wrong".
+
+    Django wraps psycopg's errors (a PoolTimeout included: it is an
+    OperationalError) in django.db.OperationalError / InterfaceError; SQLite's
+    "database is locked" past its busy timeout is an OperationalError too.
+    channels-redis lets redis-py's connection errors and OSError through.
+    """
+    from django.db import InterfaceError, OperationalError
+
+    types: list[type[BaseException]] = [OperationalError, InterfaceError, ConnectionError]
+    try:
+        import redis.exceptions
+
+        types += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:  # pragma: no cover - redis is only needed with REDIS_URL
+        pass
+    return tuple(types)
+
+
+def refusal_for(error: BaseException) -> DirectDriveXError:
+    """The refusal a client is shown for ``error``: itself if named, 503/4503 for an outage, else 500/4500.
+
+    The single classification used by every entry point (HTTP exception
+    handler, WebSocket consumer), so an outage reads the same everywhere.
+    """
+    if isinstance(error, DirectDriveXError):
+        return error
+    if isinstance(error, _outage_types()):
+        return Unavailable()
+    return InternalError()
