@@ -187,14 +187,15 @@ def test_after_the_row_is_deleted_the_writer_gets_not_uploading(alice, upload, t
     assert not Upload.objects.filter(pk=upload.pk).exists()
 
 
-def test_a_stale_writers_checksum_failure_fails_nothing_and_deletes_no_bytes(alice, upload, t0):
+def test_a_stale_writers_checksum_failure_fails_nothing_deletes_no_bytes_and_says_lease_lost(alice, upload, t0):
     old = writer_admit(alice, upload.pk, "chan-1", now=t0)
     later = t0 + LEASE
     slots_reap(now=later)
     write_part(upload.storage_key, b"x" * 100)
     before = rows(upload)
 
-    assert writer_fail(old, now=later) is False
+    with pytest.raises(LeaseLost):
+        writer_fail(old, now=later)
 
     assert rows(upload) == before
     assert storage.part_path(upload.storage_key).read_bytes() == b"x" * 100
@@ -204,7 +205,7 @@ def test_a_current_writers_checksum_failure_fails_the_upload_and_deletes_its_byt
     grant = writer_admit(alice, upload.pk, "chan-1", now=t0)
     write_part(upload.storage_key, b"x" * 1000)
 
-    assert writer_fail(grant, now=t0) is True
+    writer_fail(grant, now=t0)
 
     upload.refresh_from_db()
     assert upload.status == Upload.Status.FAILED

@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -33,7 +32,6 @@ import pytest
 import websockets
 
 from tests.support.live_server import ROOT, LiveServer, postgres_database
-from uploads.consumers import COMMIT_SECONDS, LEASE_SAFETY_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +39,9 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 BIG_SIZE = 200 * MiB
-# A writer stops writing LEASE_SAFETY_SECONDS before its lease runs out unless
-# a commit (every COMMIT_SECONDS while bytes flow) renews it first: with this
-# lease a healthy writer renews in time, and waiting one lease out fits a test.
-LEASE_SECONDS = LEASE_SAFETY_SECONDS + math.ceil(COMMIT_SECONDS)
+# The shortest lease the configuration accepts: a healthy writer renews it in
+# time (uploads.writer), and waiting one lease out fits a test.
+LEASE_SECONDS = 5
 CLIENT_TIMEOUT = 120
 WS_TIMEOUT = 20
 POLL = 0.002

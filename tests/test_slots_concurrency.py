@@ -51,7 +51,7 @@ RENEW_RATE = 0.1
 # A worker "crashes" on this share of its slots (never releases them), so that
 # admissions keep reclaiming expired leases while everything else runs.
 ABANDON_RATE = 0.02
-LEASE_SECONDS = 2
+LEASE_SECONDS = 5  # the shortest lease the configuration accepts
 # Spawn + django.setup + migrate get this long; past the hammer time plus the
 # grace, a worker is hung (a deadlock, or a lock never released).
 START_TIMEOUT = 120

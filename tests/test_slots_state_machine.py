@@ -260,7 +260,8 @@ class SlotStateMachine(RuleBasedStateMachine):
             upload.status, upload.offset = Upload.Status.COMPLETE, upload.size
         else:
             assert writer_commit(grant, offset, now=self.now) == self.now + LEASE
-            upload.offset, slot.expires = offset, self.now + LEASE
+            # The durable offset never moves back through a commit.
+            upload.offset, slot.expires = max(upload.offset, offset), self.now + LEASE
 
     @precondition(lambda self: self.slots)
     @rule(data=st.data(), stale=st.sampled_from([0, -1, 1]))

@@ -48,6 +48,8 @@ class Upload(models.Model):
     display_name = models.CharField(max_length=255)
     size = models.BigIntegerField(help_text="Declared size in bytes.")
     sha256 = models.CharField(max_length=64, blank=True, help_text="Declared lowercase hex digest, if any.")
+    # Opaque to the server, returned as sent: lets a client tell its own file again before resuming.
+    fingerprint = models.CharField(max_length=256, blank=True, default="", help_text="Client's opaque file tag.")
     offset = models.BigIntegerField(default=0, help_text="Durable resume point: bytes fsynced and committed.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.UPLOADING)
     storage_key = models.CharField(max_length=64, unique=True, default=new_storage_key, editable=False)

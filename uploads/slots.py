@@ -30,6 +30,7 @@ from uploads.exceptions import (
     DownloadSlotsExhausted,
     GlobalSlotsExhausted,
     LeaseLost,
+    NotUploading,
     UploadBusy,
     UserSlotsExhausted,
 )
@@ -285,10 +286,20 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str =
             retry_after = _retry_after([(current.lease_expires_at,)], now)
             raise UploadBusy(retry_after=retry_after, holder_channel=current.holder_channel)
         _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
+        upload.writer_generation += 1  # _revoke bumped it, under the row lock we now hold
         current = None
-    # A new generation fences off every earlier writer of this upload.
-    Upload.objects.filter(pk=upload.pk).update(writer_generation=F("writer_generation") + 1)
-    upload.refresh_from_db(fields=["writer_generation"])
+    # A new generation fences off every earlier writer of this upload. A
+    # compare-and-swap on the status and the generation we read: a cancel,
+    # expiry or delete that committed meanwhile makes it change nothing.
+    granted = Upload.objects.filter(
+        pk=upload.pk, status=Upload.Status.UPLOADING, writer_generation=upload.writer_generation
+    ).update(writer_generation=F("writer_generation") + 1)
+    if granted != 1:
+        status = Upload.objects.filter(pk=upload.pk).values_list("status", flat=True).first()
+        if status != Upload.Status.UPLOADING:
+            raise NotUploading("The upload was deleted." if status is None else f"The upload is {status}.")
+        raise UploadBusy("Another connection was admitted at the same moment.", retry_after=1)
+    upload.writer_generation += 1
     if current is None:
         return slot_admit(Slot.Kind.UPLOAD, upload.owner, upload=upload, holder_channel=holder_channel, now=now)
     claimed = (
@@ -302,3 +313,40 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str =
         raise UploadBusy(retry_after=1)
     current.refresh_from_db()
     return current
+
+
+# Rows deleted per statement: short transactions, so that on SQLite (one writer
+# at a time) admissions never queue behind a long prune.
+PRUNE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class SlotHistoryPruned:
+    """What slots_prune found (and, unless it was a dry run, deleted): released rows older than ``cutoff``."""
+
+    cutoff: datetime
+    count: int
+
+
+def slots_prune(*, dry_run: bool = False, now=None) -> SlotHistoryPruned:
+    """Delete released slot rows whose release is older than DIRECTDRIVEX_SLOT_HISTORY_DAYS.
+
+    Active rows are never touched: the filter is on released_at, and a released
+    row never becomes active again, so no other service changes the rows we
+    delete and no lock is needed. Safe to rerun: a second run finds nothing.
+    """
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.DIRECTDRIVEX_SLOT_HISTORY_DAYS)
+    old = Slot.objects.released().filter(released_at__lt=cutoff)
+    if dry_run:
+        return SlotHistoryPruned(cutoff=cutoff, count=old.count())
+    deleted = 0
+    while True:
+        # Oldest first by primary key: the oldest rows come first in the pk
+        # index, so each batch is found without scanning the recent history.
+        batch = list(old.order_by("pk").values_list("pk", flat=True)[:PRUNE_BATCH])
+        if not batch:
+            break
+        deleted += Slot.objects.released().filter(pk__in=batch, released_at__lt=cutoff).delete()[0]
+    log.info("slot history pruned rows=%s cutoff=%s", deleted, cutoff.isoformat())
+    return SlotHistoryPruned(cutoff=cutoff, count=deleted)

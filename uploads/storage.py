@@ -28,6 +28,10 @@ class PartFileLocked(Exception):
     """Another open PartFile (in any process) holds the part file's lock."""
 
 
+class PartFileInterrupted(Exception):
+    """Reading a long prefix was stopped because its connection is ending."""
+
+
 class PartFileShort(Exception):
     """The part file holds fewer bytes than the durable offset (lost by the disk or by hand)."""
 
@@ -73,11 +77,17 @@ def delete(key: str) -> bool:
     return removed
 
 
-def finished_digest(key: str, size: int) -> str | None:
+def _check(interrupt) -> None:
+    if interrupt is not None and interrupt.is_set():
+        raise PartFileInterrupted()
+
+
+def finished_digest(key: str, size: int, interrupt=None) -> str | None:
     """sha256 of a finished file of exactly ``size`` bytes, or None if there is none.
 
-    Finds uploads whose finalization crashed after the atomic rename but before
-    the database said complete.
+    Finds uploads whose finalization stopped after the atomic rename but before
+    the database said complete. ``interrupt`` (a threading.Event) stops the
+    read between blocks (PartFileInterrupted).
     """
     path = final_path(key)
     try:
@@ -88,6 +98,7 @@ def finished_digest(key: str, size: int) -> str | None:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(READ_BLOCK):
+            _check(interrupt)
             digest.update(block)
     return digest.hexdigest()
 
@@ -101,7 +112,7 @@ class PartFile:
     methods block on disk: async callers run them in a thread.
     """
 
-    def __init__(self, key: str, offset: int):
+    def __init__(self, key: str, offset: int, interrupt=None):
         ensure_layout()
         self.key = key
         self.path = part_path(key)
@@ -120,16 +131,21 @@ class PartFile:
             # Bytes past the durable offset were never committed: drop them.
             os.ftruncate(self.fd, offset)
             self.offset = offset
-            self.digest = self._hash_prefix()
+            self.digest = self._hash_prefix(interrupt)
         except BaseException:
             self.close()
             raise
 
-    def _hash_prefix(self):
-        """sha256 over the bytes already on disk: read once after a resume, never on the hot path."""
+    def _hash_prefix(self, interrupt):
+        """sha256 over the bytes already on disk: read once after a resume, never on the hot path.
+
+        ``interrupt`` (a threading.Event) stops it between blocks: a client that
+        goes away during a long re-hash must not keep the file (and its lock).
+        """
         digest = hashlib.sha256()
         position = 0
         while position < self.offset:
+            _check(interrupt)
             block = os.pread(self.fd, min(READ_BLOCK, self.offset - position), position)
             if not block:
                 raise PartFileShort(self.path, position, self.offset)

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
-from django.db.models import F, Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from uploads import storage
@@ -39,9 +39,12 @@ def upload_expires_at(upload: Upload):
     return upload.last_activity_at + timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS)
 
 
-def upload_create(user, *, filename: str, size: int, sha256: str = "", now=None) -> tuple[Upload, Slot]:
+def upload_create(
+    user, *, filename: str, size: int, sha256: str = "", fingerprint: str = "", now=None
+) -> tuple[Upload, Slot]:
     """Register an upload and hold an upload slot for it, or raise the named refusal.
 
+    ``fingerprint`` is the client's opaque tag for its file, stored as given.
     Nothing is kept when a refusal is raised: the row and the slot are one transaction.
     """
     now = now or timezone.now()
@@ -64,6 +67,7 @@ def upload_create(user, *, filename: str, size: int, sha256: str = "", now=None)
             display_name=display_name(filename),
             size=size,
             sha256=sha256,
+            fingerprint=fingerprint,
             created_at=now,
             last_activity_at=now,
         )
@@ -84,10 +88,19 @@ def upload_for(user, upload_id) -> Upload:
     return upload
 
 
-def uploads_of(user, status: str | None = None):
-    uploads = Upload.objects.filter(owner=user).order_by("-created_at")
+def uploads_of(user, status: str | None = None, *, after: tuple[datetime, uuid.UUID] | None = None):
+    """The user's uploads, newest first, optionally of one status and only those after the position ``after``.
+
+    The order is total, (created_at, id) descending, so that a position is a
+    keyset cursor: an upload created meanwhile is newer than any position, so
+    the pages after it neither skip nor repeat anything.
+    """
+    uploads = Upload.objects.filter(owner=user).order_by("-created_at", "-id")
     if status:
         uploads = uploads.filter(status=status)
+    if after is not None:
+        created_at, upload_id = after
+        uploads = uploads.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, id__lt=upload_id))
     return uploads
 
 
@@ -134,10 +147,15 @@ def uploads_expire(*, dry_run: bool = False, now=None) -> list[Upload]:
 
 
 def upload_delete(user, upload_id, *, now=None) -> None:
-    """DELETE /api/uploads/<id>/: cancel an unfinished upload, delete anything else."""
+    """DELETE /api/uploads/<id>/: cancel an unfinished upload, delete anything else. Afterwards the bytes are gone.
+
+    An upload that completes while we cancel it is then deleted as a finished
+    one: a 204 always means no bytes are left.
+    """
     upload = upload_for(user, upload_id)
-    if upload.status == Upload.Status.UPLOADING:
-        upload_end(upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED, now=now)
+    if upload.status == Upload.Status.UPLOADING and upload_end(
+        upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED, now=now
+    ):
         return
     with transaction.atomic():
         slots_revoke_for_upload(upload, Slot.ReleaseReason.CANCELLED, NotUploading("The file was deleted."), now=now)
@@ -162,10 +180,14 @@ class WriterGrant:
 
 
 def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "", now=None) -> WriterGrant:
-    """Admit a WebSocket connection as the upload's single writer, or raise the named refusal.
+    """Admit a connection as the upload's single writer, or raise the named refusal.
 
-    ``dead_holder``: the channel of a previous writer that did not answer a ping;
+    ``dead_holder``: the channel of a previous writer found dead by the caller;
     its slot is taken over at once instead of waiting for its lease to run out.
+    The grant is a compare-and-swap on ``status = uploading`` and the
+    generation read here, so it can never succeed on an upload that a cancel,
+    expiry or delete ended meanwhile. The upload's idle clock is not touched:
+    only bytes that land count as activity.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -173,7 +195,6 @@ def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "",
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
         slot = slot_claim_writer(upload, holder_channel, dead_holder=dead_holder, now=now)
-        Upload.objects.filter(pk=upload.pk).update(last_activity_at=now)
     log.info("writer admitted upload=%s user=%s slot=%s gen=%s", upload.pk, user.pk, slot.pk, slot.generation)
     return WriterGrant(
         upload_id=upload.pk,
@@ -204,8 +225,10 @@ def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
     """Record ``offset`` (already fsynced by the caller) as durable and renew the lease.
 
     Compare-and-swap on the fencing generation: a writer whose slot was reaped,
-    reset or cancelled changes nothing and gets LeaseLost / NotUploading.
-    Returns the new lease expiry.
+    reset or cancelled changes nothing and gets LeaseLost / NotUploading. The
+    upload's ``last_activity_at`` moves only when the offset does (bytes
+    landed), so a silent connection's heartbeat never keeps an upload from
+    expiring. Returns the new lease expiry.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -214,9 +237,17 @@ def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
             expires = slot_renew(grant.slot_id, grant.generation, now=now)
         except LeaseLost:
             raise _why_fenced(grant) from None
-        if _fenced_upload(grant).update(offset=offset, last_activity_at=now) != 1:
+        # The durable offset only moves forward here (writer_rewind is the one way back).
+        advanced = _fenced_upload(grant).filter(offset__lt=offset).update(offset=offset, last_activity_at=now)
+        if advanced != 1 and not _fenced_upload(grant).exists():
             raise _why_fenced(grant)
     return expires
+
+
+def writer_check(grant: WriterGrant) -> None:
+    """Raise NotUploading / LeaseLost unless ``grant`` is still the upload's current writer."""
+    if not _fenced_upload(grant).exists():
+        raise _why_fenced(grant)
 
 
 def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
@@ -247,19 +278,23 @@ def writer_complete(grant: WriterGrant, *, now=None) -> None:
     log.info("upload complete upload=%s user=%s size=%s", grant.upload_id, grant.user_id, grant.size)
 
 
-def writer_fail(grant: WriterGrant, *, now=None) -> bool:
-    """The bytes did not match the declared sha256: the upload becomes failed and its slot is freed."""
+def writer_fail(grant: WriterGrant, *, now=None) -> None:
+    """The bytes did not match the declared sha256: the upload becomes failed and its slot is freed.
+
+    A writer fenced off meanwhile fails nothing and deletes nothing (the bytes
+    belong to whoever holds the upload now): it gets LeaseLost / NotUploading,
+    so its client hears why it really stopped.
+    """
     now = now or timezone.now()
     with transaction.atomic():
-        slot_release(grant.slot_id, Slot.ReleaseReason.FAILED, generation=grant.generation, now=now)
         failed = _fenced_upload(grant).update(status=Upload.Status.FAILED, last_activity_at=now) == 1
+        if failed:
+            slot_release(grant.slot_id, Slot.ReleaseReason.FAILED, generation=grant.generation, now=now)
     if not failed:
-        # Fenced off: the bytes now belong to whoever holds the upload; a stale writer deletes nothing.
         log.warning("stale writer's checksum failure ignored upload=%s user=%s", grant.upload_id, grant.user_id)
-        return False
+        raise _why_fenced(grant)
     storage.delete(grant.storage_key)
     log.warning("upload failed checksum upload=%s user=%s", grant.upload_id, grant.user_id)
-    return True
 
 
 def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:

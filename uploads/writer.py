@@ -1,0 +1,469 @@
+"""One connection's hold on an upload's bytes, whatever the transport brings them.
+
+An ``UploadWriter`` owns, for the life of one connection: the writer grant
+(slot + fencing generation), the part file and its flock, the running sha256,
+the local lease deadline, durable commits, the fenced finalization and the
+release. A transport (the WebSocket consumer today, an HTTP PATCH handler
+later) feeds it bytes with :meth:`feed`, asks it to stop with :meth:`stop`,
+and awaits :meth:`run`, the one sequential task that writes a batch, commits
+when due and finalizes when the last byte lands. Nothing here waits for a
+second task, so no wait cycle can form; every exit path goes through
+:meth:`close`, which has a deadline and always lets go of the file.
+
+Durability (spec, "WebSocket upload protocol" 4): offsets are committed
+(fsync, then one fenced UPDATE that renews the lease) every COMMIT_BYTES or
+COMMIT_SECONDS. Commits run in line with writing, so while a slow commit
+runs nothing more is written or acknowledged: acks never lead the durable
+offset by more than COMMIT_BYTES plus one batch, and when the disk is so slow
+that a commit takes longer than COMMIT_SECONDS, acks are held back to the
+durable offset itself.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+
+from uploads import storage
+from uploads.exceptions import (
+    ChecksumMismatch,
+    IdleTimeout,
+    LeaseLost,
+    NotUploading,
+    Unavailable,
+    UploadBusy,
+)
+from uploads.models import Slot
+from uploads.transfers import (
+    WriterGrant,
+    writer_admit,
+    writer_check,
+    writer_commit,
+    writer_complete,
+    writer_fail,
+    writer_release,
+    writer_rewind,
+)
+
+log = logging.getLogger(__name__)
+
+# Durable-offset commits: the spec bounds durability at 64 MiB or 5 s behind an ack.
+COMMIT_BYTES = 32 * 1024 * 1024
+COMMIT_SECONDS = 2.5
+DURABILITY_SECONDS = 5.0
+# One database call may take this long before the connection is refused with
+# 4503 (a stalled database would otherwise hang the writer forever).
+DB_CALL_SECONDS = 10.0
+# Everything a closing writer still does (final commit, release) fits in this;
+# below Daphne's 10 s application_close_timeout after a disconnect.
+CLOSE_SECONDS = 8.0
+
+
+def lease_safety_seconds(lease_seconds: float) -> float:
+    """How long before the lease we last renewed runs out the writer stops writing.
+
+    A fifth of the lease: the margin covers a commit in flight and clock
+    differences between processes, and still leaves a 5 s lease 4 s of
+    writing between renewals (every COMMIT_SECONDS or a quarter lease).
+    """
+    return lease_seconds / 5
+
+
+def renew_interval(lease_seconds: float) -> float:
+    """How often an idle writer renews its lease: well inside the local deadline."""
+    return min(COMMIT_SECONDS, lease_seconds / 4)
+
+
+# Writer database calls run here, not in Channels' single shared database
+# thread: a call stuck on a stalled database then holds one thread of its
+# own instead of every writer of the process.
+_db_executor: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _db_executor
+    if _db_executor is None:
+        _db_executor = ThreadPoolExecutor(
+            max_workers=max(2, settings.DIRECTDRIVEX_DB_POOL_SIZE), thread_name_prefix="ddx-writer-db"
+        )
+    return _db_executor
+
+
+async def db_call(function, *args, timeout: float = DB_CALL_SECONDS, **kwargs):
+    """Run a service function in a database thread; a call that takes longer than ``timeout`` is Unavailable."""
+    call = database_sync_to_async(function, thread_sensitive=False, executor=_executor())
+    try:
+        return await asyncio.wait_for(call(*args, **kwargs), timeout)
+    except TimeoutError:
+        raise Unavailable("The database did not answer in time.") from None
+
+
+class ClientGone(Exception):
+    """The transport's client went away: write what was received, make it durable, let go."""
+
+
+class LocalLeaseExpired(Exception):
+    """The writer thread refused to write: our lease may have been reclaimed meanwhile."""
+
+
+@dataclass(frozen=True)
+class Completed:
+    """What a finished upload reports to its client."""
+
+    upload_id: str
+    size: int
+    sha256: str
+
+
+AckCallback = Callable[[int], Awaitable[None]]
+
+
+class UploadWriter:
+    """See the module docstring. Not thread-safe: one event loop drives it."""
+
+    def __init__(self, user, upload_id: str, holder_channel: str):
+        self.user = user
+        self.upload_id = upload_id
+        self.holder_channel = holder_channel
+        self.grant: WriterGrant | None = None
+        self.part: storage.PartFile | None = None
+        self.pending: deque[memoryview | bytes] = deque()
+        self.received = self.written = self.durable = self.acked = 0
+        self.lease_seconds = settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS
+        self.idle_seconds = settings.DIRECTDRIVEX_IDLE_SECONDS
+        self.batch_bytes = max(1, settings.DIRECTDRIVEX_WINDOW // 4)
+        self._stop: Exception | None = None
+        self._keep_pending = True
+        # Set by stop(): the re-hash of a resumed prefix checks it between blocks.
+        self._interrupt = threading.Event()
+        self._wake = asyncio.Event()
+        self._inflight: asyncio.Future | None = None  # the one disk operation running in a thread
+        self._fenced = False  # someone else owns the upload now: never commit or release again
+        self._released = False
+        self._closed = False
+        self._ready = False
+        self._finished_digest: str | None = None
+        self._last_commit_seconds = 0.0
+        self._first_unsynced_at: float | None = None
+        self._lease_deadline = 0.0
+        self._last_byte_at = 0.0
+
+    # --- what the transport calls ---------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def closing(self) -> bool:
+        return self._stop is not None or self._closed
+
+    @property
+    def size(self) -> int:
+        return self.grant.size if self.grant else 0
+
+    def feed(self, data: bytes) -> None:
+        """Queue the next bytes of the file (the transport has checked window and size)."""
+        self.pending.append(data)
+        self.received += len(data)
+        self._wake.set()
+
+    def stop(self, refusal: Exception, *, keep_pending: bool) -> None:
+        """Ask run() to end with ``refusal``: after writing what was received (keep_pending) or at once.
+
+        The first request wins, except that an "at once" request (the upload was
+        revoked) overrides a gentler one.
+        """
+        if self._stop is None:
+            self._stop, self._keep_pending = refusal, keep_pending
+        elif not keep_pending and self._keep_pending:
+            self._stop, self._keep_pending = refusal, False
+        if not self._keep_pending:
+            self.pending.clear()
+            self._fenced = self._fenced or isinstance(refusal, LeaseLost | NotUploading)
+        self._interrupt.set()
+        self._wake.set()
+
+    async def open(self, *, holder_alive: Callable[[str], Awaitable[bool]]) -> int:
+        """Admit this connection as the upload's writer and open its part file; returns the resume offset.
+
+        ``holder_alive(channel)`` says whether the writer that holds the upload
+        now is alive; a dead one is taken over at once instead of after its lease.
+        """
+        try:
+            grant = await db_call(writer_admit, self.user, self.upload_id, self.holder_channel)
+        except UploadBusy as busy:
+            if not busy.holder_channel or await holder_alive(busy.holder_channel):
+                raise
+            log.warning("taking over from unresponsive holder=%s upload=%s", busy.holder_channel, self.upload_id)
+            grant = await db_call(
+                writer_admit, self.user, self.upload_id, self.holder_channel, dead_holder=busy.holder_channel
+            )
+        self.grant = grant
+        self._renewed(time.monotonic())
+        self._raise_if_stopped()
+        finished = await self._in_thread(storage.finished_digest, grant.storage_key, grant.size, self._interrupt)
+        if finished is not None:
+            # A writer was stopped between the atomic rename and the database
+            # update (crash, reset): the verified file is in place; finish that.
+            self.part = None
+            self.received = self.written = self.durable = self.acked = grant.size
+            self._finished_digest = finished
+        else:
+            await self._open_part()
+        self._raise_if_stopped()
+        self._ready = True
+        self._last_byte_at = time.monotonic()
+        return self.written
+
+    async def run(self, send_ack: AckCallback) -> Completed:
+        """Write, acknowledge, commit and finalize, in one sequence, until done or stopped."""
+        while True:
+            if self._stop is not None and not self._keep_pending:
+                raise self._stop
+            if self.written == self.size and not self.pending:
+                return await self._finalize()
+            if self._stop is not None and not self.pending:
+                raise self._stop
+            if self.pending:
+                await self._write(self._take_batch())
+                self._last_byte_at = time.monotonic()
+                if self._commit_due():
+                    await self._commit()
+                await self._ack(send_ack)
+                continue
+            # Caught up with everything that arrived: say where we stand at once.
+            if self._acks_held() and self.written > self.durable:
+                await self._commit()
+            await self._ack(send_ack)
+            await self._wait_for_bytes_or_timer()
+
+    async def close(self, reason: str) -> None:
+        """Make what was written durable if we still may, free the slot, let go of the file. Idempotent.
+
+        Bounded by CLOSE_SECONDS; the file is let go even if the database is down.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._interrupt.set()
+        try:
+            await asyncio.wait_for(self._settle(reason), CLOSE_SECONDS)
+        except TimeoutError:
+            log.error("writer close timed out upload=%s; the slot expires with its lease", self.upload_id)
+        except Exception:
+            log.exception("writer close failed upload=%s; the slot expires with its lease", self.upload_id)
+        finally:
+            self._let_go_of_file()
+
+    # --- opening ----------------------------------------------------------------
+
+    async def _open_part(self):
+        grant = self.grant
+        try:
+            self.part = await self._in_thread(storage.PartFile, grant.storage_key, grant.offset, self._interrupt)
+        except storage.PartFileLocked:
+            # A frozen or dying writer still holds the file: it must not share it.
+            raise UploadBusy("Another process still holds this upload's file.", retry_after=2) from None
+        except storage.PartFileShort as short:
+            # Bytes promised durable are gone (disk loss, manual deletion): resume from what is there.
+            self.grant = grant = await db_call(writer_rewind, grant, short.on_disk)
+            self.part = await self._in_thread(storage.PartFile, grant.storage_key, grant.offset, self._interrupt)
+        except storage.PartFileInterrupted:
+            self._raise_if_stopped()
+            raise
+        # A DELETE may have ended the upload between our admission and the
+        # open, which re-created the part file: make sure we still own it.
+        try:
+            await db_call(writer_check, grant)
+        except NotUploading:
+            self._let_go_of_file()
+            await asyncio.to_thread(storage.delete, grant.storage_key)
+            raise
+        self.received = self.written = self.durable = self.acked = grant.offset
+
+    def _raise_if_stopped(self):
+        if self._stop is not None:
+            raise self._stop
+
+    # --- the sequence -------------------------------------------------------------
+
+    def _take_batch(self) -> list:
+        # Bounded, so acks go out while the rest of the window is still arriving.
+        batch, size = [], 0
+        while self.pending and size < self.batch_bytes:
+            frame = self.pending.popleft()
+            batch.append(frame)
+            size += len(frame)
+        return batch
+
+    async def _write(self, batch):
+        try:
+            self.written = await self._in_thread(self._append_guarded, batch)
+        except LocalLeaseExpired:
+            await self._commit()  # renews the lease, or raises LeaseLost if it was reclaimed
+            self.written = await self._in_thread(self._append_guarded, batch)
+        if self._first_unsynced_at is None:
+            self._first_unsynced_at = time.monotonic()
+
+    def _append_guarded(self, batch) -> int:
+        # Checked in the writer thread, right before the write: a process that
+        # wakes from a freeze past its lease writes nothing until it re-checks.
+        if time.monotonic() >= self._lease_deadline:
+            raise LocalLeaseExpired()
+        return self.part.append(batch)
+
+    def _commit_due(self) -> bool:
+        if self.written - self.durable >= COMMIT_BYTES:
+            return True
+        if self._first_unsynced_at is not None and time.monotonic() - self._first_unsynced_at >= self._commit_after():
+            return True
+        return time.monotonic() >= self._lease_deadline - renew_interval(self.lease_seconds)
+
+    def _commit_after(self) -> float:
+        # Leave room for the commit itself inside the 5 s bound: a disk whose
+        # last commit took 2 s gets committed to after 1 s of writing.
+        return max(0.0, min(COMMIT_SECONDS, DURABILITY_SECONDS - 1.5 * self._last_commit_seconds))
+
+    def _acks_held(self) -> bool:
+        """A commit slower than COMMIT_SECONDS: only durable bytes are acknowledged until the disk recovers."""
+        return self._last_commit_seconds > COMMIT_SECONDS
+
+    async def _ack(self, send_ack: AckCallback):
+        offset = self.durable if self._acks_held() else self.written
+        if offset > self.acked and self._stop is None:
+            self.acked = offset
+            await send_ack(offset)
+
+    async def _commit(self):
+        """fsync, then one fenced UPDATE of offset + lease (never inside a transaction with the fsync)."""
+        started = time.monotonic()
+        offset = self.written
+        if offset > self.durable:
+            await self._in_thread(self.part.sync)
+        try:
+            await db_call(writer_commit, self.grant, offset)
+        except (LeaseLost, NotUploading):
+            self._fenced = True
+            raise
+        self.durable = offset
+        self._first_unsynced_at = None
+        self._last_commit_seconds = time.monotonic() - started
+        self._renewed(started)
+
+    def _renewed(self, at: float):
+        self._lease_deadline = at + self.lease_seconds - lease_safety_seconds(self.lease_seconds)
+
+    async def _wait_for_bytes_or_timer(self):
+        now = time.monotonic()
+        idle_at = self._last_byte_at + self.idle_seconds
+        if now >= idle_at:
+            raise IdleTimeout(f"No bytes arrived for {self.idle_seconds} s; the slot was freed. Reconnect to resume.")
+        wake_at = min(idle_at, now + renew_interval(self.lease_seconds))
+        if self._first_unsynced_at is not None:
+            wake_at = min(wake_at, self._first_unsynced_at + self._commit_after())
+        self._wake.clear()
+        if self.pending or self._stop is not None:
+            return
+        try:
+            await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - now))
+        except TimeoutError:
+            if time.monotonic() < idle_at:
+                await self._commit()  # makes the tail durable, or just renews the lease
+
+    async def _finalize(self) -> Completed:
+        """Verify, record offset = size (fenced, renewing the lease), rename, mark complete: in that order.
+
+        Losing the lease at any step leaves the bytes for the next writer: after
+        the rename it finds a verified, visible file and completes it. Only an
+        ended upload (cancel, expire, delete) takes the bytes away.
+        """
+        grant = self.grant
+        if self.part is None:
+            digest = self._finished_digest
+        else:
+            digest = self.part.hexdigest()
+            if grant.sha256 and digest != grant.sha256:
+                await db_call(writer_fail, grant)  # raises LeaseLost / NotUploading if we were fenced
+                raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
+            await self._commit()
+            try:
+                await self._in_thread(self.part.finalize)
+            except FileNotFoundError:
+                await db_call(writer_check, grant)  # the part file vanished: a DELETE got there first
+                raise
+        try:
+            await db_call(writer_complete, grant)
+        except NotUploading:
+            # Cancelled, expired or deleted while we finalized: the file must not outlive its row.
+            await asyncio.to_thread(storage.delete, grant.storage_key)
+            raise
+        except LeaseLost:
+            self._fenced = True
+            raise
+        self._released = True  # writer_complete released the slot
+        return Completed(str(grant.upload_id), grant.size, digest)
+
+    # --- cleanup -------------------------------------------------------------------
+
+    async def _settle(self, reason: str):
+        await self._wait_inflight()
+        grant = self.grant
+        if grant is None or self._fenced:
+            return
+        if self.part is not None and self.written > self.durable:
+            try:
+                await self._in_thread(self.part.sync)
+                await db_call(writer_commit, grant, self.written, timeout=CLOSE_SECONDS / 2)
+                self.durable = self.written
+            except (LeaseLost, NotUploading):
+                return  # someone else owns the upload now; our bytes past durable are theirs to drop
+        if not self._released:
+            await db_call(writer_release, grant, reason, timeout=CLOSE_SECONDS / 2)
+            self._released = True
+
+    async def _in_thread(self, function, *args):
+        """Run one disk operation in a thread; the part file is never closed under it."""
+        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+        self._inflight = future
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The thread runs on; a PartFile it opens after we gave up must still be closed.
+            future.add_done_callback(_close_orphan)
+            raise
+
+    async def _wait_inflight(self):
+        if self._inflight is not None and not self._inflight.done():
+            await asyncio.wait({self._inflight})
+
+    def _let_go_of_file(self):
+        part, self.part = self.part, None
+        if part is None:
+            return
+        if self._inflight is not None and not self._inflight.done():
+            # A thread still writes or fsyncs through this fd: closing it now could
+            # let the number be reused under the thread's pwrite. Close when it ends.
+            self._inflight.add_done_callback(lambda _future: part.close())
+        else:
+            part.close()
+
+
+def _close_orphan(future: asyncio.Future):
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+    if isinstance(result, storage.PartFile):
+        result.close()
+
+
+# Release reasons the transport passes to close(), re-exported so transports need not import models.
+Reason = Slot.ReleaseReason
