@@ -20,11 +20,60 @@ GiB = 1024**3
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 STORAGE_KEY = re.compile(r"[0-9a-f]{32}")
 CREATED_FIELDS = {"id", "filename", "size", "offset", "status", "chunk_size", "window", "ws_url", "expires_at"}
-DETAIL_FIELDS = {"id", "filename", "size", "offset", "status", "sha256", "created_at", "completed_at", "ws_url"}
+DETAIL_FIELDS = {
+    "id",
+    "filename",
+    "size",
+    "offset",
+    "status",
+    "sha256",
+    "fingerprint",
+    "created_at",
+    "completed_at",
+    "expires_at",
+    "ws_url",
+}
+NEXT_LINK = re.compile(r'<([^>]+)>; rel="next"')
 
 
 def detail_url(upload_id) -> str:
     return f"/api/uploads/{upload_id}/"
+
+
+def next_url(response) -> str | None:
+    """The next page's URL from the Link header, or None on the last page."""
+    if "Link" not in response:
+        return None
+    return NEXT_LINK.fullmatch(response["Link"]).group(1)
+
+
+def pages(client, url: str) -> list[list[str]]:
+    """The ids on every page of a listing, following Link from ``url`` to the last page."""
+    ids = []
+    while url is not None:
+        response = client.get(url)
+        assert response.status_code == 200, response.content
+        ids.append([item["id"] for item in response.json()])
+        url = next_url(response)
+    return ids
+
+
+def stored_uploads(user, count: int, *, at=None) -> list[Upload]:
+    """``count`` rows of ``user``'s, one second apart (or all at ``at``), oldest first.
+
+    Rows only, no slots: for listing tests that need more uploads than a user may hold slots.
+    """
+    t0 = timezone.now() - timedelta(hours=1)
+    return Upload.objects.bulk_create(
+        Upload(
+            owner=user,
+            original_filename=f"{n}.bin",
+            display_name=f"{n}.bin",
+            size=1,
+            created_at=at or t0 + timedelta(seconds=n),
+        )
+        for n in range(count)
+    )
 
 
 def post(client, **body):
@@ -117,6 +166,24 @@ def test_sha256_may_be_left_out_or_blank(alice_client):
     assert post(alice_client, filename="b.bin", size=1, sha256="").json()["sha256"] == ""
 
 
+def test_a_fingerprint_is_stored_and_returned_exactly_as_sent_by_post_detail_and_list(alice_client):
+    # The longest accepted, with the whitespace and non-ASCII an opaque value may hold.
+    fingerprint = (" holiday.mov\t3624892618 ü " + "x" * 256)[:256]
+
+    body = post(alice_client, filename="holiday.mov", size=1, fingerprint=fingerprint).json()
+
+    assert body["fingerprint"] == fingerprint
+    assert Upload.objects.get().fingerprint == fingerprint
+    assert alice_client.get(detail_url(body["id"])).json()["fingerprint"] == fingerprint
+    assert [item["fingerprint"] for item in alice_client.get(LIST).json()] == [fingerprint]
+
+
+def test_a_fingerprint_may_be_left_out_or_blank(alice_client):
+    assert post(alice_client, filename="a.bin", size=1).json()["fingerprint"] == ""
+    assert post(alice_client, filename="b.bin", size=1, fingerprint="").json()["fingerprint"] == ""
+    assert list(Upload.objects.values_list("fingerprint", flat=True)) == ["", ""]
+
+
 def test_the_largest_accepted_size_is_the_maximum(alice_client, settings):
     response = post(alice_client, filename="a.bin", size=settings.DIRECTDRIVEX_MAX_FILE_SIZE)
 
@@ -134,6 +201,7 @@ def test_the_largest_accepted_size_is_the_maximum(alice_client, settings):
         pytest.param({"filename": "", "size": 10}, id="empty-filename"),
         pytest.param({"filename": None, "size": 10}, id="null-filename"),
         pytest.param({"filename": ["a"], "size": 10}, id="list-filename"),
+        pytest.param({"filename": 7, "size": 10}, id="number-filename"),
         pytest.param({"filename": "a" * 16385, "size": 10}, id="filename-over-16k"),
         pytest.param({"filename": "a.bin"}, id="no-size"),
         pytest.param({"filename": "a.bin", "size": 0}, id="size-0"),
@@ -150,6 +218,14 @@ def test_the_largest_accepted_size_is_the_maximum(alice_client, settings):
         pytest.param({"filename": "a.bin", "size": 10, "sha256": "g" * 64}, id="sha256-not-hex"),
         pytest.param({"filename": "a.bin", "size": 10, "sha256": f" {SHA[1:]}"}, id="sha256-space"),
         pytest.param({"filename": "a.bin", "size": 10, "sha256": None}, id="sha256-null"),
+        pytest.param({"filename": "a.bin", "size": 10, "sha256": f" {SHA} "}, id="sha256-padded"),
+        pytest.param({"filename": "a.bin", "size": 10, "sha256": f"{SHA}\n"}, id="sha256-trailing-newline"),
+        pytest.param({"filename": "a.bin", "size": 10, "sha256": 1}, id="sha256-number"),
+        pytest.param({"filename": "a.bin", "size": 10, "fingerprint": "f" * 257}, id="fingerprint-257-chars"),
+        pytest.param({"filename": "a.bin", "size": 10, "fingerprint": 5}, id="fingerprint-number"),
+        pytest.param({"filename": "a.bin", "size": 10, "fingerprint": None}, id="fingerprint-null"),
+        pytest.param({"filename": "a.bin", "size": 10, "fingerprint": ["f"]}, id="fingerprint-list"),
+        pytest.param({"filename": "a.bin", "size": 10, "fingerprint": "a\x00b"}, id="fingerprint-nul"),
     ],
 )
 def test_invalid_fields_are_refused_with_400_invalid_and_nothing_is_stored(alice_client, body):
@@ -369,6 +445,8 @@ def test_list_shows_only_the_callers_uploads_newest_first(alice, bob, alice_clie
     response = alice_client.get(LIST)
 
     assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    assert "Link" not in response
     assert [item["id"] for item in response.json()] == [str(third.pk), str(second.pk), str(first.pk)]
 
 
@@ -401,11 +479,119 @@ def test_list_gives_ws_url_only_to_uploads_still_uploading(alice, alice_client):
     assert by_status["complete"]["ws_url"] is None
 
 
-@pytest.mark.parametrize("status", ["bogus", "UPLOADING", "done"])
-def test_list_with_an_unknown_status_is_refused_with_400(alice_client, status):
+@pytest.mark.parametrize("status", ["bogus", "UPLOADING", "done", "", " uploading"])
+def test_list_with_an_unknown_or_empty_status_is_refused_with_400(alice_client, status):
     body = assert_refused(alice_client.get(LIST, {"status": status}), 400, "invalid")
 
     assert set(body["errors"]) == {"status"}
+
+
+def test_list_gives_at_most_limit_uploads_and_links_the_next_page(alice, alice_client):
+    uploads = stored_uploads(alice, 5)
+
+    response = alice_client.get(LIST, {"limit": 2})
+
+    assert [item["id"] for item in response.json()] == [str(uploads[4].pk), str(uploads[3].pk)]
+    link = next_url(response)
+    assert link.startswith("http://testserver/api/uploads/?")
+    assert "limit=2" in link
+    newest_first = [str(upload.pk) for upload in reversed(uploads)]
+    assert pages(alice_client, link) == [newest_first[2:4], newest_first[4:]]
+
+
+def test_list_has_no_next_link_when_the_page_holds_the_last_upload(alice, alice_client):
+    stored_uploads(alice, 3)
+
+    response = alice_client.get(LIST, {"limit": 3})
+
+    assert len(response.json()) == 3
+    assert "Link" not in response
+
+
+def test_list_gives_100_uploads_by_default_and_up_to_1000_when_asked(alice, alice_client):
+    stored_uploads(alice, 1001)
+
+    first = alice_client.get(LIST)
+    most = alice_client.get(LIST, {"limit": 1000})
+
+    assert len(first.json()) == 100
+    assert next_url(first) is not None
+    assert len(most.json()) == 1000
+    assert [len(page) for page in pages(alice_client, next_url(most))] == [1]
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001", "", "abc", "1.0", " 5", "+5", "1e3", "9" * 30])
+def test_list_with_a_bad_limit_is_refused_with_400(alice_client, limit):
+    body = assert_refused(alice_client.get(LIST, {"limit": limit}), 400, "invalid")
+
+    assert set(body["errors"]) == {"limit"}
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "abc",
+        f"1-{'g' * 32}",
+        f"1-{'A' * 32}",
+        f"{'1' * 18}-{'a' * 32}",
+        f"1-{'a' * 31}",
+        f"-{'a' * 32}",
+        f"1-{'a' * 32}\n",
+    ],
+)
+def test_list_with_a_cursor_not_made_by_the_server_is_refused_with_400(alice_client, cursor):
+    body = assert_refused(alice_client.get(LIST, {"cursor": cursor}), 400, "invalid")
+
+    assert set(body["errors"]) == {"cursor"}
+
+
+def test_pages_neither_skip_nor_repeat_when_uploads_arrive_between_them(alice, alice_client, limits):
+    limits(user_upload_slots=10)
+    t0 = timezone.now() - timedelta(minutes=1)
+    old = [upload_create(alice, filename=f"{n}.bin", size=1, now=t0 + timedelta(seconds=n))[0] for n in range(4)]
+    first = alice_client.get(LIST, {"limit": 2})
+    new = [post(alice_client, filename=f"new{n}.bin", size=1).json()["id"] for n in range(2)]
+
+    rest = pages(alice_client, next_url(first))
+
+    assert [item["id"] for item in first.json()] == [str(old[3].pk), str(old[2].pk)]
+    assert rest == [[str(old[1].pk), str(old[0].pk)]]
+    assert [item["id"] for item in alice_client.get(LIST, {"limit": 2}).json()] == new[::-1]
+
+
+def test_uploads_created_at_the_same_instant_are_paged_by_id_without_loss(alice, alice_client):
+    uploads = stored_uploads(alice, 3, at=timezone.now() - timedelta(minutes=1))
+
+    listed = pages(alice_client, f"{LIST}?limit=1")
+
+    assert listed == [[str(pk)] for pk in sorted((upload.pk for upload in uploads), reverse=True)]
+
+
+def test_the_next_link_keeps_the_status_filter(alice, alice_client):
+    t0 = timezone.now() - timedelta(minutes=1)
+    kept = []
+    for n in range(4):
+        upload, _ = upload_create(alice, filename=f"{n}.bin", size=1, now=t0 + timedelta(seconds=n))
+        if n % 2:
+            upload_end(upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED)
+        else:
+            kept.append(str(upload.pk))
+
+    listed = pages(alice_client, f"{LIST}?status=uploading&limit=1")
+
+    assert listed == [[kept[1]], [kept[0]]]
+
+
+def test_a_cursor_from_someone_elses_listing_shows_only_the_callers_uploads(alice, bob, alice_client, bob_client):
+    alices = stored_uploads(alice, 2)
+    stored_uploads(bob, 3)
+    bobs_link = next_url(bob_client.get(LIST, {"limit": 1}))
+
+    # A cursor is only a position in the order: it carries no one's rows.
+    listed = pages(alice_client, bobs_link)
+
+    assert listed == [[str(alices[1].pk)], [str(alices[0].pk)]]
 
 
 # --- GET /api/uploads/<id>/ --------------------------------------------------

@@ -28,30 +28,115 @@ def test_the_default_yaml_form_is_the_same_document(db, anonymous_client, schema
     assert yaml.safe_load(response.content) == schema
 
 
-def test_the_schema_describes_every_endpoint_and_its_refusals(schema):
+REFUSALS = {
+    ("/api/uploads/", "get"): {"400", "401", "503"},
+    ("/api/uploads/", "post"): {"400", "401", "403", "413", "415", "429", "503"},
+    ("/api/uploads/{upload_id}/", "get"): {"401", "404", "503"},
+    ("/api/uploads/{upload_id}/", "delete"): {"401", "403", "404", "503"},
+    ("/api/slots/", "get"): {"401", "403", "503"},
+}
+SUCCESS = {
+    ("/api/uploads/", "get"): "200",
+    ("/api/uploads/", "post"): "201",
+    ("/api/uploads/{upload_id}/", "get"): "200",
+    ("/api/uploads/{upload_id}/", "delete"): "204",
+    ("/api/slots/", "get"): "200",
+}
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+
+def parameter(operation: dict, name: str) -> dict:
+    return next(p for p in operation["parameters"] if p["name"] == name)
+
+
+def test_the_schema_describes_every_endpoint_with_exactly_its_answers_and_the_error_body(schema):
     paths = schema["paths"]
 
-    assert set(paths) >= {"/api/uploads/", "/api/uploads/{upload_id}/", "/api/slots/"}
-    assert set(paths["/api/uploads/"]) >= {"get", "post"}
-    assert set(paths["/api/uploads/{upload_id}/"]) >= {"get", "delete"}
-    assert set(paths["/api/uploads/"]["post"]["responses"]) >= {"201", "400", "401", "413", "429"}
-    assert set(paths["/api/uploads/{upload_id}/"]["get"]["responses"]) >= {"200", "404"}
-    assert set(paths["/api/slots/"]["get"]["responses"]) >= {"200", "403"}
+    assert {(path, method) for path, methods in paths.items() for method in methods} == set(REFUSALS)
+    for (path, method), refusals in REFUSALS.items():
+        responses = paths[path][method]["responses"]
+        assert set(responses) == refusals | {SUCCESS[path, method]}, (path, method)
+        for status in refusals:
+            assert responses[status]["content"]["application/json"]["schema"] == ERROR_REF, (path, method, status)
 
 
-def test_the_schema_declares_the_upload_request_and_error_shapes(schema):
-    components = schema["components"]["schemas"]
+def test_the_schema_declares_retry_after_on_429_and_503(schema):
+    for (path, method), refusals in REFUSALS.items():
+        responses = schema["paths"][path][method]["responses"]
+        for status in refusals & {"429", "503"}:
+            header = responses[status]["headers"]["Retry-After"]
+            assert header["required"] is True
+            assert header["schema"] == {"type": "integer", "minimum": 1}
 
-    create = components["UploadCreate"]
+
+def test_the_schema_declares_the_upload_request_exactly_as_the_server_enforces_it(schema, settings):
+    create = schema["components"]["schemas"]["UploadCreate"]
+    fields = create["properties"]
+
     assert set(create["required"]) == {"filename", "size"}
-    assert create["properties"]["size"] == {
-        "type": "integer",
-        "format": "int64",
-        "description": "Exact size of the file in bytes, at least 1.",
+    assert (fields["filename"]["minLength"], fields["filename"]["maxLength"]) == (1, 16384)
+    assert fields["size"]["type"] == "integer"
+    assert fields["size"]["format"] == "int64"
+    assert (fields["size"]["minimum"], fields["size"]["maximum"]) == (1, settings.DIRECTDRIVEX_MAX_FILE_SIZE)
+    # Blank or 64 hex digits; blank or at most 256 characters without NUL.
+    assert fields["sha256"]["oneOf"] == [
+        {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+        {"type": "string", "maxLength": 0},
+    ]
+    assert fields["fingerprint"]["oneOf"] == [
+        {"type": "string", "pattern": "^[^\\u0000]+$", "maxLength": 256},
+        {"type": "string", "maxLength": 0},
+    ]
+
+
+def test_the_size_maximum_in_the_schema_follows_the_setting(db, anonymous_client, settings):
+    settings.DIRECTDRIVEX_MAX_FILE_SIZE = 1000
+
+    schema = anonymous_client.get(URL, {"format": "json"}).json()
+
+    size = schema["components"]["schemas"]["UploadCreate"]["properties"]["size"]
+    assert (size["minimum"], size["maximum"]) == (1, 1000)
+
+
+def test_the_schema_marks_what_can_be_null_in_an_upload(schema):
+    for name in ("Upload", "UploadCreated"):
+        upload = schema["components"]["schemas"][name]
+        nullable = {field for field, spec in upload["properties"].items() if spec.get("nullable")}
+
+        assert nullable == {"completed_at", "expires_at", "ws_url"}, name
+        assert "fingerprint" in upload["required"], name
+
+
+def test_sizes_and_offsets_in_answers_are_int64(schema):
+    for name in ("Upload", "UploadCreated"):
+        fields = schema["components"]["schemas"][name]["properties"]
+
+        assert (fields["size"]["format"], fields["size"]["minimum"]) == ("int64", 1), name
+        assert (fields["offset"]["format"], fields["offset"]["minimum"]) == ("int64", 0), name
+
+
+def test_the_schema_declares_the_list_parameters_and_its_link_header(schema):
+    listing = schema["paths"]["/api/uploads/"]["get"]
+
+    assert set(parameter(listing, "status")["schema"]["enum"]) == {
+        "uploading",
+        "complete",
+        "failed",
+        "cancelled",
+        "expired",
     }
-    assert set(components["Error"]["required"]) >= {"code", "detail"}
-    statuses = next(p for p in schema["paths"]["/api/uploads/"]["get"]["parameters"] if p["name"] == "status")
-    assert set(statuses["schema"]["enum"]) == {"uploading", "complete", "failed", "cancelled", "expired"}
+    assert parameter(listing, "limit")["schema"] == {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}
+    assert parameter(listing, "cursor")["schema"]["pattern"] == "^([0-9]{1,17})-([0-9a-f]{32})$"
+    headers = listing["responses"]["200"]["headers"]
+    assert not headers["Link"].get("required")
+    assert headers["Cache-Control"]["schema"] == {"type": "string", "enum": ["no-store"]}
+
+
+def test_the_schema_declares_the_error_shape(schema):
+    error = schema["components"]["schemas"]["Error"]
+
+    assert set(error["required"]) == {"code", "detail"}
+    assert set(error["properties"]) == {"code", "detail", "retry_after", "errors"}
 
 
 def test_the_schema_declares_token_and_session_auth(schema):

@@ -6,35 +6,95 @@ from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from uploads.models import Upload
 from uploads.serializers import (
     ErrorSerializer,
     SlotSummarySerializer,
-    StatusQuerySerializer,
     UploadCreatedSerializer,
     UploadCreateSerializer,
+    UploadListQuerySerializer,
     UploadSerializer,
+    cursor_after,
 )
 from uploads.slots import slots_summary
 from uploads.transfers import upload_create, upload_delete, upload_for, uploads_of
 
-REFUSAL = OpenApiResponse(ErrorSerializer, description='{"code", "detail"} (and "errors" for field errors)')
+
+def refusal(description: str) -> OpenApiResponse:
+    return OpenApiResponse(ErrorSerializer, description=f'{description} Body: {{"code", "detail"}}.')
+
+
+# The schema lists every refusal an operation can answer, so that a client (and schemathesis) knows them all.
+INVALID = refusal('400 invalid: a field or parameter is missing or malformed (field errors in "errors").')
+UNAUTHENTICATED = refusal("401 unauthenticated: no or bad credentials; WWW-Authenticate: Token.")
+NO_CSRF = refusal("403 permission_denied: a session call without its CSRF token.")
+NOT_FOUND = refusal("404 not_found: no such upload, or another user's.")
+UNAVAILABLE = refusal("503 unavailable: the database or channel layer is down or out of connections; Retry-After.")
+RETRY_AFTER = OpenApiParameter(
+    "Retry-After",
+    {"type": "integer", "minimum": 1},
+    OpenApiParameter.HEADER,
+    required=True,
+    response=[429, 503],
+    description="Seconds until the same request may succeed; the body's retry_after says the same.",
+)
+NO_STORE = OpenApiParameter(
+    "Cache-Control",
+    {"type": "string", "enum": ["no-store"]},
+    OpenApiParameter.HEADER,
+    required=True,
+    response=[200],
+    description="Offsets are resume points: a cached copy would resume at the wrong byte.",
+)
+NEXT_PAGE = OpenApiParameter(
+    "Link",
+    str,
+    OpenApiParameter.HEADER,
+    response=[200],
+    description='<URL of the next page>; rel="next", present only when there are more uploads.',
+)
 
 
 class UploadListCreate(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("status", str, enum=Upload.Status.values, description="Only this status.")],
-        responses={200: UploadSerializer(many=True), 400: REFUSAL},
+        parameters=[UploadListQuerySerializer, NEXT_PAGE, NO_STORE, RETRY_AFTER],
+        responses={
+            200: UploadSerializer(many=True),
+            400: INVALID,
+            401: UNAUTHENTICATED,
+            503: UNAVAILABLE,
+        },
     )
     def get(self, request):
-        query = StatusQuerySerializer(data=request.query_params)
+        # A plain dict: see UploadListQuerySerializer.
+        query = UploadListQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
-        uploads = uploads_of(request.user, query.validated_data.get("status"))
-        return Response(UploadSerializer(uploads, many=True).data)
+        given = query.validated_data
+        limit = given["limit"]
+        # One more than a page: whether it exists says whether there is a next page.
+        uploads = list(uploads_of(request.user, given.get("status"), after=given.get("cursor"))[: limit + 1])
+        response = Response(UploadSerializer(uploads[:limit], many=True).data, headers={"Cache-Control": "no-store"})
+        if len(uploads) > limit:
+            after = request.query_params.copy()
+            after["cursor"] = cursor_after(uploads[limit - 1])
+            response["Link"] = f'<{request.build_absolute_uri(f"{request.path}?{after.urlencode()}")}>; rel="next"'
+        return response
 
     @extend_schema(
         request=UploadCreateSerializer,
-        responses={201: UploadCreatedSerializer, 400: REFUSAL, 401: REFUSAL, 413: REFUSAL, 429: REFUSAL},
+        parameters=[RETRY_AFTER],
+        responses={
+            201: UploadCreatedSerializer,
+            400: INVALID,
+            401: UNAUTHENTICATED,
+            403: NO_CSRF,
+            413: refusal(
+                "413 file_too_large: size above the maximum; 413 quota_exceeded: it does not fit your quota; "
+                "413 request_too_large: the body is larger than the server reads."
+            ),
+            415: refusal("415 unsupported_media_type: the body is not application/json."),
+            429: refusal("429 user_slots_exhausted / global_slots_exhausted: no upload slot is free; Retry-After."),
+            503: UNAVAILABLE,
+        },
     )
     def post(self, request):
         given = UploadCreateSerializer(data=request.data)
@@ -44,13 +104,19 @@ class UploadListCreate(APIView):
 
 
 class UploadDetail(APIView):
-    @extend_schema(responses={200: UploadSerializer, 404: REFUSAL})
+    @extend_schema(
+        parameters=[NO_STORE, RETRY_AFTER],
+        responses={200: UploadSerializer, 401: UNAUTHENTICATED, 404: NOT_FOUND, 503: UNAVAILABLE},
+    )
     def get(self, request, upload_id):
         upload = upload_for(request.user, upload_id)
         # The offset is the resume point: a cached copy would resume at the wrong byte.
         return Response(UploadSerializer(upload).data, headers={"Cache-Control": "no-store"})
 
-    @extend_schema(responses={204: None, 404: REFUSAL})
+    @extend_schema(
+        parameters=[RETRY_AFTER],
+        responses={204: None, 401: UNAUTHENTICATED, 403: NO_CSRF, 404: NOT_FOUND, 503: UNAVAILABLE},
+    )
     def delete(self, request, upload_id):
         upload_delete(request.user, upload_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
@@ -59,6 +125,14 @@ class UploadDetail(APIView):
 class SlotSummary(APIView):
     permission_classes = [IsAdminUser]
 
-    @extend_schema(responses={200: SlotSummarySerializer, 403: REFUSAL})
+    @extend_schema(
+        parameters=[RETRY_AFTER],
+        responses={
+            200: SlotSummarySerializer,
+            401: UNAUTHENTICATED,
+            403: refusal("403 permission_denied: staff only."),
+            503: UNAVAILABLE,
+        },
+    )
     def get(self, request):
         return Response(slots_summary())

@@ -1,11 +1,15 @@
-"""Shapes of the HTTP API: input validation for POST /api/uploads/ and the upload representation."""
+"""Shapes of the HTTP API: input validation for POST /api/uploads/ and the list, the upload representation.
+
+The OpenAPI schema (drf-spectacular) is read off these fields, so each field
+states exactly what the server enforces: bounds, patterns, nullability.
+"""
 
 import re
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
-from django.core.validators import ProhibitNullCharactersValidator
-from drf_spectacular.types import OpenApiTypes
+from django.core.validators import ProhibitNullCharactersValidator, RegexValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -13,27 +17,72 @@ from uploads.models import Upload
 from uploads.tickets import ws_url
 from uploads.transfers import upload_expires_at
 
-SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+# \A…\Z, not ^…$: "$" would let a trailing newline through (the schema gets ^…$, which is exact in ECMA regex).
+SHA256_HEX = r"\A[0-9a-fA-F]{64}\Z"
 # Longer than any real path; the display name is cut to 255 characters anyway.
 MAX_FILENAME_CHARS = 16384
+MAX_FINGERPRINT_CHARS = 256
+BIGINT_MAX = 2**63 - 1
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+# A list position: the last upload's created_at in microseconds since the epoch, "-", its id in hex
+# (the keyset of uploads_of). Every string that matches is a position (17 digits stay below the year
+# 5000), so the pattern in the schema is exactly what the server accepts.
+CURSOR = r"\A([0-9]{1,17})-([0-9a-f]{32})\Z"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = timedelta(microseconds=1)
 
 
-@extend_schema_field(OpenApiTypes.INT64)
-class StrictIntegerField(serializers.Field):
-    """A JSON integer: not a string, not a float, not a boolean."""
+def cursor_after(upload: Upload) -> str:
+    """The cursor of the page that starts after ``upload``."""
+    return f"{(upload.created_at - EPOCH) // MICROSECOND}-{upload.pk.hex}"
 
-    default_error_messages = {"type": "Must be a JSON integer number of bytes."}
+
+class FileSizeField(serializers.IntegerField):
+    """A JSON integer number of bytes (not a string, float or boolean), at least 1.
+
+    The schema also states DIRECTDRIVEX_MAX_FILE_SIZE as the maximum, but this
+    field does not enforce it: upload_create refuses a larger size with the
+    contract's 413 file_too_large, not with 400 invalid. (The quota is per user
+    and changes with every upload, so no schema can state it: 413 quota_exceeded.)
+    """
+
+    default_error_messages = {
+        "invalid": "Must be a JSON integer number of bytes.",
+        "min_value": "Must be at least {min_value} byte.",
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__(min_value=1, **kwargs)
+        # Read per serializer instance (DRF copies declared fields per instance), so the schema follows the setting.
+        self.max_value = settings.DIRECTDRIVEX_MAX_FILE_SIZE
 
     def to_internal_value(self, data):
         if isinstance(data, bool) or not isinstance(data, int):
-            self.fail("type")
+            self.fail("invalid")
         return data
 
-    def to_representation(self, value):
-        return value
+
+class QueryIntegerField(serializers.IntegerField):
+    """A query-string integer written in plain decimal digits: "1.0", " 1" or "+1" are refused, not coerced."""
+
+    def to_internal_value(self, data):
+        # 20 digits are past any bound this API has, and int() of a longer string is work for nothing.
+        if not isinstance(data, str) or not re.fullmatch(r"[0-9]{1,20}", data):
+            self.fail("invalid")
+        return int(data)
 
 
-class FilenameField(serializers.CharField):
+class JSONStringField(serializers.CharField):
+    """A JSON string: DRF's CharField also takes a number and keeps its str(), which the schema does not allow."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class FilenameField(JSONStringField):
     """Any name a client's file system can produce, NUL included: uploads.filenames makes it safe.
 
     DRF refuses NUL by default; surrogates stay refused (no database can store them).
@@ -45,30 +94,52 @@ class FilenameField(serializers.CharField):
 
 
 class UploadCreateSerializer(serializers.Serializer):
-    filename = FilenameField(max_length=MAX_FILENAME_CHARS, trim_whitespace=False)
-    size = StrictIntegerField(help_text="Exact size of the file in bytes, at least 1.")
-    sha256 = serializers.CharField(
+    filename = FilenameField(min_length=1, max_length=MAX_FILENAME_CHARS, trim_whitespace=False)
+    size = FileSizeField(
+        help_text="Exact size of the file in bytes. A size above the maximum is refused with 413 file_too_large; "
+        "one that does not fit the caller's quota with 413 quota_exceeded."
+    )
+    # Absent means "" (upload_create's default). No default="" here: drf-spectacular would put it
+    # inside the pattern's branch of the schema, where "" does not match.
+    sha256 = JSONStringField(
         required=False,
         allow_blank=True,
-        default="",
-        help_text="Optional hex sha256 of the whole file, verified at the end.",
+        # Untrimmed: a digest with a stray space is refused, as the pattern says.
+        trim_whitespace=False,
+        validators=[RegexValidator(SHA256_HEX, message="Must be 64 hexadecimal characters.")],
+        help_text="Optional hex sha256 of the whole file, any case, verified at the end.",
+    )
+    fingerprint = JSONStringField(
+        required=False,
+        allow_blank=True,
+        max_length=MAX_FINGERPRINT_CHARS,
+        # Opaque: stored and returned exactly as sent, whitespace included.
+        trim_whitespace=False,
+        # DRF refuses NUL already (no database text holds it); this validator puts that in the schema.
+        # "+", not "*": a blank value never reaches validators, and the schema states it separately.
+        validators=[RegexValidator(r"\A[^\x00]+\Z", message="Null characters are not allowed.")],
+        help_text="Optional opaque client string (no NUL), returned by GET, to tell the same file again.",
     )
 
-    def validate_size(self, value):
-        if value <= 0:
-            raise serializers.ValidationError("Must be at least 1 byte.")
-        return value
-
     def validate_sha256(self, value):
-        if value and not SHA256_HEX.fullmatch(value):
-            raise serializers.ValidationError("Must be 64 hexadecimal characters.")
         return value.lower()
 
 
 class UploadSerializer(serializers.ModelSerializer):
     filename = serializers.CharField(source="display_name", help_text="Sanitized display name.")
+    # Bounds that make the schema say int64: sizes pass 2**31, and generated clients read a bare
+    # "integer" as 32 bits.
+    size = serializers.IntegerField(
+        read_only=True, min_value=1, max_value=BIGINT_MAX, help_text="Declared size in bytes."
+    )
+    offset = serializers.IntegerField(
+        read_only=True,
+        min_value=0,
+        max_value=BIGINT_MAX,
+        help_text="Durable resume point: bytes fsynced and committed.",
+    )
     ws_url = serializers.SerializerMethodField(help_text="Where to stream the bytes; only while uploading.")
-    expires_at = serializers.SerializerMethodField(help_text="When an idle unfinished upload expires.")
+    expires_at = serializers.SerializerMethodField(help_text="When an idle upload expires; only while uploading.")
 
     class Meta:
         model = Upload
@@ -79,6 +150,7 @@ class UploadSerializer(serializers.ModelSerializer):
             "offset",
             "status",
             "sha256",
+            "fingerprint",
             "created_at",
             "completed_at",
             "expires_at",
@@ -89,7 +161,7 @@ class UploadSerializer(serializers.ModelSerializer):
     def get_ws_url(self, upload) -> str | None:
         return ws_url(upload) if upload.status == Upload.Status.UPLOADING else None
 
-    @extend_schema_field(OpenApiTypes.DATETIME)
+    @extend_schema_field(serializers.DateTimeField(allow_null=True))
     def get_expires_at(self, upload) -> datetime | None:
         if upload.status != Upload.Status.UPLOADING:
             return None
@@ -112,8 +184,31 @@ class UploadCreatedSerializer(UploadSerializer):
         return settings.DIRECTDRIVEX_WINDOW
 
 
-class StatusQuerySerializer(serializers.Serializer):
-    status = serializers.ChoiceField(choices=Upload.Status.choices, required=False)
+class UploadListQuerySerializer(serializers.Serializer):
+    """GET /api/uploads/'s query: give it ``request.query_params.dict()``.
+
+    A plain dict, not the QueryDict: DRF reads an empty form value of an
+    optional field as "not given", and ``?status=`` must be refused, not ignored.
+    """
+
+    status = serializers.ChoiceField(choices=Upload.Status.choices, required=False, help_text="Only this status.")
+    limit = QueryIntegerField(
+        required=False,
+        default=DEFAULT_PAGE,
+        min_value=1,
+        max_value=MAX_PAGE,
+        help_text="At most this many uploads.",
+    )
+    cursor = serializers.CharField(
+        required=False,
+        trim_whitespace=False,
+        validators=[RegexValidator(CURSOR, message="Not a cursor of this API: take the next page's URL from Link.")],
+        help_text="Where the page starts: the next page's URL in the Link header carries it.",
+    )
+
+    def validate_cursor(self, value) -> tuple[datetime, uuid.UUID]:
+        microseconds, upload_id = re.fullmatch(CURSOR, value).groups()
+        return EPOCH + int(microseconds) * MICROSECOND, uuid.UUID(upload_id)
 
 
 class SlotKindSummarySerializer(serializers.Serializer):
