@@ -1,15 +1,28 @@
 """Configuration: environment parsing (directdrivex.env) and the start-up system checks (uploads.checks)."""
 
+import json
 import os
+import random
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.db import DataError, connection, transaction
+from django.utils import timezone
 
 from directdrivex.env import Env
 from directdrivex.settings import INSECURE_DEV_SECRET_KEY
-from uploads.checks import check_configuration
+from uploads.checks import (
+    MAX_DAYS,
+    MAX_SECONDS,
+    check_configuration,
+    largest_upload_create_body,
+    slot_limit_capacity,
+)
+from uploads.models import Slot
+from uploads.slots import slot_admit, slots_prune
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,11 +38,24 @@ def good_settings(settings):
     settings.DIRECTDRIVEX_WINDOW = 8 * 1024 * 1024
     settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS = 5
     settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = 20
+    settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = 30
+    settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS = 60
+    settings.DIRECTDRIVEX_IDLE_SECONDS = 300
+    settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = 86400
+    settings.DIRECTDRIVEX_SLOT_HISTORY_DAYS = 7
+    settings.DIRECTDRIVEX_DB_POOL_SIZE = 8
+    settings.DIRECTDRIVEX_MAX_REQUEST_BYTES = 1024 * 1024
+    settings.DIRECTDRIVEX_MAX_FILE_SIZE = 10 * 1024**3
     return settings
 
 
 def ids(errors) -> list[str]:
     return sorted(error.id for error in errors)
+
+
+def found(errors, check_id: str) -> list[str]:
+    """The variables that ``check_id`` names among ``errors``."""
+    return [error.obj for error in errors if error.id == check_id]
 
 
 # --- directdrivex.env ---------------------------------------------------------
@@ -165,14 +191,189 @@ def test_e005_no_allowed_hosts_with_debug_off(good_settings):
     assert check_configuration(None) == []
 
 
-def test_every_problem_is_reported_at_once(good_settings):
+def test_every_problem_is_reported_at_once(good_settings, tmp_path):
     good_settings.DIRECTDRIVEX_CONFIG_ERRORS = [("DIRECTDRIVEX_WINDOW", "DIRECTDRIVEX_WINDOW='x' is not an integer.")]
     good_settings.DIRECTDRIVEX_CHUNK_SIZE = good_settings.DIRECTDRIVEX_WINDOW + 1
     good_settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS = 99
     good_settings.SECRET_KEY = INSECURE_DEV_SECRET_KEY
     good_settings.ALLOWED_HOSTS = []
+    good_settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = 40000
+    good_settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS = 1
+    good_settings.DIRECTDRIVEX_MAX_REQUEST_BYTES = 1024
+    (tmp_path / "a-file").write_bytes(b"")
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = tmp_path / "a-file"
 
-    assert ids(check_configuration(None)) == [f"uploads.E00{n}" for n in range(1, 6)]
+    assert ids(check_configuration(None)) == [f"uploads.E00{n}" for n in range(1, 10)] + ["uploads.W001"]
+
+
+def test_e001_says_a_lease_under_5_seconds_is_too_short_and_why(good_settings):
+    env = Env({"DIRECTDRIVEX_SLOT_LEASE_SECONDS": "4"})
+    assert env.int("DIRECTDRIVEX_SLOT_LEASE_SECONDS", 60, minimum=5) == 60
+    good_settings.DIRECTDRIVEX_CONFIG_ERRORS = env.errors
+
+    [error] = check_configuration(None)
+
+    assert (error.id, error.obj) == ("uploads.E001", "DIRECTDRIVEX_SLOT_LEASE_SECONDS")
+    assert error.msg == "DIRECTDRIVEX_SLOT_LEASE_SECONDS=4 must be at least 5."
+    assert "integer from 5 to" in error.hint
+    assert "under 5 s" in error.hint
+
+
+# --- uploads.E006: slot limits the index columns cannot hold --------------------------------
+
+
+def test_the_slot_limit_capacity_is_the_smallint_range_plus_one():
+    # Indexes run 0..limit-1, and PositiveSmallIntegerField holds 0..32767.
+    assert slot_limit_capacity() == 32768
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS", "DIRECTDRIVEX_USER_UPLOAD_SLOTS", "DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS"],
+)
+def test_e006_a_slot_limit_above_32768(good_settings, name):
+    good_settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = 32768  # room for the per-user limit (E003)
+    setattr(good_settings, name, 32768)
+    assert check_configuration(None) == []
+
+    setattr(good_settings, name, 32769)
+    errors = check_configuration(None)
+
+    assert found(errors, "uploads.E006") == [name]
+    assert "at most 32768" in next(e.msg for e in errors if e.id == "uploads.E006")
+
+
+def test_the_largest_limit_the_check_allows_admits_its_top_index(alice, limits, monkeypatch):
+    limits(global_upload_slots=32768, user_upload_slots=32768)
+    monkeypatch.setattr(random, "choice", max)  # admission picks the highest free index
+
+    slot = slot_admit(Slot.Kind.UPLOAD, alice)
+
+    assert Slot.objects.get(pk=slot.pk).global_index == 32767
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="SQLite does not enforce column widths")
+def test_one_slot_more_than_the_check_allows_fails_at_admission_on_postgresql(alice, limits, monkeypatch):
+    limits(global_upload_slots=32769, user_upload_slots=5)  # what E006 keeps from starting
+    monkeypatch.setattr(random, "choice", max)
+
+    with pytest.raises(DataError), transaction.atomic():
+        slot_admit(Slot.Kind.UPLOAD, alice)
+
+
+# --- uploads.E007: values outside the range that works -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "good"),
+    [
+        ("DIRECTDRIVEX_SLOT_LEASE_SECONDS", 4, 5),
+        ("DIRECTDRIVEX_SLOT_LEASE_SECONDS", MAX_SECONDS + 1, MAX_SECONDS),
+        ("DIRECTDRIVEX_IDLE_SECONDS", 0, 1),
+        ("DIRECTDRIVEX_IDLE_SECONDS", MAX_SECONDS + 1, MAX_SECONDS),
+        ("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 0, 1),
+        ("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 10**12, MAX_SECONDS),
+        ("DIRECTDRIVEX_SLOT_HISTORY_DAYS", 0, 1),
+        ("DIRECTDRIVEX_SLOT_HISTORY_DAYS", MAX_DAYS + 1, MAX_DAYS),
+        ("DIRECTDRIVEX_DB_POOL_SIZE", 0, 1),
+        ("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 0, 1),
+        ("DIRECTDRIVEX_USER_UPLOAD_SLOTS", 0, 1),
+        ("DIRECTDRIVEX_MAX_FILE_SIZE", 2**63, 2**63 - 1),
+        ("DIRECTDRIVEX_MAX_FILE_SIZE", 0, 1),
+        ("DIRECTDRIVEX_USER_QUOTA", -1, 0),
+    ],
+)
+def test_e007_a_setting_outside_its_working_range(good_settings, name, bad, good):
+    setattr(good_settings, name, bad)
+    errors = check_configuration(None)
+
+    assert found(errors, "uploads.E007") == [name]
+    assert all(error.is_serious() and error.hint for error in errors)
+
+    setattr(good_settings, name, good)
+    assert check_configuration(None) == []
+
+
+def test_the_longest_durations_the_checks_allow_still_compute_dates(alice, limits):
+    limits(slot_lease_seconds=MAX_SECONDS, slot_history_days=MAX_DAYS)
+
+    slot = slot_admit(Slot.Kind.UPLOAD, alice)
+    slots_prune()
+
+    assert Slot.objects.get(pk=slot.pk).lease_expires_at > timezone.now() + timedelta(days=MAX_DAYS - 1)
+    with pytest.raises(OverflowError):  # what E007's maximum is there for
+        timezone.now() + timedelta(seconds=10**12)
+
+
+# --- uploads.E008: a request limit smaller than a valid POST /api/uploads/ -----------------
+
+
+def test_e008_a_request_limit_below_the_largest_create_body(good_settings):
+    good_settings.DIRECTDRIVEX_MAX_REQUEST_BYTES = largest_upload_create_body()
+    assert check_configuration(None) == []
+
+    good_settings.DIRECTDRIVEX_MAX_REQUEST_BYTES = largest_upload_create_body() - 1
+    assert found(check_configuration(None), "uploads.E008") == ["DIRECTDRIVEX_MAX_REQUEST_BYTES"]
+
+
+def test_the_largest_create_body_is_a_valid_post(alice_client, limits):
+    limits(max_file_size=2**63 - 1, user_quota=2**63 - 1)
+    body = json.dumps(
+        {"filename": "\U0001f4be" * 16384, "size": 2**63 - 1, "sha256": "0" * 64, "fingerprint": "\U0001f4be" * 256}
+    )
+    assert len(body.encode()) == largest_upload_create_body()
+
+    response = alice_client.post("/api/uploads/", body, content_type="application/json")
+
+    assert response.status_code == 201, response.content
+
+
+# --- uploads.E009: a storage folder that cannot hold uploads -------------------------------
+
+
+def test_e009_a_storage_path_that_is_a_file(good_settings, tmp_path):
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = tmp_path / "storage"
+    (tmp_path / "storage").write_bytes(b"")
+
+    assert found(check_configuration(None), "uploads.E009") == ["DIRECTDRIVEX_STORAGE_DIR"]
+
+
+def test_e009_a_storage_layout_folder_that_is_a_file(good_settings, tmp_path):
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = tmp_path / "storage"
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "partial").write_bytes(b"")
+
+    assert found(check_configuration(None), "uploads.E009") == ["DIRECTDRIVEX_STORAGE_DIR"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_e009_a_storage_folder_that_cannot_be_created(good_settings, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = locked / "storage"
+
+    assert found(check_configuration(None), "uploads.E009") == ["DIRECTDRIVEX_STORAGE_DIR"]
+
+
+def test_a_storage_folder_that_does_not_exist_yet_is_fine(good_settings, tmp_path):
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = tmp_path / "not" / "yet" / "there"
+
+    assert check_configuration(None) == []
+    assert not (tmp_path / "not").exists()  # the check looks; it creates nothing
+
+
+# --- uploads.W001: a chunk above 4 MiB works but is not measured ---------------------------
+
+
+def test_w001_a_chunk_above_4_mib_is_a_warning_not_an_error(good_settings):
+    good_settings.DIRECTDRIVEX_CHUNK_SIZE = 4 * 1024 * 1024
+    assert check_configuration(None) == []
+
+    good_settings.DIRECTDRIVEX_CHUNK_SIZE = 4 * 1024 * 1024 + 1
+    [warning] = check_configuration(None)
+
+    assert (warning.id, warning.obj) == ("uploads.W001", "DIRECTDRIVEX_CHUNK_SIZE")
+    assert not warning.is_serious()
 
 
 # --- manage.py check, end to end ------------------------------------------------
@@ -226,3 +427,26 @@ def test_manage_check_refuses_production_without_a_secret_key():
 
     assert result.returncode != 0
     assert "(uploads.E004)" in result.stderr
+
+
+def test_manage_check_explains_a_lease_under_5_seconds():
+    result = manage_check(DIRECTDRIVEX_SLOT_LEASE_SECONDS="4")
+
+    assert result.returncode != 0
+    assert "DIRECTDRIVEX_SLOT_LEASE_SECONDS: (uploads.E001) DIRECTDRIVEX_SLOT_LEASE_SECONDS=4 must be at least 5." in (
+        result.stderr
+    )
+
+
+def test_manage_check_fails_on_a_slot_limit_the_column_cannot_hold():
+    result = manage_check(DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS="32769")
+
+    assert result.returncode != 0
+    assert "DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS: (uploads.E006)" in result.stderr
+
+
+def test_manage_check_starts_with_a_large_chunk_and_warns():
+    result = manage_check(DIRECTDRIVEX_CHUNK_SIZE=str(8 * 1024 * 1024), DIRECTDRIVEX_WINDOW=str(64 * 1024 * 1024))
+
+    assert result.returncode == 0, result.stderr
+    assert "(uploads.W001)" in result.stdout + result.stderr

@@ -1,6 +1,7 @@
-"""`manage.py slots status|reap|reset`: thin commands over uploads.slots, safe to rerun."""
+"""`manage.py slots status|reap|reset|prune`: thin commands over uploads.slots, safe to rerun."""
 
 import json
+from datetime import timedelta
 from io import StringIO
 
 import pytest
@@ -8,7 +9,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from uploads.models import Slot, Upload
-from uploads.slots import lease_duration, slot_admit
+from uploads.slots import lease_duration, slot_admit, slot_release, slots_prune
 from uploads.transfers import upload_create
 
 
@@ -157,3 +158,82 @@ def test_reset_of_an_unknown_user_or_upload_fails_and_changes_nothing(live_uploa
         slots("reset", *scope)
 
     assert active().count() == 1
+
+
+# --- prune: released rows older than DIRECTDRIVEX_SLOT_HISTORY_DAYS ------------------
+
+
+def released_days_ago(user, days: float, **admit) -> Slot:
+    """A slot admitted and released ``days`` ago, as a finished transfer leaves it."""
+    when = timezone.now() - timedelta(days=days)
+    slot = slot_admit(Slot.Kind.DOWNLOAD, user, now=when, **admit)
+    assert slot_release(slot.pk, Slot.ReleaseReason.COMPLETED, now=when)
+    return slot
+
+
+@pytest.fixture
+def history(alice, bob):
+    """Two released rows past the 7-day history, one inside it, and two active rows (one long stuck)."""
+    old = [released_days_ago(alice, 30), released_days_ago(bob, 8)]
+    recent = released_days_ago(alice, 6)
+    live, _slot = upload_create(bob, filename="live.bin", size=10)
+    # Admitted last: every admission reaps the expired leases of its kind.
+    stuck = slot_admit(Slot.Kind.DOWNLOAD, alice, now=timezone.now() - timedelta(days=30))
+    return {"old": {s.pk for s in old}, "kept": {recent.pk, stuck.pk, *live.slots.values_list("pk", flat=True)}}
+
+
+def test_prune_deletes_released_rows_older_than_the_history_and_nothing_else(history):
+    slots("prune")
+
+    assert set(Slot.objects.values_list("pk", flat=True)) == history["kept"]
+    assert active().count() == 2  # the stuck one too: reaping it is `slots reap`'s job, not prune's
+
+
+def test_prune_dry_run_counts_and_changes_nothing(history):
+    before = set(Slot.objects.values_list("pk", flat=True))
+
+    slots("prune", "--dry-run")
+    pruned = slots_prune(dry_run=True)
+
+    assert set(Slot.objects.values_list("pk", flat=True)) == before
+    assert pruned.count == len(history["old"])
+
+
+def test_prune_is_safe_to_rerun(history):
+    first = slots_prune()
+    slots("prune")
+    again = slots_prune()
+
+    assert (first.count, again.count) == (len(history["old"]), 0)
+    assert set(Slot.objects.values_list("pk", flat=True)) == history["kept"]
+
+
+def test_prune_follows_the_history_setting(history, limits):
+    limits(slot_history_days=10)
+
+    assert slots_prune().count == 1  # only the 30-day-old row
+
+    assert len(history["old"] & set(Slot.objects.values_list("pk", flat=True))) == 1
+
+
+def test_prune_keeps_a_row_released_exactly_at_the_cutoff(alice, limits):
+    limits(slot_history_days=7)
+    slot = released_days_ago(alice, 7)
+    released_at = Slot.objects.get(pk=slot.pk).released_at
+
+    assert slots_prune(now=released_at + timedelta(days=7)).count == 0
+    assert slots_prune(now=released_at + timedelta(days=7, microseconds=1)).count == 1
+    assert not Slot.objects.filter(pk=slot.pk).exists()
+
+
+def test_prune_deletes_in_batches_and_leaves_the_uploads(alice, monkeypatch):
+    monkeypatch.setattr("uploads.slots.PRUNE_BATCH", 2)
+    upload, slot = upload_create(alice, filename="a.bin", size=10, now=timezone.now() - timedelta(days=9))
+    slot_release(slot.pk, Slot.ReleaseReason.DISCONNECTED, now=timezone.now() - timedelta(days=9))
+    for _ in range(4):
+        released_days_ago(alice, 9, upload=upload)
+
+    assert slots_prune().count == 5
+
+    assert not Slot.objects.exists()
+    assert Upload.objects.get(pk=upload.pk).status == Upload.Status.UPLOADING

@@ -1,4 +1,4 @@
-"""`manage.py slots status|reap|reset`: look at and repair upload/download slots.
+"""`manage.py slots status|reap|reset|prune`: look at, repair and trim upload/download slots.
 
 Thin on purpose: each subcommand calls one service in uploads.slots (the same
 ones the admin actions use), prints what it found and what it did, and is
@@ -8,20 +8,21 @@ safe to rerun.
 import json
 import uuid
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from uploads.exceptions import DirectDriveXError
 from uploads.models import Upload
-from uploads.slots import slots_reap, slots_reset, slots_summary
+from uploads.slots import slots_prune, slots_reap, slots_reset, slots_summary
 
 
 class Command(BaseCommand):
-    help = "Show, reap or reset upload/download slots (docs/slots.md)."
+    help = "Show, reap, reset or prune upload/download slots (docs/slots.md)."
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", required=True, metavar="{status,reap,reset}")
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{status,reap,reset,prune}")
 
         status = sub.add_parser("status", help="Active, stuck and per-user slot counts.")
         status.add_argument("--json", action="store_true", dest="as_json", help="Print the summary as JSON.")
@@ -35,6 +36,11 @@ class Command(BaseCommand):
         scope.add_argument("--user", metavar="USERNAME", help="The active slots of this user.")
         scope.add_argument("--upload", metavar="ID", help="The active slot of this upload.")
         reset.add_argument("--dry-run", action="store_true", help="List what would be reset; change nothing.")
+
+        prune = sub.add_parser(
+            "prune", help="Delete released slot rows older than DIRECTDRIVEX_SLOT_HISTORY_DAYS (active rows never)."
+        )
+        prune.add_argument("--dry-run", action="store_true", help="Count what would be deleted; change nothing.")
 
     def handle(self, *args, action, **options):
         try:
@@ -64,6 +70,17 @@ class Command(BaseCommand):
         scope = {"everything": everything, "user": self._user(user), "upload": self._upload(upload)}
         slots = slots_reset(**scope, dry_run=dry_run)
         self._report(slots, "reset", dry_run)
+
+    def handle_prune(self, *, dry_run: bool = False, **options):
+        pruned = slots_prune(dry_run=dry_run)
+        found = (
+            f"{pruned.count} released slot row(s) older than {settings.DIRECTDRIVEX_SLOT_HISTORY_DAYS} day(s) "
+            f"(released before {pruned.cutoff.isoformat()})"
+        )
+        if dry_run:
+            self.stdout.write(f"Found {found}. Would delete them; nothing changed (dry run).")
+        else:
+            self.stdout.write(self.style.SUCCESS(f"Deleted {found}."))
 
     def _user(self, username):
         if username is None:
