@@ -57,6 +57,21 @@ def session_client(user) -> APIClient:
     return client
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, tmp_path_factory):
+    """On SQLite, test in a database file, as production runs, not in Django's shared-cache memory database.
+
+    Writers, the API and the tests reach the database from several threads at
+    once; a shared-cache memory database answers a second writer "database
+    table is locked" at once, where a WAL file waits its busy timeout.
+    """
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("sqlite") / "test.sqlite3")
+
+
 @pytest.fixture(autouse=True)
 def storage_dir(settings, tmp_path, monkeypatch):
     """Every test stores bytes in its own folder, never in var/ (subprocesses inherit it too)."""

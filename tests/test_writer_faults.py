@@ -1,0 +1,413 @@
+"""Failure paths of the upload writer through the real ASGI stack: every exit closes, frees the slot, drops the flock.
+
+Each test provokes one of the faults that used to leave a connection hanging,
+a file locked or bytes destroyed (issue "Failure paths that keep the
+promise"), and checks rows, bytes and close codes afterwards. Where a moment
+must be caught (a rename in progress, a re-hash under way), the disk step is
+held on a threading.Event; everything else is the real stack.
+"""
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from channels.db import database_sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.db import OperationalError
+
+from directdrivex.routing import application
+from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
+    CHUNK,
+    OPENED,
+    WINDOW,
+    active_slots,
+    connect_ticket,
+    create,
+    disconnect_everything,
+    expect_close,
+    finish,
+    payload,
+    refresh,
+    send_range,
+    small_frames,
+)
+from uploads import storage, transfers, writer
+from uploads.models import Slot, Upload
+from uploads.slots import slots_reset
+from uploads.tickets import ws_url
+from uploads.transfers import upload_delete, uploads_expire
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+GiB = 1024**3
+
+
+def lock_is_free(path) -> bool:
+    """Whether nobody holds the part file's flock (a writer that let go of it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+async def eventually(condition, what: str, timeout: float = 5.0):
+    """Poll ``condition`` (a function, sync or async) until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"not within {timeout}s: {what}")
+
+
+class Gate:
+    """Holds a disk step (in its worker thread) until the test opens the gate."""
+
+    def __init__(self):
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def hold(self):
+        self.reached.set()
+        assert self.opened.wait(20), "the test never opened the gate"
+
+    async def wait_reached(self):
+        assert await asyncio.to_thread(self.reached.wait, 10), "the writer never reached the gate"
+
+
+def hold_method(monkeypatch, cls, name: str) -> Gate:
+    """Make ``cls.name`` wait at a gate the first time it runs, then do its real work."""
+    gate, real = Gate(), getattr(cls, name)
+
+    def held(self, *args, **kwargs):
+        if not gate.reached.is_set():
+            gate.hold()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, held)
+    return gate
+
+
+async def sparse_resume_point(upload: Upload, offset: int) -> None:
+    """A part file of ``offset`` bytes (sparse: instant to make, about a second per GiB to re-hash)."""
+    storage.ensure_layout()
+    with open(storage.part_path(upload.storage_key), "wb") as handle:
+        handle.truncate(offset)
+    await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=offset, size=offset + CHUNK)
+
+
+async def opened_without_reading(upload: Upload) -> WebsocketCommunicator:
+    """A connection whose handshake is done; the test reads (or not) what the server sends."""
+    communicator = WebsocketCommunicator(application, await database_sync_to_async(ws_url)(upload))
+    OPENED.append(communicator)
+    connected, _subprotocol = await communicator.connect()
+    assert connected
+    return communicator
+
+
+# --- a refusal while the last bytes land -------------------------------------------
+
+
+@pytest.mark.parametrize("revoke", ["reset", "delete"])
+async def test_revocation_while_the_last_bytes_land_closes_at_once_and_frees_file_and_slot(alice, monkeypatch, revoke):
+    data = payload(6 * CHUNK)
+    upload = await create(alice, data)
+    gate = hold_method(monkeypatch, storage.PartFile, "sync")  # the finalizing commit's fsync
+    communicator, _ready = await connect_ticket(upload)
+    await send_range(communicator, data, 0, len(data), 0)
+    await gate.wait_reached()
+
+    if revoke == "reset":
+        await database_sync_to_async(slots_reset)(upload=upload)
+    else:
+        await database_sync_to_async(upload_delete)(alice, upload.pk)
+    gate.opened.set()
+
+    code, close_code = ("lease_lost", 4410) if revoke == "reset" else ("not_uploading", 4409)
+    await expect_close(communicator, code, close_code)
+    assert lock_is_free(storage.part_path(upload.storage_key))
+    assert await active_slots(upload) == 0
+    after = await refresh(upload)
+    if revoke == "reset":
+        # The bytes stay for the next writer; nothing was completed by a fenced writer.
+        assert after.status == "uploading"
+        assert not storage.final_path(upload.storage_key).exists()
+    else:
+        assert after.status == "cancelled"
+        assert not storage.part_path(upload.storage_key).exists()
+        assert not storage.final_path(upload.storage_key).exists()
+
+
+async def test_database_error_during_a_commit_is_unavailable_with_retry_after_and_the_upload_resumes(
+    alice, monkeypatch
+):
+    data = payload(6 * CHUNK)
+    upload = await create(alice, data)
+    real_commit = transfers.writer_commit
+
+    def database_gone(grant, offset, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(writer, "writer_commit", database_gone)
+    communicator, _ready = await connect_ticket(upload)
+    await send_range(communicator, data, 0, len(data), 0)
+
+    error = await expect_close(communicator, "unavailable", 4503)
+    assert error["retry_after"] >= 1
+    assert lock_is_free(storage.part_path(upload.storage_key))
+    assert (await refresh(upload)).status == "uploading"
+
+    monkeypatch.setattr(writer, "writer_commit", real_commit)
+    resumed, ready = await connect_ticket(upload)
+    await send_range(resumed, data, ready["offset"], len(data), ready["offset"])
+    assert (await finish(resumed))["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+# --- a client that leaves during a long re-hash -----------------------------------------
+
+
+async def test_client_gone_during_a_long_resume_rehash_lets_go_of_the_file_and_the_next_connection_is_admitted(
+    alice,
+):
+    upload = await create(alice, payload(1), sha256="")
+    await sparse_resume_point(upload, 2 * GiB)  # about two seconds of sha256
+    part = storage.part_path(upload.storage_key)
+
+    first = await opened_without_reading(upload)
+    await eventually(lambda: not lock_is_free(part), "the re-hash to hold the file")
+    await first.disconnect()
+
+    # Let go within moments, not when the re-hash would have ended (and never, before the fix).
+    await eventually(lambda: lock_is_free(part), "the file's lock to be released", 1.5)
+    await eventually(lambda: _no_holder(upload), "the slot to be released")
+    second = await opened_without_reading(upload)
+    ready = json.loads(await second.receive_from(timeout=30))  # after its own re-hash
+    assert (ready["type"], ready["offset"]) == ("ready", 2 * GiB)
+
+
+async def _no_holder(upload) -> bool:
+    return not await database_sync_to_async(
+        Slot.objects.active().filter(upload=upload).exclude(holder_channel="").exists
+    )()
+
+
+async def test_a_live_holder_busy_re_hashing_is_not_taken_over(alice):
+    upload = await create(alice, payload(1), sha256="")
+    await sparse_resume_point(upload, 2 * GiB)
+    part = storage.part_path(upload.storage_key)
+
+    first = await opened_without_reading(upload)
+    await eventually(lambda: not lock_is_free(part), "the re-hash to hold the file")
+
+    second, error = await connect_ticket(upload)
+    assert (error["type"], error["code"]) == ("error", "busy")
+    assert await second.receive_output(timeout=5) == {"type": "websocket.close", "code": 4409}
+
+    # The first connection was left alone: it finishes its re-hash and is ready to write.
+    ready = json.loads(await first.receive_from(timeout=30))
+    assert (ready["type"], ready["offset"]) == ("ready", 2 * GiB)
+    await first.send_to(bytes_data=b"q" * CHUNK)
+    assert (await finish(first))["type"] == "complete"
+
+
+# --- finalization under a lost lease or a delete --------------------------------------------
+
+
+async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_writer_completes(alice, monkeypatch):
+    data = payload(5 * CHUNK + 3)
+    upload = await create(alice, data)
+    gate = hold_method(monkeypatch, storage.PartFile, "finalize")
+    communicator, _ready = await connect_ticket(upload)
+    await send_range(communicator, data, 0, len(data), 0)
+    await gate.wait_reached()
+    await database_sync_to_async(slots_reset)(upload=upload)
+    gate.opened.set()
+
+    await expect_close(communicator, "lease_lost", 4410)
+    after = await refresh(upload)
+    assert (after.status, after.offset) == ("uploading", len(data))
+    assert storage.final_path(upload.storage_key).read_bytes() == data  # verified, visible, kept
+
+    resumed, ready = await connect_ticket(upload)
+    assert ready["offset"] == len(data)
+    complete = await finish(resumed)
+    assert (complete["type"], complete["sha256"]) == ("complete", hashlib.sha256(data).hexdigest())
+    assert (await refresh(upload)).status == "complete"
+    assert await active_slots(upload) == 0
+
+
+async def test_delete_during_finalize_answers_only_once_the_bytes_are_gone(alice, monkeypatch):
+    data = payload(5 * CHUNK)
+    upload = await create(alice, data)
+    gate = hold_method(monkeypatch, storage.PartFile, "finalize")
+    communicator, _ready = await connect_ticket(upload)
+    await send_range(communicator, data, 0, len(data), 0)
+    await gate.wait_reached()
+
+    await database_sync_to_async(upload_delete)(alice, upload.pk)  # the API's DELETE: 204 from here on
+    assert not storage.part_path(upload.storage_key).exists()
+    assert not storage.final_path(upload.storage_key).exists()
+    gate.opened.set()
+
+    await expect_close(communicator, "not_uploading", 4409)
+    assert not storage.final_path(upload.storage_key).exists()
+    assert (await refresh(upload)).status == "cancelled"
+    assert await active_slots(upload) == 0
+
+
+def test_delete_racing_completion_deletes_the_finished_upload(alice, monkeypatch):
+    data = payload(3 * CHUNK)
+    upload, _slot = transfers.upload_create(alice, filename="race.bin", size=len(data))
+    grant = transfers.writer_admit(alice, upload.pk, "specific.writer!1")
+    part = storage.PartFile(upload.storage_key, 0)
+    part.append([data])
+    part.finalize()
+    part.close()
+    real_end = transfers.upload_end
+
+    def completes_first(*args, **kwargs):
+        # The writer's completion commits between DELETE's read and its cancel.
+        transfers.writer_complete(grant)
+        return real_end(*args, **kwargs)
+
+    monkeypatch.setattr(transfers, "upload_end", completes_first)
+    upload_delete(alice, upload.pk)
+
+    assert not Upload.objects.filter(pk=upload.pk).exists()
+    assert not storage.final_path(upload.storage_key).exists()
+
+
+# --- admission racing a cancel ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("round_", range(6))
+async def test_connection_racing_delete_never_leaves_an_active_slot_or_a_file(alice, round_):
+    data = payload(4 * CHUNK)
+    upload = await create(alice, data)
+    communicator = WebsocketCommunicator(application, await database_sync_to_async(ws_url)(upload))
+    OPENED.append(communicator)
+    delete = database_sync_to_async(upload_delete, thread_sensitive=False)(alice, upload.pk)
+    if round_ % 2:
+        await asyncio.sleep(0.001 * round_)
+    connected, _deleted = await asyncio.gather(communicator.connect(), delete)
+    assert connected[0]
+    with contextlib.suppress(Exception):
+        first = json.loads(await communicator.receive_from(timeout=5))
+        if first["type"] == "ready":
+            await communicator.send_to(bytes_data=data[:CHUNK])
+    await communicator.disconnect()
+
+    async def settled():
+        return await active_slots(upload) == 0 and not storage.part_path(upload.storage_key).exists()
+
+    await eventually(settled, "no active slot and no part file for the cancelled upload")
+    assert (await refresh(upload)).status == "cancelled"
+
+
+# --- idle writers ----------------------------------------------------------------------------
+
+
+async def test_idle_writer_is_closed_with_4408_its_slot_freed_and_the_upload_can_still_expire(alice, limits):
+    limits(idle_seconds=4, slot_lease_seconds=5)  # renewals every 1.25 s while idle
+    data = payload(4 * CHUNK)
+    upload = await create(alice, data)
+    communicator, _ready = await connect_ticket(upload)
+    await send_range(communicator, data, 0, CHUNK, 0)
+    assert json.loads(await communicator.receive_from(timeout=5)) == {"type": "ack", "offset": CHUNK}
+    await eventually(lambda: _durable(upload, CHUNK), "the byte to be committed")
+    last_byte = (await refresh(upload)).last_activity_at
+
+    error = await expect_close(communicator, "idle_timeout", 4408)
+    assert "4 s" in error["detail"]
+    after = await refresh(upload)
+    assert (after.status, after.offset) == ("uploading", CHUNK)
+    assert after.last_activity_at == last_byte, "a heartbeat moved the idle clock"
+    assert await active_slots(upload) == 0
+
+    later = last_byte + timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS + 1)
+    expired = await database_sync_to_async(uploads_expire)(now=later)
+    assert [u.pk for u in expired] == [upload.pk]
+
+
+async def _durable(upload, offset) -> bool:
+    return (await refresh(upload)).offset == offset
+
+
+# --- acks and durability --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frames", [1, 3, 5, 7])
+async def test_the_last_byte_before_a_pause_is_acknowledged(alice, frames):
+    data = payload(8 * CHUNK)
+    upload = await create(alice, data)
+    communicator, _ready = await connect_ticket(upload)
+    for start in range(0, frames * CHUNK, CHUNK):
+        await communicator.send_to(bytes_data=data[start : start + CHUNK])
+    acked = 0
+    while acked < frames * CHUNK:  # the client now pauses: it must learn where it stands
+        message = json.loads(await communicator.receive_from(timeout=5))
+        assert message["type"] == "ack", message
+        acked = message["offset"]
+    assert acked == frames * CHUNK
+
+
+async def test_on_a_slow_disk_acks_are_held_back_to_what_is_durable(alice, monkeypatch):
+    # Scaled down so the test is quick: commits are due after 50 ms, and one
+    # slower than 0.2 s (every fsync here takes 0.3 s) counts as a slow disk.
+    monkeypatch.setattr(writer, "COMMIT_SECONDS", 0.05)
+    monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
+    real_sync = storage.PartFile.sync
+
+    def slow_sync(part):
+        time.sleep(0.3)
+        real_sync(part)
+
+    monkeypatch.setattr(storage.PartFile, "sync", slow_sync)
+    data = payload(10 * WINDOW)
+    upload = await create(alice, data)
+    communicator, _ready = await connect_ticket(upload)
+
+    sent = acked = 0
+    acks = []  # (acked offset, durable offset when the ack arrived)
+    while True:
+        while sent < len(data) and sent + CHUNK - acked <= WINDOW:
+            await communicator.send_to(bytes_data=data[sent : sent + CHUNK])
+            sent += CHUNK
+            await asyncio.sleep(0.005)  # a client slower than the disk's first commit is due
+        message = json.loads(await communicator.receive_from(timeout=10))
+        if message["type"] == "complete":
+            break
+        assert message["type"] == "ack", message
+        acked = message["offset"]
+        acks.append((acked, (await refresh(upload)).offset))
+    # Once the first (slow) commit is done, no ack runs ahead of the durable offset.
+    after_first_commit = [(ack, durable) for ack, durable in acks if durable > 0]
+    assert len(after_first_commit) >= 3, acks
+    assert all(ack <= durable for ack, durable in after_first_commit), acks
+
+
+def test_the_lease_margin_scales_so_that_a_five_second_lease_leaves_time_to_write():
+    for lease in (5, 8, 60, 600):
+        margin = writer.lease_safety_seconds(lease)
+        renew = writer.renew_interval(lease)
+        assert 0 < margin < lease
+        # An idle writer renews at least twice before it would stop writing.
+        assert 2 * renew <= lease - margin, lease
