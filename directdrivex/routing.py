@@ -8,6 +8,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter
 from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
 from django.core.asgi import get_asgi_application
+from django.urls import re_path
 
 # Django must be set up (get_asgi_application does it) before importing code that uses models.
 django_asgi_app = get_asgi_application()
@@ -17,11 +18,15 @@ if settings.DEBUG:
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 from uploads.routing import websocket_urlpatterns  # noqa: E402
-from uploads.ws_auth import websocket_auth_stack  # noqa: E402
+from uploads.ws_auth import refuse_handshake, websocket_auth_stack  # noqa: E402
+
+# Any other WebSocket path is refused at the handshake (Daphne answers 403);
+# without this route, URLRouter raises and Daphne answers 500 with a traceback.
+unknown_websocket_path = re_path(r"", refuse_handshake)
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
-        "websocket": websocket_auth_stack(URLRouter(websocket_urlpatterns)),
+        "websocket": websocket_auth_stack(URLRouter([*websocket_urlpatterns, unknown_websocket_path])),
     }
 )

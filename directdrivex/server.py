@@ -1,13 +1,22 @@
-"""Daphne, as DirectDriveX runs it: WebSocket size limits that fit the chunk size, plus transport backpressure.
+"""Daphne, as DirectDriveX runs it: WebSocket size limits that fit the chunk size, transport backpressure,
+and HTTP request bodies bounded at the transport.
 
 Daphne queues every received frame for the application without bound, so a
 client that ignores the credit window could grow the process by as much as it
 sends before the consumer refuses it. ``BackpressureServer`` gives each
 WebSocket connection a queue that stops reading the connection's socket while
 its unprocessed frames exceed one window, and reads again below half.
+
+Daphne also reads a whole HTTP request body before the application sees any
+of it, and then queues all of it in memory. ``BoundedRequest`` holds every body
+to ``DIRECTDRIVEX_MAX_REQUEST_BYTES`` while it arrives: a larger Content-Length
+is answered ``413 request_too_large`` before a byte of the body is read, a
+chunked body as soon as it passes the limit; the rest is discarded unstored.
+``streams_request_body`` is where a streaming transport (tus) will exempt its paths.
 """
 
 import asyncio
+import json
 import logging
 import sys
 from functools import partial
@@ -18,10 +27,13 @@ from functools import partial
 sys.modules.setdefault("OpenSSL", None)
 
 from daphne.cli import CommandLineInterface  # noqa: E402
+from daphne.http_protocol import HTTPFactory, WebRequest  # noqa: E402
 from daphne.server import Server  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from django.conf import settings  # noqa: E402
 from twisted.internet import defer  # noqa: E402
+
+from uploads.exceptions import RequestTooLarge  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +89,126 @@ class TransportBackpressureQueue(asyncio.Queue):
         return item
 
 
+# After a 413, how long the rest of a refused body is read and dropped before the
+# connection is cut. Closing a socket with unread data makes the kernel send a
+# reset, which can destroy the 413 before a client that is still sending reads
+# it; reading on (and discarding, so memory stays flat) lets it arrive first.
+LINGER_SECONDS = 5
+
+
+def streams_request_body(method: bytes, path: bytes) -> bool:
+    """Whether a request's body is exempt from DIRECTDRIVEX_MAX_REQUEST_BYTES (``path`` without its query).
+
+    The hook for a streaming HTTP transport such as tus (PATCH requests whose
+    bodies are many MiB). No path streams today, so every body is bounded.
+    Returning True for a path lifts the limit for it and nothing else: Daphne
+    would then still buffer that whole body. A streaming path therefore also
+    needs ``BoundedRequest`` to hand its body to the application as it
+    arrives, pausing the socket while the application's queue holds about a
+    window (as ``TransportBackpressureQueue`` does for WebSocket frames).
+    """
+    return False
+
+
+def _refusal_bytes(limit: int) -> bytes:
+    refusal = RequestTooLarge(f"The request body is larger than {limit} bytes, the most this server accepts.")
+    body = json.dumps(refusal.as_dict()).encode()
+    head = (
+        b"HTTP/1.1 413 Content Too Large\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: close\r\n\r\n"
+    ) % len(body)
+    return head + body
+
+
+class BoundedRequest(WebRequest):
+    """Daphne's HTTP request with its body held to DIRECTDRIVEX_MAX_REQUEST_BYTES while it arrives.
+
+    Twisted calls ``gotLength`` once the headers are in and before any body
+    byte is read, then ``handleContentChunk`` for each piece of the body (after
+    de-chunking), then ``requestReceived`` once the body is complete, which is
+    when Daphne starts the application. A refused request never gets that far.
+    """
+
+    body_limit: int | None = None
+    body_received = 0
+    refused = False
+    _linger = None
+
+    def gotLength(self, length):
+        # Twisted gives the request its method and path only once the body is in;
+        # the channel has parsed the request line already.
+        method, target = self.channel._command, self.channel._path
+        if not streams_request_body(method, target.split(b"?", 1)[0]):
+            self.body_limit = settings.DIRECTDRIVEX_MAX_REQUEST_BYTES
+        if self.body_limit is not None and length is not None and length > self.body_limit:
+            # No "100 Continue" for a body we will not read (Twisted sends it after gotLength).
+            self.requestHeaders.removeHeader(b"Expect")
+            self.refuse_too_large(f"Content-Length {length}")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.refused:
+            return
+        self.body_received += len(data)
+        if self.body_limit is not None and self.body_received > self.body_limit:
+            self.refuse_too_large(f"more than {self.body_limit} bytes of a chunked body")
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version):
+        if self.refused:
+            return  # answered with 413 already: the application never sees this request
+        super().requestReceived(command, path, version)
+
+    def refuse_too_large(self, what: str) -> None:
+        """Answer 413 at once, then drop whatever else the client sends until it goes or the linger ends."""
+        self.refused = True
+        channel = self.channel
+        client = channel.transport.getPeer()
+        log.info(
+            "refused HTTP request body: %s, over the limit of %d bytes (%s %s from %s)",
+            what, self.body_limit, channel._command.decode("latin-1"),
+            channel._path.decode("latin-1")[:200], getattr(client, "host", client),
+        )  # fmt: skip
+        channel.transport.write(_refusal_bytes(self.body_limit))
+        # Reading goes on (into nothing) so the 413 is not lost to a reset; see LINGER_SECONDS.
+        channel.dataReceived = _discard
+        getattr(channel.transport, "loseWriteConnection", channel.transport.loseConnection)()
+        self._linger = channel.callLater(LINGER_SECONDS, channel.transport.abortConnection)
+
+    def connectionLost(self, reason):
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+class BoundedHTTPFactory(HTTPFactory):
+    """Daphne's HTTP factory, with ``BoundedRequest`` for every request."""
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        protocol.requestFactory = BoundedRequest
+        return protocol
+
+
 class BackpressureServer(Server):
+    @property
+    def http_factory(self):
+        return self._http_factory
+
+    @http_factory.setter
+    def http_factory(self, _daphne_factory):
+        # Daphne's run() builds its HTTPFactory inline, with no hook to pass
+        # another: this is the one place to put ours (bounded request bodies) in.
+        self._http_factory = BoundedHTTPFactory(self)
+
     def create_application(self, protocol, scope):
         if not isinstance(protocol, WebSocketProtocol):
             return super().create_application(protocol, scope)

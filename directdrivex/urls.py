@@ -1,4 +1,4 @@
-"""Root URLconf: admin, sign-in pages, the API and its schema, the app's pages."""
+"""Root URLconf: admin, sign-in pages, the API and its schema, the app's pages, and the error handlers."""
 
 from django.contrib import admin
 from django.urls import include, path
@@ -10,3 +10,10 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("", include("uploads.urls")),
 ]
+
+# Errors Django itself answers (raised outside a view, e.g. in middleware): JSON
+# on /api/ paths, Django's own pages elsewhere (uploads.api_errors).
+handler400 = "uploads.api_errors.bad_request"
+handler403 = "uploads.api_errors.permission_denied"
+handler404 = "uploads.api_errors.page_not_found"
+handler500 = "uploads.api_errors.server_error"

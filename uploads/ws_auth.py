@@ -1,27 +1,74 @@
 """WebSocket authentication: Origin validation, session cookies and ws_url tickets.
 
-* A connection with an ``Origin`` header must come from an allowed host
-  (channels' AllowedHostsOriginValidator; a foreign origin gets HTTP 403).
+* A connection with an ``Origin`` header must come from the server's own
+  origin or a trusted one, judged as Django's CSRF check judges it; a foreign
+  origin is refused at the handshake (Daphne answers HTTP 403), ticket or not.
 * A connection without ``Origin`` is a script: only a ticket can admit it,
   never a session cookie alone (cookies without Origin could be replayed).
 * A valid ticket sets the user and the one upload it admits
   (``scope["ticket_upload_id"]``); the consumer checks that id.
 """
 
-from urllib.parse import parse_qs
+import io
+import logging
+from urllib.parse import parse_qs, urlsplit
 
 from channels.auth import AuthMiddlewareStack
 from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
-from channels.security.websocket import AllowedHostsOriginValidator
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import DisallowedHost
+from django.core.handlers.asgi import ASGIRequest
+from django.utils.http import is_same_domain
 
 from uploads.tickets import ticket_read
 
+log = logging.getLogger(__name__)
+
+
+def _origin(scope) -> str | None:
+    return next((value.decode("latin-1") for name, value in scope.get("headers", []) if name == b"origin"), None)
+
 
 def _has_origin(scope) -> bool:
-    return any(name == b"origin" for name, _value in scope.get("headers", []))
+    return _origin(scope) is not None
+
+
+def _own_origin(scope) -> str | None:
+    """The server's origin as this handshake reached it, or None when its Host is not in ALLOWED_HOSTS.
+
+    Read through Django's own request, so the Host header (X-Forwarded-Host
+    with USE_X_FORWARDED_HOST), ALLOWED_HOSTS and SECURE_PROXY_SSL_HEADER count
+    exactly as they do for an HTTP request; ws is http and wss is https.
+    """
+    scheme = "https" if scope.get("scheme") == "wss" else "http"
+    request = ASGIRequest(dict(scope, method="GET", scheme=scheme), io.BytesIO())
+    try:
+        host = request.get_host()
+    except DisallowedHost:
+        return None
+    return f"{request.scheme}://{host}"
+
+
+def origin_allowed(scope, origin: str) -> bool:
+    """Django's CSRF Origin check (CsrfViewMiddleware._origin_verified) for a WebSocket handshake:
+    scheme, host and port must equal the server's own origin, or be in CSRF_TRUSTED_ORIGINS
+    (exactly, or under a ``scheme://*.domain`` entry)."""
+    if origin == _own_origin(scope):
+        return True
+    trusted = settings.CSRF_TRUSTED_ORIGINS
+    if origin in trusted:
+        return True
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    wildcards = (urlsplit(entry) for entry in trusted if "*" in entry)
+    return any(
+        entry.scheme == parts.scheme and is_same_domain(parts.netloc, entry.netloc.lstrip("*")) for entry in wildcards
+    )
 
 
 @database_sync_to_async
@@ -45,18 +92,30 @@ class TicketAuthMiddleware(BaseMiddleware):
         return await super().__call__(scope, receive, send)
 
 
-class OriginValidatorAllowingScripts:
-    """AllowedHostsOriginValidator for browsers; scripts (no Origin) pass to ticket auth."""
+async def refuse_handshake(scope, receive, send):
+    """Refuse a WebSocket at its handshake (Daphne answers HTTP 403).
+
+    A bare ASGI application, not a consumer: refusing costs no channel-layer
+    channel, however many foreign or misdirected handshakes arrive.
+    """
+    message = await receive()
+    if message["type"] == "websocket.connect":
+        await send({"type": "websocket.close"})
+
+
+class OriginCheck:
+    """Refuses a handshake from a foreign Origin (see ``origin_allowed``); scripts (no Origin) pass to ticket auth."""
 
     def __init__(self, application):
         self.application = application
 
     async def __call__(self, scope, receive, send):
-        if _has_origin(scope):
-            # Built per connection: the validator copies ALLOWED_HOSTS when it is made.
-            return await AllowedHostsOriginValidator(self.application)(scope, receive, send)
+        origin = _origin(scope)
+        if origin is not None and not origin_allowed(scope, origin):
+            log.info("websocket refused: foreign origin %r for %s", origin[:200], scope.get("path", "")[:200])
+            return await refuse_handshake(scope, receive, send)
         return await self.application(scope, receive, send)
 
 
 def websocket_auth_stack(inner):
-    return OriginValidatorAllowingScripts(AuthMiddlewareStack(TicketAuthMiddleware(inner)))
+    return OriginCheck(AuthMiddlewareStack(TicketAuthMiddleware(inner)))
