@@ -40,6 +40,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: a bad Host or an unknown /api/ path is a JSON refusal before anything else answers it.
+    "uploads.middleware.ApiEdgeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -69,16 +71,7 @@ TEMPLATES = [
     },
 ]
 
-DATABASE_URL = env.str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # IMMEDIATE takes the write lock at BEGIN, so two processes never both read
-    # and then fail to upgrade ("database is locked"); the timeout lets them queue.
-    DATABASES["default"]["OPTIONS"] = {
-        "transaction_mode": "IMMEDIATE",
-        "timeout": 30,
-        "init_command": "PRAGMA journal_mode=WAL;",
-    }
+# DATABASES is at the end of this file: the PostgreSQL pool is sized by a DirectDriveX setting.
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL")
@@ -177,3 +170,42 @@ DIRECTDRIVEX_TICKET_MAX_AGE = 600
 
 # Read by uploads.checks (uploads.E001) so a bad value stops start-up with a message.
 DIRECTDRIVEX_CONFIG_ERRORS = env.errors
+
+# --- Errors at the edges (docs/api.md) -----------------------------------------
+# The server refuses larger bodies at the transport (directdrivex/server.py);
+# Django's own limit follows it, so raising DIRECTDRIVEX_MAX_REQUEST_BYTES raises
+# both and a body the transport let through is never refused by Django.
+DATA_UPLOAD_MAX_MEMORY_SIZE = DIRECTDRIVEX_MAX_REQUEST_BYTES
+
+# --- Database (docs/deployment.md, "Database connections: the budget") ------
+DATABASE_URL = env.str("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'var' / 'db.sqlite3'}"
+# Seconds a request waits for a pooled PostgreSQL connection before it is refused
+# with 503 unavailable (psycopg_pool's PoolTimeout is an OperationalError). A
+# healthy request holds a connection for milliseconds, so a wait of seconds means
+# the database is saturated or unreachable; 5 s matches Unavailable's Retry-After
+# and stays inside a writer's lease safety margin (a fifth of the default lease).
+DIRECTDRIVEX_DB_POOL_TIMEOUT = env.int("DIRECTDRIVEX_DB_POOL_TIMEOUT", 5)
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_health_checks=True)}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A connection is a file handle here, so persistent ones are cheap and kept.
+    DATABASES["default"]["CONN_MAX_AGE"] = 60
+    # IMMEDIATE takes the write lock at BEGIN, so two processes never both read
+    # and then fail to upgrade ("database is locked"); the timeout lets them queue.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL;",
+    }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Under ASGI every request runs in its own thread, so persistent connections
+    # (CONN_MAX_AGE > 0) are never reused and pile up. Django's guidance for ASGI:
+    # CONN_MAX_AGE = 0 (the default of parse()) and the psycopg pool, so a process
+    # never opens more than DIRECTDRIVEX_DB_POOL_SIZE connections, whatever the load.
+    # CONN_HEALTH_CHECKS makes the pool check a connection before handing it out.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        # One warm connection per idle process; the rest open on demand and close
+        # after the pool's max_idle (10 min) without use.
+        "min_size": 1,
+        "max_size": DIRECTDRIVEX_DB_POOL_SIZE,
+        "timeout": DIRECTDRIVEX_DB_POOL_TIMEOUT,
+    }
