@@ -46,7 +46,8 @@ async def disconnect_everything():
         communicator = OPENED.pop()
         with contextlib.suppress(Exception):
             await communicator.disconnect(timeout=5)
-    # The consumers' database thread keeps its connection (CONN_MAX_AGE); close it,
+    # Channels' shared database thread keeps its connection (CONN_MAX_AGE on SQLite, or one
+    # borrowed from the pool on PostgreSQL until closed); close it,
     # or PostgreSQL refuses to drop the test database at the end of the run.
     await database_sync_to_async(connections.close_all)()
 

@@ -12,15 +12,18 @@ second task, so no wait cycle can form; every exit path goes through
 
 Durability (spec, "WebSocket upload protocol" 4): offsets are committed
 (fsync, then one fenced UPDATE that renews the lease) every COMMIT_BYTES or
-COMMIT_SECONDS. Commits run in line with writing, so while a slow commit
-runs nothing more is written or acknowledged: acks never lead the durable
-offset by more than COMMIT_BYTES plus one batch, and an acknowledged byte is
-durable within COMMIT_SECONDS plus one commit. When the disk is so slow that
-a commit takes longer than ACK_HOLD_SECONDS, acks are held back to the
-durable offset itself until it recovers, so the 5 s bound holds there too.
+COMMIT_SECONDS. A commit runs in a thread while the next batches are
+written, but the sequence itself starts it, collects its outcome between
+batches and waits for it when it must: before finalizing, and before writing
+more once the written bytes lead the durable offset by ACK_LEAD_BYTES — so
+acks never lead durability by more than that plus one batch. When the disk is
+so slow that a commit takes longer than ACK_HOLD_SECONDS, acks are held back
+to the durable offset itself until it recovers, so the 5 s bound holds there
+too.
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -29,8 +32,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connections
 
 from uploads import storage
 from uploads.exceptions import (
@@ -63,6 +67,9 @@ COMMIT_SECONDS = 1.0
 DURABILITY_SECONDS = 5.0
 # A commit slower than this means a struggling disk: acknowledge only durable bytes.
 ACK_HOLD_SECONDS = 2.5
+# Written (and so acknowledged) bytes never lead the durable offset by more than
+# this plus one batch: the spec's 64 MiB, with room for a batch and a frame.
+ACK_LEAD_BYTES = 56 * 1024 * 1024
 # One database call may take this long before the connection is refused with
 # 4503 (a stalled database would otherwise hang the writer forever).
 DB_CALL_SECONDS = 10.0
@@ -101,11 +108,21 @@ def _executor() -> ThreadPoolExecutor:
     return _db_executor
 
 
+def _closing_connections(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    finally:
+        # Hand the thread's connection back (to the pool, on PostgreSQL) after
+        # every call: a writer thread may run again only seconds later, and
+        # idle connections held per thread are what exhausted the database.
+        connections.close_all()
+
+
 async def db_call(function, *args, timeout: float = DB_CALL_SECONDS, **kwargs):
     """Run a service function in a database thread; a call that takes longer than ``timeout`` is Unavailable."""
-    call = database_sync_to_async(function, thread_sensitive=False, executor=_executor())
+    call = sync_to_async(_closing_connections, thread_sensitive=False, executor=_executor())
     try:
-        return await asyncio.wait_for(call(*args, **kwargs), timeout)
+        return await asyncio.wait_for(call(function, *args, **kwargs), timeout)
     except TimeoutError:
         raise Unavailable("The database did not answer in time.") from None
 
@@ -149,7 +166,8 @@ class UploadWriter:
         # Set by stop(): the re-hash of a resumed prefix checks it between blocks.
         self._interrupt = threading.Event()
         self._wake = asyncio.Event()
-        self._inflight: asyncio.Future | None = None  # the one disk operation running in a thread
+        self._inflight: set[asyncio.Future] = set()  # disk operations running in threads on our fd
+        self._commit_task: asyncio.Future | None = None  # the one commit in flight, collected by run()
         self._fenced = False  # someone else owns the upload now: never commit or release again
         self._released = False
         self._closed = False
@@ -237,11 +255,14 @@ class UploadWriter:
                 return await self._finalize()
             if self._stop is not None and not self.pending:
                 raise self._stop
+            await self._collect_commit(wait=False)
             if self.pending:
+                if self.written - self.durable >= ACK_LEAD_BYTES:
+                    await self._commit()  # durability must catch up before more is written
                 await self._write(self._take_batch())
                 self._last_byte_at = time.monotonic()
-                if self._commit_due():
-                    await self._commit()
+                if self._commit_task is None and self._commit_due():
+                    self._start_commit()
                 await self._ack(send_ack)
                 continue
             # Caught up with everything that arrived: say where we stand at once.
@@ -267,6 +288,8 @@ class UploadWriter:
         except Exception:
             log.exception("writer close failed upload=%s; the slot expires with its lease", self.upload_id)
         finally:
+            if self._commit_task is not None and not self._commit_task.done():
+                self._commit_task.cancel()  # its thread, if any, finishes on its own
             self._let_go_of_file()
 
     # --- opening ----------------------------------------------------------------
@@ -348,21 +371,46 @@ class UploadWriter:
             self.acked = offset
             await send_ack(offset)
 
-    async def _commit(self):
-        """fsync, then one fenced UPDATE of offset + lease (never inside a transaction with the fsync)."""
-        started = time.monotonic()
-        offset = self.written
+    def _start_commit(self):
+        """Start fsync + fenced UPDATE of the current offset in a thread; run() collects the outcome."""
+        offset, started = self.written, time.monotonic()
+        self._first_unsynced_at = None  # bytes written from now on wait for the next commit
+        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, started))
+        self._commit_task.add_done_callback(self._commit_done)
+
+    def _commit_done(self, task: asyncio.Future):
+        self._wake.set()  # run() collects the outcome; a closing writer may never: mark it seen
+        if not task.cancelled():
+            task.exception()
+
+    async def _commit_call(self, part: storage.PartFile, offset: int, started: float) -> tuple[int, float]:
         if offset > self.durable:
-            await self._in_thread(self.part.sync)
+            await self._in_thread(part.sync)
+        await db_call(writer_commit, self.grant, offset)
+        return offset, started
+
+    async def _collect_commit(self, *, wait: bool):
+        """Take in the outcome of the commit in flight (raising its refusal), waiting for it if asked."""
+        task = self._commit_task
+        if task is None or (not wait and not task.done()):
+            return
+        if not task.done():
+            await asyncio.wait({task})
+        self._commit_task = None
         try:
-            await db_call(writer_commit, self.grant, offset)
+            offset, started = task.result()
         except (LeaseLost, NotUploading):
             self._fenced = True
             raise
-        self.durable = offset
-        self._first_unsynced_at = None
+        self.durable = max(self.durable, offset)
         self._last_commit_seconds = time.monotonic() - started
         self._renewed(started)
+
+    async def _commit(self):
+        """Commit now and wait for it (after the one in flight): makes everything written durable, renews."""
+        await self._collect_commit(wait=True)
+        self._start_commit()
+        await self._collect_commit(wait=True)
 
     def _renewed(self, at: float):
         self._lease_deadline = at + self.lease_seconds - lease_safety_seconds(self.lease_seconds)
@@ -420,6 +468,10 @@ class UploadWriter:
     # --- cleanup -------------------------------------------------------------------
 
     async def _settle(self, reason: str):
+        if self._commit_task is not None:
+            await asyncio.wait({self._commit_task})
+            with contextlib.suppress(Exception):
+                await self._collect_commit(wait=True)  # fenced or failed: judged below
         await self._wait_inflight()
         grant = self.grant
         if grant is None or self._fenced:
@@ -441,7 +493,8 @@ class UploadWriter:
     async def _in_thread(self, function, *args):
         """Run one disk operation in a thread; the part file is never closed under it."""
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)
-        self._inflight = future
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -450,19 +503,27 @@ class UploadWriter:
             raise
 
     async def _wait_inflight(self):
-        if self._inflight is not None and not self._inflight.done():
-            await asyncio.wait({self._inflight})
+        if self._inflight:
+            await asyncio.wait(set(self._inflight))
 
     def _let_go_of_file(self):
         part, self.part = self.part, None
         if part is None:
             return
-        if self._inflight is not None and not self._inflight.done():
-            # A thread still writes or fsyncs through this fd: closing it now could
-            # let the number be reused under the thread's pwrite. Close when it ends.
-            self._inflight.add_done_callback(lambda _future: part.close())
-        else:
+        running = set(self._inflight)
+        if not running:
             part.close()
+            return
+
+        # A thread still writes or fsyncs through this fd: closing it now could
+        # let the number be reused under the thread's pwrite. Close when the last one ends.
+        def close_when_idle(_future):
+            running.discard(_future)
+            if not running:
+                part.close()
+
+        for future in list(running):
+            future.add_done_callback(close_when_idle)
 
 
 def _close_orphan(future: asyncio.Future):
