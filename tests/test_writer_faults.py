@@ -341,6 +341,10 @@ async def test_idle_writer_is_closed_with_4408_its_slot_freed_and_the_upload_can
     assert (after.status, after.offset) == ("uploading", CHUNK)
     assert after.last_activity_at == last_byte, "a heartbeat moved the idle clock"
     assert await active_slots(upload) == 0
+    reasons = await database_sync_to_async(
+        lambda: list(Slot.objects.filter(upload=upload).values_list("release_reason", flat=True))
+    )()
+    assert reasons == [Slot.ReleaseReason.IDLE]
 
     later = last_byte + timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS + 1)
     expired = await database_sync_to_async(uploads_expire)(now=later)

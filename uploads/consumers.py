@@ -25,6 +25,7 @@ from django.conf import settings
 
 from uploads.exceptions import (
     DirectDriveXError,
+    IdleTimeout,
     LeaseLost,
     NotUploading,
     ProtocolError,
@@ -171,12 +172,14 @@ class UploadConsumer(AsyncWebsocketConsumer):
             await writer.close(reason)
 
     async def _refuse(self, refusal: DirectDriveXError):
+        reason = Reason.IDLE if isinstance(refusal, IdleTimeout) else Reason.ERROR
         if self.client_gone:
+            await self.writer.close(reason)
             return
         await self._send_json({"type": "error", **refusal.as_dict(ws=True)})
         # Durable offset and slot are settled before the close code goes out, so
         # a client that reconnects at once finds the resume point and a free slot.
-        await self.writer.close(Reason.ERROR)
+        await self.writer.close(reason)
         await self.close(code=refusal.close_code)
 
     def _authorize(self):

@@ -108,6 +108,7 @@ class Slot(models.Model):
         EXPIRED = "expired", "lease expired (reaped)"
         RESET = "reset"
         FAILED = "failed"
+        IDLE = "idle", "idle (no bytes for DIRECTDRIVEX_IDLE_SECONDS)"
 
     kind = models.CharField(max_length=8, choices=Kind.choices)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="slots")
