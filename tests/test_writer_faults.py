@@ -21,7 +21,7 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.db import OperationalError
+from django.db import OperationalError, connections
 
 from directdrivex.routing import application
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
@@ -304,7 +304,14 @@ async def test_connection_racing_delete_never_leaves_an_active_slot_or_a_file(al
     upload = await create(alice, data)
     communicator = WebsocketCommunicator(application, await database_sync_to_async(ws_url)(upload))
     OPENED.append(communicator)
-    delete = database_sync_to_async(upload_delete, thread_sensitive=False)(alice, upload.pk)
+
+    def delete_in_a_thread_of_its_own():
+        try:
+            upload_delete(alice, upload.pk)
+        finally:
+            connections.close_all()  # or PostgreSQL cannot drop the test database at the end
+
+    delete = asyncio.to_thread(delete_in_a_thread_of_its_own)
     if round_ % 2:
         await asyncio.sleep(0.001 * round_)
     connected, _deleted = await asyncio.gather(communicator.connect(), delete)
