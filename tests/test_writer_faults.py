@@ -255,6 +255,19 @@ async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_write
     assert await active_slots(upload) == 0
 
 
+async def test_a_visible_file_that_does_not_match_the_declared_sha256_is_never_completed(alice):
+    data = payload(3 * CHUNK)
+    upload = await create(alice, data)
+    # A finished file that is not these bytes (a damaged disk, a hand-copied file).
+    storage.ensure_layout()
+    storage.final_path(upload.storage_key).write_bytes(data[:-1] + b"!")
+    communicator, ready = await connect_ticket(upload)
+    assert ready["offset"] == len(data)
+    await expect_close(communicator, "checksum_mismatch", 4422)
+    assert (await refresh(upload)).status == "failed"
+    assert not storage.final_path(upload.storage_key).exists()
+
+
 async def test_delete_during_finalize_answers_only_once_the_bytes_are_gone(alice, monkeypatch):
     data = payload(5 * CHUNK)
     upload = await create(alice, data)

@@ -440,13 +440,11 @@ class UploadWriter:
         ended upload (cancel, expire, delete) takes the bytes away.
         """
         grant = self.grant
-        if self.part is None:
-            digest = self._finished_digest
-        else:
-            digest = self.part.hexdigest()
-            if grant.sha256 and digest != grant.sha256:
-                await db_call(writer_fail, grant)  # raises LeaseLost / NotUploading if we were fenced
-                raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
+        digest = self._finished_digest if self.part is None else self.part.hexdigest()
+        if grant.sha256 and digest != grant.sha256:
+            await db_call(writer_fail, grant)  # raises LeaseLost / NotUploading if we were fenced
+            raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
+        if self.part is not None:
             await self._commit()
             try:
                 await self._in_thread(self.part.finalize)
