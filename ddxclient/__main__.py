@@ -18,12 +18,26 @@ def main(argv=None) -> int:
     up.add_argument("--token", default=os.environ.get("DDX_TOKEN"), help="API token (or DDX_TOKEN)")
     up.add_argument("--resume", metavar="UPLOAD_ID", help="continue this unfinished upload of the same file")
     up.add_argument("--no-sha256", action="store_true", help="don't declare the sha256 up front (still checked)")
-    up.add_argument("--max-retries", type=int, default=50, help="reconnects before giving up (default 50)")
+    up.add_argument(
+        "--max-retries",
+        type=int,
+        default=50,
+        help="retries in a row without progress before giving up (default 50; the count restarts on progress)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=60,
+        metavar="SECONDS",
+        help="retry a request or connection that shows no sign of life for this long (default 60)",
+    )
     up.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     if not args.token:
         parser.error("--token or DDX_TOKEN is required")
+    if args.timeout <= 0 or args.max_retries < 0:
+        parser.error("--timeout must be positive and --max-retries at least 0")
 
     uploader = Uploader(
         args.server,
@@ -31,6 +45,7 @@ def main(argv=None) -> int:
         declare_sha256=not args.no_sha256,
         max_retries=args.max_retries,
         progress=not args.quiet,
+        timeout=args.timeout,
     )
     try:
         result = asyncio.run(uploader.upload(args.file, resume_id=args.resume))
