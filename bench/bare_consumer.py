@@ -36,6 +36,7 @@ log = logging.getLogger("bench.bare")
 
 CHUNK_SIZE = 1024 * 1024
 WINDOW = 8 * 1024 * 1024
+MAX_REQUEST_BYTES = 1024 * 1024  # directdrivex.settings' default
 
 
 class BareConsumer(AsyncWebsocketConsumer):
@@ -93,6 +94,8 @@ def serve(port: int, directory: str) -> None:
         CHANNEL_LAYERS={"default": layer},
         DIRECTDRIVEX_CHUNK_SIZE=int(os.environ.get("DIRECTDRIVEX_CHUNK_SIZE", CHUNK_SIZE)),
         DIRECTDRIVEX_WINDOW=int(os.environ.get("DIRECTDRIVEX_WINDOW", WINDOW)),
+        # directdrivex.server bounds every HTTP request body (the WebSocket handshake too) by this.
+        DIRECTDRIVEX_MAX_REQUEST_BYTES=int(os.environ.get("DIRECTDRIVEX_MAX_REQUEST_BYTES", MAX_REQUEST_BYTES)),
         BARE_DIR=directory,
         LOGGING_CONFIG=None,
     )

@@ -1,7 +1,8 @@
-"""Upload throughput and memory benchmark: DirectDriveX against two baselines on the same bytes, in one run.
+"""Upload throughput and memory benchmark: DirectDriveX against three baselines on the same bytes, in one run.
 
     .venv/bin/python bench/upload.py                      # 1 GiB, SQLite, in-memory channel layer
     .venv/bin/python bench/upload.py --size 3624892618    # the reference 3.38 GB case
+    .venv/bin/python bench/upload.py --no-tus             # without the @tus/server peer (no Node needed)
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/ddx REDIS_URL=redis://127.0.0.1:6379/5 \\
         .venv/bin/python bench/upload.py                  # PostgreSQL (scratch database ddx_bench_<pid>) + Redis
 
@@ -14,6 +15,12 @@ Each round measures, on one file of random bytes:
 * bare: bench/bare_consumer.py, a Channels consumer that only appends frames to a file, under the same
   Daphne (same flags, backpressure queue and channel layer), driven by the reference client's own
   sending loop (same frames, same window), timed by its ``bare ready`` / ``bare complete`` log lines.
+* tus: a stock @tus/server 2 with @tus/file-store (bench/tus/server.mjs, Node, 127.0.0.1 only) receiving
+  the file from tus-js-client in PATCHes of --tus-chunk-size bytes (4 MiB; bench/tus/upload.mjs), timed by
+  its ``tus ready`` (upload created) / ``tus durable`` (last PATCH written, file fsynced once) log lines.
+  The npm packages (versions pinned by bench/tus/package-lock.json) are installed with ``npm ci`` into
+  --tus-cache (default ~/.cache/directdrivex-bench/tus) on first use and reused while the lock file is
+  unchanged.
 * disk: 1 MiB blocks read from the file and written to a new one in the same filesystem, fsync at the end.
 
 The server's RSS is sampled from /proc every --sample seconds together with the bytes that have
@@ -27,6 +34,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -50,9 +58,16 @@ GiB = 1024 * MiB
 BLOCK = 64 * MiB
 REFERENCE_SIZE = 3_624_892_618
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+TUS_SOURCE = ROOT / "bench" / "tus"
+TUS_FILES = ("package.json", "package-lock.json", "server.mjs", "upload.mjs")
+DEFAULT_TUS_CACHE = Path.home() / ".cache" / "directdrivex-bench" / "tus"
+TUS_CHUNK = 4 * MiB
 
 # Targets of issue 3 on this 2-core machine.
 TARGET_RATIO, STRETCH_RATIO = 1.0, 1.3
+# The project's goal against the peer: at least @tus/server's speed, at most 3 s of server CPU per GiB.
+TARGET_TUS_RATIO = 1.0
+TARGET_CPU_PER_GIB = 3.0
 TARGET_PEAK_RSS = 100 * MiB
 TARGET_GROWTH = 32 * MiB
 TARGET_LATE_GROWTH = 8 * MiB
@@ -181,11 +196,13 @@ def children_cpu() -> float:
 class PySpy:
     """Optional: py-spy recording a server while it receives the upload (collapsed stacks)."""
 
-    def __init__(self, binary: str | None, pid: int, output: Path):
+    def __init__(self, binary: str | None, pid: int, output: Path, extra: tuple[str, ...] = ()):
         self.process = None
         if binary:
+            # --threads roots every stack at its thread, so the event loop and the writer / DB threads separate.
             self.process = subprocess.Popen(
-                [binary, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(output)],
+                [binary, "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--threads",
+                 *extra, "--output", str(output)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             time.sleep(1)
@@ -233,7 +250,7 @@ def measure_ours(args, workdir: Path, source: Path, size: int, database_url: str
         storage = server.storage
         sampler = Sampler(server.pid, lambda: dir_bytes(storage / "partial", storage / "files"), args.sample)
         sampler.start()
-        spy = PySpy(args.py_spy, server.pid, workdir / f"ours{tag}.pyspy.txt")
+        spy = PySpy(args.py_spy, server.pid, workdir / f"ours{tag}.pyspy.txt", args.py_spy_args)
         client_cpu, started = children_cpu(), time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "ddxclient", "upload", str(source), "--server", server.url, "--token", token,
@@ -265,11 +282,11 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 30) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bare consumer exited with {process.returncode}")
+            raise RuntimeError(f"server {process.args[:2]} exited with {process.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             return
         time.sleep(0.1)
-    raise RuntimeError("bare consumer did not listen in time")
+    raise RuntimeError(f"server {process.args[:2]} did not listen in time")
 
 
 def measure_bare(args, workdir: Path, source: Path, size: int, tag: str) -> dict:
@@ -289,7 +306,7 @@ def measure_bare(args, workdir: Path, source: Path, size: int, tag: str) -> dict
         idle, cpu_before = proc_status(server.pid), (proc_cpu_seconds(server.pid), thread_cpu(server.pid))
         sampler = Sampler(server.pid, lambda: dir_bytes(folder), args.sample)
         sampler.start()
-        spy = PySpy(args.py_spy, server.pid, workdir / f"bare{tag}.pyspy.txt")
+        spy = PySpy(args.py_spy, server.pid, workdir / f"bare{tag}.pyspy.txt", args.py_spy_args)
         client_cpu, started = children_cpu(), time.monotonic()
         done = subprocess.run(
             [sys.executable, "bench/bare_consumer.py", "send", "--server", f"http://127.0.0.1:{port}", str(source)],
@@ -307,12 +324,86 @@ def measure_bare(args, workdir: Path, source: Path, size: int, tag: str) -> dict
         figures.update(client_wall=client_wall, client_cpu_per_gib=client_cpu / (size / GiB))
         return figures
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def tus_install(cache: Path) -> Path:
+    """bench/tus installed into ``cache`` (``npm ci``), reused while package.json and the lock file are unchanged.
+
+    The scripts are copied next to node_modules on every run: Node resolves ES
+    module imports from the script's own folder, and the repository must not
+    grow a node_modules.
+    """
+    npm = shutil.which("npm")
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = hashlib.sha256(b"".join((TUS_SOURCE / name).read_bytes() for name in TUS_FILES[:2])).hexdigest()
+    stamp = cache / ".installed"
+    if not (cache / "node_modules").is_dir() or not stamp.exists() or stamp.read_text() != lock:
+        for name in TUS_FILES[:2]:
+            shutil.copyfile(TUS_SOURCE / name, cache / name)
+        out(f"installing bench/tus into {cache} (npm ci) ...")
+        done = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--omit=optional", "--loglevel=error"],
+            cwd=cache, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if done.returncode:
+            raise SystemExit(f"npm ci in {cache} failed (--no-tus runs without it):\n{done.stdout}\n{done.stderr}")
+        stamp.write_text(lock)
+    for name in TUS_FILES[2:]:
+        shutil.copyfile(TUS_SOURCE / name, cache / name)
+    return cache
+
+
+def measure_tus(args, workdir: Path, source: Path, size: int, tag: str) -> dict:
+    folder = workdir / "tus"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "tus.log"
+    server_args = ["--no-fsync"] if args.tus_no_fsync else []
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            ["node", "server.mjs", "--port", str(port), "--dir", str(folder), *server_args],
+            cwd=args.tus_home, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port(port, server)
+        time.sleep(args.settle)
+        idle, cpu_before = proc_status(server.pid), (proc_cpu_seconds(server.pid), thread_cpu(server.pid))
+        sampler = Sampler(server.pid, lambda: dir_bytes(folder), args.sample)
+        sampler.start()
+        client_cpu, started = children_cpu(), time.monotonic()
+        done = subprocess.run(
+            ["node", "upload.mjs", "--endpoint", f"http://127.0.0.1:{port}/files/",
+             "--chunk-size", str(args.tus_chunk_size), str(source)],
+            cwd=args.tus_home, capture_output=True, text=True, timeout=3600,
+        )  # fmt: skip
+        client_wall, client_cpu = time.monotonic() - started, children_cpu() - client_cpu
+        sampler.stop()
+        if done.returncode:
+            raise RuntimeError(f"tus-js-client exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        seconds = log_seconds(log_path, "tus ready", "tus durable")
+        figures = server_figures(server.pid, idle, cpu_before, sampler, size, seconds)
+        # Without the final fsync (what @tus/file-store alone promises): up to the last byte written.
+        figures["mb_s_unsynced"] = size / log_seconds(log_path, "tus ready", "tus finished") / 1e6
+        stored = [path for path in folder.iterdir() if path.suffix != ".json"]
+        if [path.stat().st_size for path in stored] != [size]:
+            raise RuntimeError(f"expected one tus file of {size} bytes, found {stored}")
+        figures.update(
+            client_wall=client_wall, client_cpu_per_gib=client_cpu / (size / GiB), chunk_size=args.tus_chunk_size
+        )
+        return figures
+    finally:
+        stop_process(server)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -370,7 +461,7 @@ def report(rounds: list[dict], size: int) -> dict:
     summary = {"size": size, "rounds": len(rounds), "ours": ours}
     out()
     out(f"=== summary: {size} bytes ({size / GiB:.2f} GiB), median of {len(rounds)} round(s) ===")
-    for kind in ("ours", "bare", "disk"):
+    for kind in ("ours", "bare", "tus", "disk"):
         if kind not in rounds[0]:
             continue
         mb_s, seconds = median(kind, "mb_s"), median(kind, "seconds")
@@ -383,14 +474,22 @@ def report(rounds: list[dict], size: int) -> dict:
                 f"  client CPU {median(kind, 'client_cpu_per_gib'):5.2f} s/GiB"
                 f"  client wall {median(kind, 'client_wall'):7.2f} s"
             )
+        if kind == "tus":
+            line += f"  (without the final fsync {median(kind, 'mb_s_unsynced'):.1f} MB/s)"
         out(line)
         summary[kind] = {key: median(kind, key) for key in rounds[0][kind] if key != "upload_id"}
-    for kind in ("bare", "disk"):
+    for kind in ("bare", "tus", "disk"):
         if kind in rounds[0]:
             ratio = statistics.median(r["ours"]["mb_s"] / r[kind]["mb_s"] for r in rounds)
             summary[f"ratio_{kind}"] = ratio
-            out(f"ours / {kind}: {ratio:.2f}x")
-    for kind in ("ours", "bare"):
+            line = f"ours / {kind}: {ratio:.2f}x MB/s"
+            if kind != "disk":
+                cpu = statistics.median(r["ours"]["cpu_per_gib"] / r[kind]["cpu_per_gib"] for r in rounds)
+                growth = statistics.median(r["ours"]["growth"] / max(r[kind]["growth"], 1) for r in rounds)
+                summary[f"cpu_ratio_{kind}"], summary[f"growth_ratio_{kind}"] = cpu, growth
+                line += f", {cpu:.2f}x server CPU per GiB, {growth:.2f}x peak RSS growth"
+            out(line)
+    for kind in ("ours", "bare", "tus"):
         if kind not in rounds[0]:
             continue
         s = summary[kind]
@@ -409,6 +508,12 @@ def report(rounds: list[dict], size: int) -> dict:
         ratio = summary["ratio_bare"]
         out(f"target ours >= {TARGET_RATIO:.1f}x bare consumer: {ratio:.2f}x {verdict(ratio >= TARGET_RATIO)}"
             f" (stretch {STRETCH_RATIO:.1f}x: {verdict(ratio >= STRETCH_RATIO)})")  # fmt: skip
+    if "ratio_tus" in summary:
+        ratio = summary["ratio_tus"]
+        out(f"target ours >= {TARGET_TUS_RATIO:.1f}x @tus/server ({mib(rounds[0]['tus']['chunk_size'])} PATCH): "
+            f"{ratio:.2f}x {verdict(ratio >= TARGET_TUS_RATIO)}")  # fmt: skip
+    cpu = ours["cpu_per_gib"]
+    out(f"target server CPU <= {TARGET_CPU_PER_GIB:.1f} s/GiB: {cpu:.2f} {verdict(cpu <= TARGET_CPU_PER_GIB)}")
     out(f"target peak server RSS <= {mib(TARGET_PEAK_RSS)}: {mib(ours['peak_rss'])} "
         f"{verdict(ours['peak_rss'] <= TARGET_PEAK_RSS)}")  # fmt: skip
     out(f"target RSS growth <= {mib(TARGET_GROWTH)}: {mib(ours['growth'])} {verdict(ours['growth'] <= TARGET_GROWTH)}")
@@ -440,25 +545,48 @@ def main() -> int:
     )
     parser.add_argument("--keep-file", action="store_true", help="keep the generated file for the next run")
     parser.add_argument("--workdir", type=Path, help="where servers keep their storage (default: a temporary folder)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat ours/bare/disk this many times; medians reported")
-    parser.add_argument("--only", choices=["ours", "bare", "disk"], action="append", help="run only these (repeatable)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat ours/bare/tus/disk this many times, interleaved; medians reported"
+    )
+    parser.add_argument(
+        "--only", choices=["ours", "bare", "tus", "disk"], action="append", help="run only these (repeatable)"
+    )
+    parser.add_argument("--no-tus", action="store_true", help="leave out the @tus/server peer (no Node needed)")
+    parser.add_argument("--tus-chunk-size", type=int, default=TUS_CHUNK, help="tus-js-client PATCH size (4 MiB)")
+    parser.add_argument(
+        "--tus-cache", type=Path, default=DEFAULT_TUS_CACHE, help=f"where bench/tus is installed ({DEFAULT_TUS_CACHE})"
+    )
+    parser.add_argument(
+        "--tus-no-fsync", action="store_true", help="the tus server skips its one fsync at the end (stock file store)"
+    )
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for both servers, e.g. MALLOC_ARENA_MAX=2")  # fmt: skip
+                        help="extra environment for ours and bare (not tus), e.g. MALLOC_ARENA_MAX=2")  # fmt: skip
     parser.add_argument("--sample", type=float, default=0.2, help="RSS sampling interval in seconds (default 0.2)")
     parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before measuring idle RSS")
     parser.add_argument(
-        "--py-spy", metavar="PATH", help="record each server with this py-spy binary (raw stacks in workdir)"
+        "--py-spy", metavar="PATH", help="record each Python server with this py-spy binary (raw stacks in workdir)"
+    )
+    parser.add_argument(
+        "--py-spy-args", default="", metavar="ARGS", help="extra py-spy record options, e.g. '--gil' or '--idle'"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     args.server_env = parse_env(args.server_env)
-    kinds = args.only or ["ours", "bare", "disk"]
+    args.py_spy_args = tuple(shlex.split(args.py_spy_args))
+    kinds = [kind for kind in args.only or ["ours", "bare", "tus", "disk"] if not (args.no_tus and kind == "tus")]
 
     out(f"DirectDriveX upload benchmark, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     database = "PostgreSQL" if (os.environ.get("DATABASE_URL") or "").startswith("postgres") else "SQLite"
     layer = "Redis" if os.environ.get("REDIS_URL") else "in-memory"
     out(f"database: {database}, channel layer: {layer}, server env: {args.server_env}")
+    if "tus" in kinds and not (shutil.which("node") and shutil.which("npm")):
+        if args.only:
+            raise SystemExit("--only tus needs node and npm on PATH")
+        out("node or npm not found: the tus peer is left out (--no-tus says so explicitly)")
+        kinds.remove("tus")
+    if "tus" in kinds:
+        args.tus_home = tus_install(args.tus_cache)
 
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddx-bench-")))
@@ -483,6 +611,8 @@ def main() -> int:
                     figures[kind] = measure_ours(args, workdir, source, args.size, database_url, tag)
                 elif kind == "bare":
                     figures[kind] = measure_bare(args, workdir, source, args.size, tag)
+                elif kind == "tus":
+                    figures[kind] = measure_tus(args, workdir, source, args.size, tag)
                 else:
                     figures[kind] = measure_disk(workdir, source, args.size)
                 out(f"round {number}: {kind} {figures[kind]['mb_s']:.1f} MB/s in {figures[kind]['seconds']:.2f} s")
