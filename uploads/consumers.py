@@ -79,8 +79,12 @@ class UploadConsumer(AsyncWebsocketConsumer):
         except StopConsumer:
             pass
         finally:
-            LIVE_CONSUMERS.pop(self.channel_name, None)
-            await self._end_session()
+            try:
+                await self._end_session()
+            finally:
+                # Only now: while the session still holds the upload, a new
+                # connection must find this writer alive, not take it over.
+                LIVE_CONSUMERS.pop(self.channel_name, None)
 
     async def _layer_receive(self):
         delay = LAYER_RETRY_SECONDS[0]
