@@ -346,11 +346,21 @@ def test_e009_a_storage_layout_folder_that_is_a_file(good_settings, tmp_path):
     assert found(check_configuration(None), "uploads.E009") == ["DIRECTDRIVEX_STORAGE_DIR"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
-def test_e009_a_storage_folder_that_cannot_be_created(good_settings, tmp_path):
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create anything in: read-only by mode, or immutable when we are root."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    good_settings.DIRECTDRIVEX_STORAGE_DIR = locked / "storage"
+    if os.geteuid() == 0:
+        # Root ignores the mode; an immutable folder refuses even root (CI runs as root).
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    yield locked
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+
+
+def test_e009_a_storage_folder_that_cannot_be_created(good_settings, unwritable_folder):
+    good_settings.DIRECTDRIVEX_STORAGE_DIR = unwritable_folder / "storage"
 
     assert found(check_configuration(None), "uploads.E009") == ["DIRECTDRIVEX_STORAGE_DIR"]
 
