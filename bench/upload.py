@@ -68,7 +68,6 @@ TARGET_RATIO, STRETCH_RATIO = 1.0, 1.3
 # The project's goal against the peer: at least @tus/server's speed, at most 3 s of server CPU per GiB.
 TARGET_TUS_RATIO = 1.0
 TARGET_CPU_PER_GIB = 3.0
-TARGET_PEAK_RSS = 100 * MiB
 TARGET_GROWTH = 32 * MiB
 TARGET_LATE_GROWTH = 8 * MiB
 
@@ -514,8 +513,9 @@ def report(rounds: list[dict], size: int) -> dict:
             f"{ratio:.2f}x {verdict(ratio >= TARGET_TUS_RATIO)}")  # fmt: skip
     cpu = ours["cpu_per_gib"]
     out(f"target server CPU <= {TARGET_CPU_PER_GIB:.1f} s/GiB: {cpu:.2f} {verdict(cpu <= TARGET_CPU_PER_GIB)}")
-    out(f"target peak server RSS <= {mib(TARGET_PEAK_RSS)}: {mib(ours['peak_rss'])} "
-        f"{verdict(ours['peak_rss'] <= TARGET_PEAK_RSS)}")  # fmt: skip
+    # The peak itself is not a target: it is the idle size (which grows with what the server imports)
+    # plus the growth, and the spec bounds the growth.
+    out(f"peak server RSS (idle + growth, not a target): {mib(ours['peak_rss'])}")
     out(f"target RSS growth <= {mib(TARGET_GROWTH)}: {mib(ours['growth'])} {verdict(ours['growth'] <= TARGET_GROWTH)}")
     if "rss_third" in ours:
         late = ours["hwm_end"] - ours["hwm_third"]
