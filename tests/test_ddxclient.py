@@ -36,7 +36,8 @@ from websockets.sync.server import serve
 import ddxclient.uploader
 from ddxclient.__main__ import main
 from ddxclient.uploader import EXIT_FAILED, EXIT_REFUSED, FIRST_BACKOFF, retry_after
-from tests.support.live_server import ROOT, LiveServer, postgres_database
+from tests.support.live_backend import live_backend
+from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
 
 KiB = 1024
@@ -448,30 +449,11 @@ CLIENT_TIMEOUT = 180
 WAIT = 60
 
 
-@dataclass(frozen=True)
-class Backend:
-    database_url: str
-    redis_url: str | None
-    alice_token: str
-
-    @property
-    def postgres(self) -> bool:
-        return self.database_url.startswith(("postgres://", "postgresql://"))
-
-
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     """The module's database, migrated, with alice; PostgreSQL + Redis when the suite runs on them."""
-    suite_database = os.environ.get("DATABASE_URL", "")
-    redis_url = os.environ.get("REDIS_URL") or None
-    with contextlib.ExitStack() as stack:
-        if suite_database.startswith(("postgres://", "postgresql://")):
-            database_url = stack.enter_context(postgres_database(suite_database, "client"))
-        else:
-            database_url = f"sqlite:///{tmp_path_factory.mktemp('client-db') / 'db.sqlite3'}"
-        setup = LiveServer(tmp_path_factory.mktemp("client-setup"), database_url=database_url, redis_url=redis_url)
-        setup.migrate()
-        yield Backend(database_url, redis_url, alice_token=setup.create_user("alice"))
+    with live_backend(tmp_path_factory, "client") as backend:
+        yield backend
 
 
 @pytest.fixture

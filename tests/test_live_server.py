@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import websockets
 
-from tests.support.live_server import ROOT, LiveServer, postgres_database
+from tests.support.live_backend import live_backend
+from tests.support.live_server import ROOT, LiveServer
 
 pytestmark = pytest.mark.slow
 
@@ -48,13 +49,6 @@ POLL = 0.002
 
 
 @dataclass(frozen=True)
-class Backend:
-    database_url: str
-    redis_url: str | None
-    alice_token: str
-
-
-@dataclass(frozen=True)
 class BigFile:
     path: Path
     sha256: str
@@ -64,16 +58,8 @@ class BigFile:
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
     """The module's database, migrated, with alice; PostgreSQL + Redis when the suite runs on them."""
-    suite_database = os.environ.get("DATABASE_URL", "")
-    redis_url = os.environ.get("REDIS_URL") or None
-    with contextlib.ExitStack() as stack:
-        if suite_database.startswith(("postgres://", "postgresql://")):
-            database_url = stack.enter_context(postgres_database(suite_database, "live"))
-        else:
-            database_url = f"sqlite:///{tmp_path_factory.mktemp('live-db') / 'db.sqlite3'}"
-        setup = LiveServer(tmp_path_factory.mktemp("live-setup"), database_url=database_url, redis_url=redis_url)
-        setup.migrate()
-        yield Backend(database_url, redis_url, alice_token=setup.create_user("alice"))
+    with live_backend(tmp_path_factory, "live") as backend:
+        yield backend
 
 
 @pytest.fixture(scope="module")
