@@ -2,8 +2,9 @@
 
 from django.urls import path
 
-from uploads.consumers import UploadConsumer
+from uploads.consumers import ProgressConsumer, UploadConsumer
 
 websocket_urlpatterns = [
     path("ws/uploads/<str:upload_id>/", UploadConsumer.as_asgi()),
+    path("ws/progress/", ProgressConsumer.as_asgi()),
 ]

@@ -19,6 +19,7 @@ from uploads import storage
 from uploads.exceptions import FileTooLarge, LeaseLost, NotUploading, QuotaExceeded, UploadNotFound
 from uploads.filenames import display_name, stored_original
 from uploads.models import Slot, Upload, UserQuota
+from uploads.progress import progress_event, publish_now
 from uploads.slots import slot_admit, slot_claim_writer, slot_release, slot_renew, slots_revoke_for_upload
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now
     # the file open writes into an unlinked inode and is fenced at its next commit.
     storage.delete(upload.storage_key)
     log.info("upload ended upload=%s user=%s status=%s", upload.pk, upload.owner_id, status)
+    publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status=status))
     return True
 
 
@@ -162,6 +164,7 @@ def upload_delete(user, upload_id, *, now=None) -> None:
         Upload.objects.filter(pk=upload.pk).delete()
     storage.delete(upload.storage_key)
     log.info("upload deleted upload=%s user=%s", upload.pk, user.pk)
+    publish_now(user.pk, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="deleted"))
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ def writer_complete(grant: WriterGrant, *, now=None) -> None:
         if done != 1:
             raise _why_fenced(grant)
     log.info("upload complete upload=%s user=%s size=%s", grant.upload_id, grant.user_id, grant.size)
+    event = progress_event(upload_id=grant.upload_id, offset=grant.size, size=grant.size, status="complete")
+    publish_now(grant.user_id, event)
 
 
 def writer_fail(grant: WriterGrant, *, now=None) -> None:
@@ -295,8 +300,37 @@ def writer_fail(grant: WriterGrant, *, now=None) -> None:
         raise _why_fenced(grant)
     storage.delete(grant.storage_key)
     log.warning("upload failed checksum upload=%s user=%s", grant.upload_id, grant.user_id)
+    publish_now(grant.user_id, progress_event(upload_id=grant.upload_id, offset=0, size=grant.size, status="failed"))
 
 
 def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:
     """The connection ends without finishing: free the slot; the upload stays resumable."""
     return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
+
+
+@dataclass(frozen=True)
+class QuotaSummary:
+    """A user's quota in bytes: ``used`` by finished files, ``reserved`` by unfinished uploads, the rest ``free``."""
+
+    limit: int
+    used: int
+    reserved: int
+
+    @property
+    def free(self) -> int:
+        # A quota lowered below what is already stored leaves nothing free, not a negative number.
+        return max(0, self.limit - self.used - self.reserved)
+
+
+def quota_summary(user) -> QuotaSummary:
+    """The quota as upload_create counts it (quota_used, quota_limit), split into finished and reserved bytes.
+
+    One aggregate over the rows quota_used sums, so used + reserved always
+    equals quota_used even while an upload completes between two reads.
+    """
+    counted = Upload.objects.filter(owner=user).counting_toward_quota()
+    sums = counted.aggregate(
+        used=Sum("size", filter=Q(status=Upload.Status.COMPLETE)),
+        reserved=Sum("size", filter=Q(status=Upload.Status.UPLOADING)),
+    )
+    return QuotaSummary(limit=quota_limit(user), used=sums["used"] or 0, reserved=sums["reserved"] or 0)

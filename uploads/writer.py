@@ -46,6 +46,7 @@ from uploads.exceptions import (
     UploadBusy,
 )
 from uploads.models import Slot
+from uploads.progress import progress_event, publish
 from uploads.transfers import (
     WriterGrant,
     writer_admit,
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 COMMIT_BYTES = 32 * 1024 * 1024
 COMMIT_SECONDS = 1.0
 DURABILITY_SECONDS = 5.0
+# Live progress for pages (uploads.progress): at most one event this often per upload.
+PROGRESS_SECONDS = 1.0
 # A commit slower than this means a struggling disk: acknowledge only durable bytes.
 ACK_HOLD_SECONDS = 2.5
 # Written (and so acknowledged) bytes never lead the durable offset by more than
@@ -177,6 +180,8 @@ class UploadWriter:
         self._first_unsynced_at: float | None = None
         self._lease_deadline = 0.0
         self._last_byte_at = 0.0
+        self._progress_at = 0.0
+        self._progress_task: asyncio.Future | None = None
 
     # --- what the transport calls ---------------------------------------------------
 
@@ -405,6 +410,16 @@ class UploadWriter:
         self.durable = max(self.durable, offset)
         self._last_commit_seconds = time.monotonic() - started
         self._renewed(started)
+        self._publish_progress()
+
+    def _publish_progress(self):
+        """Tell the owner's pages the new durable offset: at most once a PROGRESS_SECONDS, never waited for."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_SECONDS or (self._progress_task and not self._progress_task.done()):
+            return
+        self._progress_at = now
+        event = progress_event(upload_id=self.grant.upload_id, offset=self.durable, size=self.size, status="uploading")
+        self._progress_task = asyncio.ensure_future(publish(self.grant.user_id, event))
 
     async def _commit(self):
         """Commit now and wait for it (after the one in flight): makes everything written durable, renews."""
