@@ -146,6 +146,8 @@ async def test_upload_without_declared_sha256_reports_the_digest_it_computed(ali
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     assert (await finish(communicator))["sha256"] == hashlib.sha256(data).hexdigest()
+    # Stored too: the API, the pages and the download ETag show the digest of what is on disk.
+    assert (await refresh(upload)).sha256 == hashlib.sha256(data).hexdigest()
 
 
 @pytest.mark.parametrize("cut", [1, CHUNK - 1, CHUNK, 5 * CHUNK + 17, 20_000 - 1])

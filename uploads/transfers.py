@@ -267,14 +267,23 @@ def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
     return replace(grant, offset=offset)
 
 
-def writer_complete(grant: WriterGrant, *, now=None) -> None:
-    """The bytes are verified and durably in place: mark the upload complete and free its slot."""
+def writer_complete(grant: WriterGrant, *, sha256: str = "", now=None) -> None:
+    """The bytes are verified and durably in place: mark the upload complete and free its slot.
+
+    ``sha256`` is the digest of the bytes received; it is stored when the
+    client declared none, so every finished upload can show (and serve as its
+    ETag) the digest of what is on disk.
+    """
     now = now or timezone.now()
     with transaction.atomic():
         if not slot_release(grant.slot_id, Slot.ReleaseReason.COMPLETED, generation=grant.generation, now=now):
             raise _why_fenced(grant)
         done = _fenced_upload(grant).update(
-            offset=grant.size, status=Upload.Status.COMPLETE, completed_at=now, last_activity_at=now
+            offset=grant.size,
+            status=Upload.Status.COMPLETE,
+            sha256=grant.sha256 or sha256,
+            completed_at=now,
+            last_activity_at=now,
         )
         if done != 1:
             raise _why_fenced(grant)

@@ -467,7 +467,7 @@ class UploadWriter:
                 await db_call(writer_check, grant)  # the part file vanished: a DELETE got there first
                 raise
         try:
-            await db_call(writer_complete, grant)
+            await db_call(writer_complete, grant, sha256=digest)
         except NotUploading:
             # Cancelled, expired or deleted while we finalized: the file must not outlive its row.
             await asyncio.to_thread(storage.delete, grant.storage_key)
