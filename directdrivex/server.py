@@ -13,6 +13,15 @@ to ``DIRECTDRIVEX_MAX_REQUEST_BYTES`` while it arrives: a larger Content-Length
 is answered ``413 request_too_large`` before a byte of the body is read, a
 chunked body as soon as it passes the limit; the rest is discarded unstored.
 ``streams_request_body`` is where a streaming transport (tus) will exempt its paths.
+
+Daphne writes every ``http.response.body`` message into the socket's
+user-space buffer at once, without bound, so a download to a slow reader would
+hold the whole file in memory. ``BackpressureRequest`` registers a push
+producer on each HTTP response, which Twisted pauses while the transport's
+write buffer is over its bufferSize (64 KiB) and resumes once it drained;
+``BackpressureServer.handle_reply`` makes the application's ``send`` wait for
+that, so a response holds at most about one message in memory. A client that
+reads nothing for DIRECTDRIVEX_IDLE_SECONDS is disconnected.
 """
 
 import asyncio
@@ -32,6 +41,8 @@ from daphne.server import Server  # noqa: E402
 from daphne.ws_protocol import WebSocketProtocol  # noqa: E402
 from django.conf import settings  # noqa: E402
 from twisted.internet import defer  # noqa: E402
+from twisted.internet.interfaces import IPushProducer  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from uploads.exceptions import RequestTooLarge  # noqa: E402
 
@@ -191,12 +202,87 @@ def _discard(data: bytes) -> None:
     pass
 
 
+@implementer(IPushProducer)
+class ResponseDrain:
+    """Told by Twisted when an HTTP response's transport buffer is full (pause) and when it drained (resume).
+
+    Twisted runs on Daphne's asyncio loop, so the event is set and cleared on
+    the same thread the application awaits it on.
+    """
+
+    def __init__(self):
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    def pauseProducing(self):
+        self.drained.clear()
+
+    def resumeProducing(self):
+        self.drained.set()
+
+    def stopProducing(self):
+        # The connection is going: nothing will drain, and nothing waits any more.
+        self.drained.set()
+
+
+class BackpressureRequest(BoundedRequest):
+    """A bounded request whose response body is written no faster than the client reads it."""
+
+    _drain: ResponseDrain | None = None
+
+    def handle_reply(self, message):
+        if message["type"] == "http.response.start" and self._drain is None and not self.finished:
+            # Before the first byte of the response is buffered, so every pause is seen.
+            self._drain = ResponseDrain()
+            self.registerProducer(self._drain, True)
+        super().handle_reply(message)
+
+    async def wait_until_drained(self) -> None:
+        """Return once the transport's write buffer is below its bound, or the connection is gone.
+
+        A client that reads nothing for DIRECTDRIVEX_IDLE_SECONDS (as for an
+        idle upload) has its connection aborted: otherwise it would pin the
+        response, its open file and a block of memory for as long as it keeps
+        the socket open. The application then sees an ordinary disconnect.
+        """
+        drain = self._drain
+        if drain is None or drain.drained.is_set() or self.finished or self._disconnected:
+            return
+        idle = settings.DIRECTDRIVEX_IDLE_SECONDS
+        try:
+            await asyncio.wait_for(drain.drained.wait(), idle)
+        except TimeoutError:
+            client = self.channel.transport.getPeer() if self.channel is not None else None
+            log.info(
+                "HTTP client read nothing for %d s: connection aborted (%s %s from %s)",
+                idle, self.method.decode("latin-1"), self.uri.decode("latin-1")[:200], getattr(client, "host", client),
+            )  # fmt: skip
+            if self.channel is not None:
+                self.channel.transport.abortConnection()
+
+    def _let_go_of_drain(self):
+        if self._drain is not None:
+            self._drain.stopProducing()
+            self._drain = None
+            if self.channel is not None:
+                self.unregisterProducer()
+
+    def finish(self):
+        # Twisted logs an error for a request that finishes with a producer registered.
+        self._let_go_of_drain()
+        super().finish()
+
+    def connectionLost(self, reason):
+        self._let_go_of_drain()
+        super().connectionLost(reason)
+
+
 class BoundedHTTPFactory(HTTPFactory):
-    """Daphne's HTTP factory, with ``BoundedRequest`` for every request."""
+    """Daphne's HTTP factory, with ``BackpressureRequest`` (bounded body, drained response) for every request."""
 
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
-        protocol.requestFactory = BoundedRequest
+        protocol.requestFactory = BackpressureRequest
         return protocol
 
 
@@ -210,6 +296,13 @@ class BackpressureServer(Server):
         # Daphne's run() builds its HTTPFactory inline, with no hook to pass
         # another: this is the one place to put ours (bounded request bodies) in.
         self._http_factory = BoundedHTTPFactory(self)
+
+    async def handle_reply(self, protocol, message):
+        await super().handle_reply(protocol, message)
+        if isinstance(protocol, BackpressureRequest):
+            # The application's next send (the next block of a download) waits
+            # here while the client has not read what is already buffered.
+            await protocol.wait_until_drained()
 
     def create_application(self, protocol, scope):
         if not isinstance(protocol, WebSocketProtocol):

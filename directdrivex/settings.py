@@ -165,6 +165,9 @@ DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
 DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
 DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
 DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
+# An nginx `internal` location prefix (e.g. /_protected/, ending in a slash): downloads are then
+# answered with X-Accel-Redirect and nginx sends the bytes; empty, the server streams them itself.
+DIRECTDRIVEX_ACCEL_REDIRECT = env.str("DIRECTDRIVEX_ACCEL_REDIRECT")
 # How long a ws_url ticket admits new connections (not an environment variable).
 DIRECTDRIVEX_TICKET_MAX_AGE = 600
 

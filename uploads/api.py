@@ -2,10 +2,12 @@
 
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from uploads.downloads import download_response
 from uploads.serializers import (
     ErrorSerializer,
     SlotSummarySerializer,
@@ -136,3 +138,25 @@ class SlotSummary(APIView):
     )
     def get(self, request):
         return Response(slots_summary())
+
+
+class AnyAcceptForDownloads(DefaultContentNegotiation):
+    """A download is bytes whatever the client's Accept says; only its refusals are rendered, as JSON."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
+class UploadContent(APIView):
+    """GET / HEAD /api/uploads/<id>/content: the finished file, with Range and conditional requests."""
+
+    content_negotiation_class = AnyAcceptForDownloads
+
+    # Left out of the schema until tests/test_schema.py and tests/test_schemathesis.py list it.
+    @extend_schema(exclude=True)
+    def get(self, request, upload_id):
+        return download_response(request.user, upload_id, request.headers)
+
+    @extend_schema(exclude=True)
+    def head(self, request, upload_id):
+        return download_response(request.user, upload_id, request.headers, head=True)

@@ -120,6 +120,8 @@ def refusal_parts(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     if refusal is not exc and isinstance(refusal, InternalError):
         refusal = InternalError("The server failed; the error was logged.")
     headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else {}
+    # A refusal that HTTP requires a header for (416: Content-Range) names it itself.
+    headers.update(getattr(refusal, "http_headers", {}))
     return refusal.http_status, refusal.as_dict(), headers
 
 

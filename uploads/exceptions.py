@@ -242,3 +242,29 @@ def refusal_for(error: BaseException) -> DirectDriveXError:
     if isinstance(error, _outage_types()):
         return Unavailable()
     return InternalError()
+
+
+class NotComplete(DirectDriveXError):
+    """The upload has not finished (or failed): there is no file to download yet."""
+
+    code = "not_complete"
+    http_status = 409
+    close_code = 4409
+    default_detail = "The upload is not complete: there is nothing to download yet."
+
+
+class RangeNotSatisfiable(DirectDriveXError):
+    """The requested byte range lies entirely past the end of the file (HTTP only)."""
+
+    code = "range_not_satisfiable"
+    http_status = 416
+    default_detail = "The requested range starts past the end of the file."
+
+    def __init__(self, size: int, detail: str | None = None):
+        super().__init__(detail or f"The requested range starts past the end of the {size}-byte file.")
+        self.size = size
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        # RFC 9110 15.5.17: a 416 says how long the file is.
+        return {"Content-Range": f"bytes */{self.size}"}

@@ -7,6 +7,12 @@ from uploads import api, views
 urlpatterns = [
     path("api/uploads/", api.UploadListCreate.as_view(), name="api-upload-list"),
     path("api/uploads/<str:upload_id>/", api.UploadDetail.as_view(), name="api-upload-detail"),
+    # Without a trailing slash, as the contract writes it: it names a file, not a collection.
+    path("api/uploads/<str:upload_id>/content", api.UploadContent.as_view(), name="api-upload-content"),
     path("api/slots/", api.SlotSummary.as_view(), name="api-slots"),
     path("", views.home, name="home"),
+    path("files/", views.files, name="files"),
+    path("files/<uuid:upload_id>/delete/", views.file_delete, name="file-delete"),
+    path("accounts/signup/", views.signup, name="signup"),
+    path("upload/", views.upload_page, name="upload"),
 ]

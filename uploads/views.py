@@ -1,7 +1,156 @@
 """Page views (Django templates). They call the same services as the API."""
 
-from django.shortcuts import render
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login, user_logged_in, user_logged_out
+from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.dispatch import receiver
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_http_methods
+
+from uploads import transfers
+from uploads.exceptions import UploadNotFound
+from uploads.forms import SignupForm
+from uploads.models import Upload
+
+FILES_PER_PAGE = 25
 
 
 def home(request):
     return render(request, "uploads/home.html")
+
+
+@login_required
+def upload_page(request):
+    """The uploader: its scripts read these limits from data attributes (no inline script, CSP-friendly)."""
+    return render(
+        request,
+        "uploads/upload.html",
+        {
+            # How many files upload at once: the server's per-user slots, not a client constant.
+            "slot_limit": settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS,
+            "max_file_size": settings.DIRECTDRIVEX_MAX_FILE_SIZE,
+        },
+    )
+
+
+# --- my files ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """One upload as the my-files page shows it."""
+
+    upload: Upload
+    # Rounded down: 100 only once every byte is durable.
+    percent: int
+    download_url: str
+
+
+@dataclass(frozen=True)
+class QuotaBar:
+    """The quota bar's two segments, as SVG widths in percent of the bar ("12.34")."""
+
+    used: str
+    reserved: str
+
+
+def _file_row(upload: Upload) -> FileRow:
+    # Downloads are the API's (uploads.downloads): a session is enough to follow the link.
+    return FileRow(upload, upload.offset * 100 // upload.size, reverse("api-upload-content", args=[upload.pk]))
+
+
+def _quota_bar(quota: transfers.QuotaSummary) -> QuotaBar:
+    # Over quota (the limit was lowered), the bar is full and split in proportion.
+    whole = max(quota.limit, quota.used + quota.reserved)
+    if whole == 0:
+        return QuotaBar("0", "0")
+    return QuotaBar(f"{100 * quota.used / whole:.2f}", f"{100 * quota.reserved / whole:.2f}")
+
+
+def _page_number(value) -> int | None:
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def _files_url(page: int | None) -> str:
+    return reverse("files") + (f"?page={page}" if page and page > 1 else "")
+
+
+@login_required
+def files(request):
+    """My files: the user's uploads newest first, 25 a page, with the quota they use."""
+    page = Paginator(transfers.uploads_of(request.user), FILES_PER_PAGE).get_page(request.GET.get("page"))
+    quota = transfers.quota_summary(request.user)
+    context = {
+        "page": page,
+        "page_links": page.paginator.get_elided_page_range(page.number, on_each_side=2, on_ends=1),
+        "rows": [_file_row(upload) for upload in page],
+        "quota": quota,
+        "quota_bar": _quota_bar(quota),
+    }
+    return render(request, "uploads/files.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def file_delete(request, upload_id):
+    """GET asks for confirmation; POST deletes the file, or cancels an unfinished upload, as DELETE on the API does."""
+    try:
+        upload = transfers.upload_for(request.user, upload_id)
+    except UploadNotFound:
+        raise Http404("No such upload.") from None
+    back = _page_number(request.POST.get("page") or request.GET.get("page"))
+    if request.method == "GET":
+        return render(request, "uploads/file_delete.html", {"upload": upload, "back": _files_url(back), "page": back})
+    try:
+        # Its only refusal is not_found (deleted meanwhile, e.g. from another tab): the same 404 as above.
+        transfers.upload_delete(request.user, upload.pk)
+    except UploadNotFound:
+        raise Http404("No such upload.") from None
+    # An unfinished upload stays listed as cancelled (its bytes are gone); anything else is gone with its row.
+    if Upload.objects.filter(pk=upload.pk).exists():
+        messages.success(request, f"Cancelled {upload.display_name}; its partial bytes are deleted.")
+    elif upload.status in (Upload.Status.UPLOADING, Upload.Status.COMPLETE):
+        messages.success(request, f"Deleted {upload.display_name}.")
+    else:
+        messages.success(request, f"Removed {upload.display_name} from your list.")
+    return redirect(_files_url(back))
+
+
+# --- accounts ------------------------------------------------------------------------
+
+
+@require_http_methods(["GET", "POST"])
+def signup(request):
+    """Create an account and sign in with it; the page does not exist unless DIRECTDRIVEX_SIGNUP is on."""
+    if not settings.DIRECTDRIVEX_SIGNUP:
+        raise Http404("Sign-up is closed.")
+    form = SignupForm(request.POST if request.method == "POST" else None)
+    if form.is_valid():
+        user = form.save()
+        messages.success(request, f"Your account {user.username} is ready.")
+        login(request, user)
+        return redirect("files")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+# django.contrib.auth's sign-in and sign-out views say nothing; these say it as
+# messages on the next page. Connected when the URLconf imports this module,
+# which Django does to resolve the first request, before any view runs.
+# fail_silently: test clients' login() and force_login() pass a request without messages.
+
+
+@receiver(user_logged_in, dispatch_uid="uploads.views.signed_in_message")
+def _signed_in_message(sender, request, user, **kwargs):
+    messages.success(request, f"Signed in as {user.get_username()}.", fail_silently=True)
+
+
+@receiver(user_logged_out, dispatch_uid="uploads.views.signed_out_message")
+def _signed_out_message(sender, request, user, **kwargs):
+    if user is not None:
+        messages.info(request, "You are signed out.", fail_silently=True)
