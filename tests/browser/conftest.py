@@ -1,0 +1,122 @@
+"""Browser tests: Playwright's Python API driving Debian's Chromium against a real Daphne server.
+
+The server is `manage.py serve` in a subprocess (tests.support.live_server)
+with DEBUG on, so that it serves the page's static ES modules as `make run`
+does. The browser is /usr/bin/chromium (`.ci/run` installs it; `playwright
+install` cannot download browsers here and is not needed: the pip package's
+driver drives the system browser). Under CI=true a missing browser or
+Playwright fails the tests; elsewhere they are skipped with the reason.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PASSWORD
+from tests.support.live_backend import live_backend
+from tests.support.live_server import LiveServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MiB = 1024 * 1024
+# Small enough that a too-large refusal needs no huge file, large enough for the 200 MiB upload.
+MAX_FILE_SIZE = 256 * MiB
+# bob's quota (a UserQuota row): a 2 MiB file does not fit.
+BOB_QUOTA = 1 * MiB
+
+
+def _unavailable(reason: str):
+    """CI must run the browser tests: there a missing browser is a failure, elsewhere a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: browser tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """The launched headless Chromium."""
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is missing: pip install -r requirements.txt")
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    yield browser
+    browser.close()
+    playwright.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    """The module's database with alice and bob (password PASSWORD); bob has a 1 MiB quota."""
+    with live_backend(tmp_path_factory, "browser") as backend:
+        setup = LiveServer(
+            tmp_path_factory.mktemp("browser-users"), database_url=backend.database_url, redis_url=backend.redis_url
+        )
+        setup.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth.models import User;"
+            "from uploads.models import UserQuota;"
+            f"alice = User.objects.get(username='alice'); alice.set_password({PASSWORD!r}); alice.save();"
+            f"bob = User.objects.create_user('bob', password={PASSWORD!r});"
+            f"UserQuota.objects.create(user=bob, max_bytes={BOB_QUOTA})",
+        )
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def server(backend, tmp_path_factory):
+    """One Daphne server for the module (a test may kill and restart it on the same port)."""
+    live = LiveServer(
+        tmp_path_factory.mktemp("browser-server"),
+        database_url=backend.database_url,
+        redis_url=backend.redis_url,
+        DEBUG=1,
+        DIRECTDRIVEX_MAX_FILE_SIZE=MAX_FILE_SIZE,
+    )
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def live(server):
+    """The module's server, running (a test before may have stopped it)."""
+    if server.process is None or server.process.poll() is not None:
+        server.restart()
+    return server
+
+
+def sign_in(context, server: LiveServer, username: str):
+    """A page of ``context`` signed in through the login form, on the upload page."""
+    page = context.new_page()
+    page.goto(f"{server.url}/accounts/login/?next=/upload/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{server.url}/upload/")
+    page.locator("#uploader[data-ready='true']").wait_for()
+    return page
+
+
+@pytest.fixture
+def context(chromium):
+    context = chromium.new_context()
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def page(context, live):
+    """alice, signed in, on the upload page."""
+    return sign_in(context, live, "alice")

@@ -1,0 +1,342 @@
+"""The upload page in a real browser against a real server: upload, pause/resume, server restart, reload, refusals.
+
+Mid-upload moments are made exact with SIGSTOP on the server (the browser
+stalls on its credit window), not with timing: freeze, act, thaw. Every test
+uploads its own name (a hard link of one 200 MiB file), so no test resumes
+another test's upload by its fingerprint.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import MAX_FILE_SIZE, sign_in
+from tests.support.live_backend import http_call
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+MiB = 1024 * 1024
+BIG_SIZE = 200 * MiB
+UPLOAD_TIMEOUT_MS = 120_000
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot-upload.png"
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+def random_file(path: Path, size: int) -> LocalFile:
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        left = size
+        while left:
+            block = os.urandom(min(4 * MiB, left))
+            digest.update(block)
+            handle.write(block)
+            left -= len(block)
+    return LocalFile(path, digest.hexdigest(), size)
+
+
+@pytest.fixture(scope="module")
+def big_original(tmp_path_factory) -> LocalFile:
+    return random_file(tmp_path_factory.mktemp("big") / "original.bin", BIG_SIZE)
+
+
+@pytest.fixture
+def big_file(big_original, tmp_path, request) -> LocalFile:
+    """The 200 MiB file under a name of this test's own (a hard link: no copy, another fingerprint)."""
+    path = tmp_path / f"{request.node.name}.bin"
+    os.link(big_original.path, path)
+    return LocalFile(path, big_original.sha256, big_original.size)
+
+
+def row_of(page, local: LocalFile):
+    return page.locator("#upload-list li.upload", has_text=local.path.name)
+
+
+def wait_offset_above(page, local: LocalFile, offset: int) -> None:
+    """Until the server has acknowledged more than ``offset`` bytes of the file's row."""
+    page.wait_for_function(
+        "([name, offset]) => [...document.querySelectorAll('#upload-list li.upload')].some("
+        "  (row) => row.textContent.includes(name) && Number(row.dataset.offset) > offset)",
+        arg=[local.path.name, offset],
+        timeout=UPLOAD_TIMEOUT_MS,
+    )
+
+
+def choose_files(page, action, *paths: Path) -> None:
+    """Open the page's file chooser with ``action`` (a click, a key) and choose ``paths`` in it."""
+    # A listener from the start turns Chromium's file chooser interception on before the action;
+    # expect_file_chooser alone turns it on lazily, and a fast key press can open the chooser first.
+    page.on("filechooser", lambda chooser: None)
+    page.evaluate("0")  # a round trip: the interception is on
+    with page.expect_file_chooser() as chooser:
+        action()
+    chooser.value.set_files([str(path) for path in paths])
+
+
+def api_upload(server, backend, upload_id: str) -> dict:
+    return http_call(server, "GET", f"/api/uploads/{upload_id}/", token=backend.alice_token).json()
+
+
+def stored_file_with(server, local: LocalFile) -> bool:
+    """Whether the server's storage holds a finished file with exactly these bytes."""
+    for path in (server.storage / "files").iterdir():
+        if path.stat().st_size == local.size:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                while block := handle.read(4 * MiB):
+                    digest.update(block)
+            if digest.hexdigest() == local.sha256:
+                return True
+    return False
+
+
+def expect_complete(page, server, backend, local: LocalFile) -> str:
+    """The row shows 100 % and the server's sha256, which is the file's; the server stored those bytes."""
+    row = row_of(page, local)
+    expect(row).to_have_attribute("data-status", "complete", timeout=UPLOAD_TIMEOUT_MS)
+    expect(row.locator(".upload-status")).to_have_text("Complete · 100 %")
+    expect(row.locator(".upload-sha256 code")).to_have_text(local.sha256)
+    upload_id = row.get_attribute("data-upload-id")
+    upload = api_upload(server, backend, upload_id)
+    # The page declares no sha256: the server stores the digest of what it received.
+    assert (upload["status"], upload["offset"], upload["sha256"]) == ("complete", local.size, local.sha256)
+    assert stored_file_with(server, local)
+    return upload_id
+
+
+def test_two_files_reach_100_percent_with_the_servers_sha256(page, live, backend, big_file, tmp_path):
+    small = random_file(tmp_path / "small.bin", 3 * MiB + 123)
+    page.locator("#file-input").set_input_files([str(big_file.path), str(small.path)])
+
+    wait_offset_above(page, big_file, 16 * MiB)
+    live.signal(signal.SIGSTOP)
+    try:
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+    finally:
+        live.signal(signal.SIGCONT)
+
+    expect_complete(page, live, backend, big_file)
+    expect_complete(page, live, backend, small)
+    expect(page.locator("#total-progress")).to_have_attribute("value", "100")
+    expect(page.locator("#total-status")).to_contain_text("2 of 2 files complete")
+
+
+def test_pause_stops_the_upload_and_resume_completes_it(page, live, backend, big_file):
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 8 * MiB)
+    live.signal(signal.SIGSTOP)
+    try:
+        row.locator("button[data-action='pause']").click()
+    finally:
+        live.signal(signal.SIGCONT)
+    expect(row).to_have_attribute("data-status", "paused")
+    upload = api_upload(live, backend, row.get_attribute("data-upload-id"))
+    assert upload["status"] == "uploading" and upload["offset"] < big_file.size
+
+    row.locator("button[data-action='resume']").click()
+    expect_complete(page, live, backend, big_file)
+
+
+def test_upload_resumes_by_itself_after_the_server_is_killed_and_restarted(page, live, backend, big_file):
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 8 * MiB)
+    live.signal(signal.SIGSTOP)  # mid-upload for sure, then a crash
+    live.kill()
+    expect(row).to_have_attribute("data-status", "retrying")
+    live.restart()
+    upload_id = expect_complete(page, live, backend, big_file)
+    assert upload_id == row.get_attribute("data-upload-id")
+
+
+def test_after_a_reload_the_unfinished_upload_is_listed_and_the_same_file_continues_from_the_servers_offset(
+    page, live, backend, big_file
+):
+    # Chosen by a click, so the page has a user gesture: Chromium then asks before unloading it.
+    choose_files(page, page.locator("#choose-files").click, big_file.path)
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 0)
+    upload_id = row.get_attribute("data-upload-id")
+    deadline = time.monotonic() + UPLOAD_TIMEOUT_MS / 1000
+    while api_upload(live, backend, upload_id)["offset"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the server has made some bytes durable
+
+    # Leave the page while the server is frozen mid-upload, then open it again: a reload. Not
+    # location.reload(): Chromium keeps the old page (and its upload) running until the new one has
+    # arrived from the server, so a thawed server could finish the upload first. about:blank needs no
+    # server, so the old page and its WebSocket are gone before the server runs again.
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
+    live.signal(signal.SIGSTOP)
+    try:
+        with page.expect_event("dialog"):
+            page.evaluate("setTimeout(() => { location.href = 'about:blank'; }, 0)")
+        page.wait_for_url("about:blank")
+    finally:
+        live.signal(signal.SIGCONT)
+    assert dialogs == ["beforeunload"]
+    page.goto(f"{live.url}/upload/")
+
+    listed = page.locator(f"#unfinished-list li[data-upload-id='{upload_id}']")
+    expect(listed).to_contain_text(f"{big_file.path.name} is unfinished at")
+    listed_offset = int(listed.get_attribute("data-offset"))
+    assert 0 < listed_offset < big_file.size
+
+    # Every offset the new row shows once it knows where it stands, from its first render on.
+    page.evaluate(
+        """() => {
+        window.seenOffsets = [];
+        new MutationObserver((changes) => {
+          for (const change of changes) {
+            const row = change.target;
+            if (row.dataset?.status && row.dataset.status !== 'checking') {
+              window.seenOffsets.push(Number(row.dataset.offset));
+            }
+          }
+        }).observe(document.querySelector('#upload-list'),
+                   {subtree: true, attributes: true, attributeFilter: ['data-offset', 'data-status']});
+      }"""
+    )
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    resumed = row_of(page, big_file)
+    expect(resumed).to_have_attribute("data-upload-id", upload_id)
+    # The server's offset when the file was chosen: at least the listed one (the server may have made
+    # the last bytes of the old connection durable after the new page listed the upload).
+    expect(resumed).to_have_attribute("data-resumed-from", re.compile(r"[0-9]+"))
+    assert int(resumed.get_attribute("data-resumed-from")) >= listed_offset
+    expect(listed).to_have_count(0)
+    expect_complete(page, live, backend, big_file)
+    seen = page.evaluate("window.seenOffsets")
+    assert seen and min(seen) >= listed_offset > 0
+
+
+def test_cancel_after_confirmation_cancels_the_upload_on_the_server(page, live, backend, big_file):
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 4 * MiB)
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    live.signal(signal.SIGSTOP)
+    try:
+        row.locator("button[data-action='cancel']").click()
+    finally:
+        live.signal(signal.SIGCONT)
+    assert dialogs and big_file.path.name in dialogs[0]
+    expect(row).to_have_attribute("data-status", "cancelled")
+    upload_id = row.get_attribute("data-upload-id")
+    page.wait_for_function(
+        "async (id) => (await (await fetch(`/api/uploads/${id}/`)).json()).status === 'cancelled'",
+        arg=upload_id,
+    )
+    # The connection that held the part file lets go of it as it ends, maybe just after the DELETE answered.
+    deadline = time.monotonic() + 30
+    while list((live.storage / "partial").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list((live.storage / "partial").iterdir())
+
+
+def test_too_large_and_quota_refusals_are_shown_as_messages(page, context, live, tmp_path):
+    too_large = tmp_path / "too-large.bin"
+    with open(too_large, "wb") as handle:
+        handle.truncate(MAX_FILE_SIZE + 1)  # sparse: no disk, no memory
+    page.locator("#file-input").set_input_files(str(too_large))
+    row = page.locator("#upload-list li.upload", has_text="too-large.bin")
+    expect(row).to_have_attribute("data-status", "failed")
+    expect(row.locator(".upload-message")).to_have_text(
+        "too-large.bin is 256 MiB; the largest file this server accepts is 256 MiB."
+    )
+
+    bob = sign_in(context, live, "bob")
+    two_mib = random_file(tmp_path / "two.bin", 2 * MiB)
+    bob.locator("#file-input").set_input_files(str(two_mib.path))
+    row = row_of(bob, two_mib)
+    expect(row).to_have_attribute("data-status", "failed")
+    expect(row.locator(".upload-message")).to_have_text(
+        "Not enough space: two.bin needs 2.0 MiB, but only 1.0 MiB of your 1.0 MiB quota is free. "
+        "Delete some files to make room."
+    )
+
+
+def test_slots_exhausted_is_shown_with_the_wait_and_posts_no_extra_upload(page, live, backend, tmp_path):
+    taken = []
+    for number in range(5):  # alice's five upload slots (DIRECTDRIVEX_USER_UPLOAD_SLOTS), held by a script
+        body = json.dumps({"filename": f"script-{number}.bin", "size": 1}).encode()
+        answer = http_call(live, "POST", "/api/uploads/", body=body, token=backend.alice_token)
+        assert answer.status == 201
+        taken.append(answer.json()["id"])
+    try:
+        waiting = random_file(tmp_path / "waiting.bin", 1 * MiB)
+        page.locator("#file-input").set_input_files(str(waiting.path))
+        row = row_of(page, waiting)
+        expect(row).to_have_attribute("data-status", "waiting")
+        expect(row.locator(".upload-message")).to_have_text(
+            re.compile(r"All your upload slots are in use; starting in [0-9]+ s\.")
+        )
+        assert row.get_attribute("data-upload-id") is None
+        page.on("dialog", lambda dialog: dialog.accept())
+        row.locator("button[data-action='cancel']").click()
+        expect(row).to_have_attribute("data-status", "cancelled")
+    finally:
+        for upload_id in taken:
+            http_call(live, "DELETE", f"/api/uploads/{upload_id}/", token=backend.alice_token)
+    unfinished = http_call(live, "GET", "/api/uploads/?status=uploading", token=backend.alice_token).json()
+    assert [upload["filename"] for upload in unfinished] == []
+
+
+def tab_to(page, selector: str) -> None:
+    """Press Tab until ``selector`` has the focus, as a keyboard user would."""
+    for _ in range(40):
+        if page.evaluate("(selector) => document.activeElement?.matches(selector)", selector):
+            return
+        page.keyboard.press("Tab")
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def test_picker_and_buttons_work_with_the_keyboard_alone(page, live, backend, big_file):
+    tab_to(page, "#choose-files")
+    choose_files(page, lambda: page.keyboard.press("Enter"), big_file.path)
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 4 * MiB)
+
+    live.signal(signal.SIGSTOP)
+    try:
+        tab_to(page, "#upload-list button[data-action='pause']")
+        page.keyboard.press("Enter")
+    finally:
+        live.signal(signal.SIGCONT)
+    expect(row).to_have_attribute("data-status", "paused")
+
+    tab_to(page, "#upload-list button[data-action='resume']")
+    page.keyboard.press("Space")
+    expect_complete(page, live, backend, big_file)
+
+
+def test_speed_and_eta_are_moving_averages_with_a_two_second_half_life(page):
+    # The page's own module, fed a rate step from 10 to 20 MiB/s at explicit times (ms).
+    speed, eta = page.evaluate(
+        """async () => {
+        const { Meter } = await import('/static/uploads/js/progress.js');
+        const meter = new Meter();
+        const MiB = 1024 * 1024, total = 1000 * MiB;
+        meter.update(0, total, 0);
+        meter.update(10 * MiB, total, 1000);  // 10 MiB/s
+        const { speed, eta } = meter.update(10 * MiB + 40 * MiB, total, 3000);  // 20 MiB/s for one half-life
+        return [speed / MiB, eta];
+      }"""
+    )
+    assert speed == pytest.approx(15)  # halfway from 10 to 20 after one half-life
+    assert eta == pytest.approx(99 + 0.5 * ((950 / 15) - 99))  # 990 MiB at 10 MiB/s, then halfway to 950/15

@@ -1,0 +1,129 @@
+// The uploader's DOM: one row per queued file, the total, the list of unfinished uploads. No logic of its own.
+
+import { describe } from "./messages.js";
+import { formatBytes, formatDuration, percent } from "./progress.js";
+
+const STATUS_WORDS = {
+  checking: "Checking…",
+  queued: "Queued",
+  connecting: "Connecting…",
+  uploading: "Uploading",
+  retrying: "Reconnecting…",
+  waiting: "Waiting for a free slot",
+  paused: "Paused",
+  complete: "Complete",
+  failed: "Failed",
+  cancelled: "Cancelled",
+};
+
+function element(tag, attributes = {}, text = "") {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text) node.textContent = text;
+  return node;
+}
+
+export class UploaderView {
+  constructor(root, limits) {
+    this.root = root;
+    this.limits = limits;
+    this.list = root.querySelector("#upload-list");
+    this.totalBar = root.querySelector("#total-progress");
+    this.totalText = root.querySelector("#total-status");
+    this.unfinished = root.querySelector("#unfinished");
+    this.unfinishedList = root.querySelector("#unfinished-list");
+    this.rows = new Map();
+  }
+
+  /** A row for a new item; `actions` has pause/resume/cancel callbacks. */
+  addRow(item, actions) {
+    const row = element("li", { class: "upload", "data-key": String(item.key) });
+    const head = element("div", { class: "upload-head" });
+    head.append(
+      element("span", { class: "upload-name" }, item.name),
+      element("span", { class: "upload-size" }, formatBytes(item.size)),
+    );
+    const bar = element("progress", { max: "100", value: "0", "aria-label": `Progress of ${item.name}` });
+    const status = element("p", { class: "upload-status", "aria-live": "polite" });
+    const rate = element("p", { class: "upload-rate" });
+    const message = element("p", { class: "upload-message", role: "status" });
+    const digest = element("p", { class: "upload-sha256", hidden: "" });
+    const buttons = element("div", { class: "upload-actions" });
+    for (const [action, label] of [["pause", "Pause"], ["resume", "Resume"], ["cancel", "Cancel"]]) {
+      const attributes = { type: "button", "data-action": action, "aria-label": `${label} ${item.name}` };
+      const button = element("button", attributes, label);
+      button.addEventListener("click", () => actions[action](item));
+      buttons.append(button);
+    }
+    row.append(head, bar, status, rate, message, digest, buttons);
+    this.list.append(row);
+    this.rows.set(item, { row, bar, status, rate, message, digest, buttons, lastStatusText: "" });
+    this.render(item);
+  }
+
+  render(item) {
+    const parts = this.rows.get(item);
+    if (!parts) return;
+    const { row, bar, status, rate, message, digest, buttons } = parts;
+    const done = percent(item.offset, item.size);
+    row.dataset.status = item.status;
+    row.dataset.offset = String(item.offset);
+    if (item.uploadId) row.dataset.uploadId = item.uploadId;
+    if (item.resumedFrom !== null) row.dataset.resumedFrom = String(item.resumedFrom);
+    bar.value = item.status === "complete" ? 100 : done;
+    // Only the status words and whole percents are live: a screen reader should not hear every ack.
+    const statusText = `${STATUS_WORDS[item.status] ?? item.status} · ${item.status === "complete" ? 100 : done} %`;
+    if (statusText !== parts.lastStatusText) {
+      status.textContent = statusText;
+      parts.lastStatusText = statusText;
+    }
+    const { speed, eta } = item.meter.reading();
+    rate.textContent =
+      item.status === "uploading" && speed !== null
+        ? `${formatBytes(speed)}/s${eta !== null ? ` · about ${formatDuration(eta)} left` : ""}`
+        : item.resumedFrom !== null && item.status !== "complete"
+          ? `Continuing from ${formatBytes(item.resumedFrom)}`
+          : "";
+    message.textContent = item.message ? describe(item.message, item, this.limits) : "";
+    row.classList.toggle("has-error", item.status === "failed");
+    if (item.sha256) {
+      digest.hidden = false;
+      digest.replaceChildren("sha256 (from the server): ", element("code", {}, item.sha256));
+    }
+    const can = {
+      pause: ["queued", "connecting", "uploading", "retrying", "waiting"].includes(item.status),
+      resume: item.status === "paused" || (item.status === "failed" && item.message?.code === "gave_up"),
+      cancel: !item.finished,
+    };
+    for (const button of buttons.querySelectorAll("button")) button.hidden = !can[button.dataset.action];
+  }
+
+  renderTotal(totals) {
+    const done = percent(totals.done, totals.size);
+    this.totalBar.value = totals.count && totals.complete === totals.count ? 100 : done;
+    const bytes = `${formatBytes(totals.done)} of ${formatBytes(totals.size)}`;
+    this.totalText.textContent = totals.count
+      ? `${totals.complete} of ${totals.count} files complete · ${bytes} (${done} %)`
+      : "No files chosen yet.";
+  }
+
+  /** The server's unfinished uploads: choose a file again to continue it. */
+  renderUnfinished(uploads) {
+    this.unfinishedList.replaceChildren(
+      ...uploads.map((upload) => {
+        const entry = element("li", { "data-upload-id": upload.id, "data-offset": String(upload.offset) });
+        const where = `${formatBytes(upload.offset)} of ${formatBytes(upload.size)}`;
+        entry.append(
+          element("strong", {}, upload.filename),
+          ` is unfinished at ${percent(upload.offset, upload.size)} % (${where}) — choose it again to continue.`,
+        );
+        return entry;
+      }),
+    );
+    this.unfinished.hidden = uploads.length === 0;
+  }
+
+  announce(text) {
+    this.root.querySelector("#uploader-notice").textContent = text;
+  }
+}
