@@ -39,9 +39,14 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """The launched headless Chromium."""
+    """The launched headless Chromium, for one module.
+
+    Not for the session: Playwright's sync API keeps its event loop running
+    until it is stopped, and pytest-asyncio cannot run the async tests of
+    later modules beside a running loop.
+    """
     if not CHROMIUM.exists():
         _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
     try:
