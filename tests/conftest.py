@@ -42,6 +42,30 @@ def write_part(key: str, data: bytes) -> None:
         part.close()
 
 
+def complete_upload(user, upload_id, data: bytes) -> None:
+    """Finish an upload the way the consumer does: admit a writer, write, finalize, mark complete."""
+    from uploads.transfers import writer_admit, writer_complete
+
+    grant = writer_admit(user, upload_id, "test-writer")
+    part = storage.PartFile(grant.storage_key, grant.offset)
+    try:
+        part.append([data])
+        part.finalize()
+    finally:
+        part.close()
+    writer_complete(grant)
+
+
+def finish_upload(user, data: bytes, *, filename: str = "data.bin", sha256: str = ""):
+    """A complete upload of ``data`` with its file in place, finished the way the consumer finishes one."""
+    from uploads.models import Upload
+    from uploads.transfers import upload_create
+
+    upload, _slot = upload_create(user, filename=filename, size=len(data), sha256=sha256)
+    complete_upload(user, upload.pk, data)
+    return Upload.objects.get(pk=upload.pk)
+
+
 def token_client(user) -> APIClient:
     """An API client that sends ``Authorization: Token <key>`` (how scripts call the API)."""
     token, _created = Token.objects.get_or_create(user=user)

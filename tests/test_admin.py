@@ -7,12 +7,12 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 from django.utils import timezone
 
-from tests.conftest import PASSWORD, make_user, write_part
+from tests.conftest import PASSWORD, finish_upload, make_user, write_part
 from uploads import storage
 from uploads.exceptions import NotUploading
 from uploads.models import Slot, Upload, UserQuota
 from uploads.slots import slot_admit
-from uploads.transfers import upload_create, writer_admit, writer_commit, writer_complete
+from uploads.transfers import upload_create, writer_admit, writer_commit
 
 pytestmark = pytest.mark.django_db
 
@@ -36,17 +36,7 @@ def viewer_client(client, db):
 
 
 def finished(user, data: bytes) -> Upload:
-    """A complete upload with its file in place, finished the way the consumer finishes one."""
-    upload, _slot = upload_create(user, filename="done.bin", size=len(data))
-    grant = writer_admit(user, upload.pk, "test-writer")
-    part = storage.PartFile(grant.storage_key, grant.offset)
-    try:
-        part.append([data])
-        part.finalize()
-    finally:
-        part.close()
-    writer_complete(grant)
-    return Upload.objects.get(pk=upload.pk)
+    return finish_upload(user, data, filename="done.bin")
 
 
 def run_action(client, model: str, action: str, *pks):

@@ -8,12 +8,13 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from tests.conftest import complete_upload as complete
 from tests.conftest import make_user, token_client, write_part
 from uploads import storage
 from uploads.models import Slot, Upload, UserQuota
 from uploads.slots import slots_reap
 from uploads.tickets import ticket_read
-from uploads.transfers import upload_create, upload_end, writer_admit, writer_commit, writer_complete, writer_fail
+from uploads.transfers import upload_create, upload_end, writer_admit, writer_commit, writer_fail
 
 LIST = "/api/uploads/"
 GiB = 1024**3
@@ -94,18 +95,6 @@ def assert_refused(response, status: int, code: str) -> dict:
 def assert_nothing_stored():
     assert not Upload.objects.exists()
     assert not Slot.objects.exists()
-
-
-def complete(user, upload_id, data: bytes) -> None:
-    """Finish an upload the way the consumer does: write, finalize, mark complete."""
-    grant = writer_admit(user, upload_id, "test-writer")
-    part = storage.PartFile(grant.storage_key, grant.offset)
-    try:
-        part.append([data])
-        part.finalize()
-    finally:
-        part.close()
-    writer_complete(grant)
 
 
 # --- POST /api/uploads/: success ---------------------------------------------

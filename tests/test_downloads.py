@@ -19,11 +19,12 @@ from asgiref.sync import async_to_sync
 from django.core.handlers.asgi import ASGIHandler
 from rest_framework.authtoken.models import Token
 
+from tests.conftest import finish_upload
 from uploads import downloads, storage
-from uploads.models import Slot, Upload
+from uploads.models import Slot
 from uploads.ranges import http_date
 from uploads.slots import slot_admit, slots_reset
-from uploads.transfers import upload_create, writer_admit, writer_complete
+from uploads.transfers import upload_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -100,20 +101,6 @@ def fetch(user, upload_id, method: str = "GET", *, suffix: str = "", disconnect_
         sent["Authorization"] = f"Token {token.key}"
     path = f"/api/uploads/{upload_id}/content{suffix}"
     return async_to_sync(_asgi_call)(method, path, sent, disconnect_after_bytes)
-
-
-def finish_upload(user, data: bytes, *, filename: str = "data.bin", sha256: str = "") -> Upload:
-    """A complete upload with its file in place, finished the way the consumer finishes one."""
-    upload, _slot = upload_create(user, filename=filename, size=len(data), sha256=sha256)
-    grant = writer_admit(user, upload.pk, "test-writer")
-    part = storage.PartFile(grant.storage_key, grant.offset)
-    try:
-        part.append([data])
-        part.finalize()
-    finally:
-        part.close()
-    writer_complete(grant)
-    return Upload.objects.get(pk=upload.pk)
 
 
 @pytest.fixture

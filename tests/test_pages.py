@@ -17,7 +17,7 @@ from django.test import Client
 from django.urls import include, path
 from django.utils import timezone
 
-from tests.conftest import PASSWORD, write_part
+from tests.conftest import PASSWORD, finish_upload, write_part
 from uploads import storage
 from uploads.models import Slot, Upload
 from uploads.transfers import (
@@ -27,7 +27,6 @@ from uploads.transfers import (
     upload_delete,
     writer_admit,
     writer_commit,
-    writer_complete,
 )
 
 FILES = "/files/"
@@ -157,18 +156,7 @@ def uploading(user, name="part.bin", *, size=10, received=b""):
 
 def finished(user, name="done.bin", data=b"0123456789", *, declared=True):
     """A complete upload of ``data`` (sha256 declared, or not), finished the way the consumer finishes one."""
-    sha256 = hashlib.sha256(data).hexdigest() if declared else ""
-    upload, _ = upload_create(user, filename=name, size=len(data), sha256=sha256)
-    grant = writer_admit(user, upload.pk, "test-writer")
-    part = storage.PartFile(grant.storage_key, 0)
-    try:
-        part.append([data])
-        part.finalize()
-    finally:
-        part.close()
-    writer_complete(grant)
-    upload.refresh_from_db()
-    return upload
+    return finish_upload(user, data, filename=name, sha256=hashlib.sha256(data).hexdigest() if declared else "")
 
 
 def rows_only(user, count: int) -> list[Upload]:
