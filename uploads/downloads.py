@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator, Mapping
 from urllib.parse import quote
 
 from django.conf import settings
-from django.db import connections
 from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 
 from uploads import ranges, storage
 from uploads.exceptions import LeaseLost, NotComplete, RangeNotSatisfiable
 from uploads.models import Slot, Upload
+from uploads.service_calls import db_call
 from uploads.slots import slot_admit, slot_release, slot_renew
 from uploads.transfers import upload_for
 
@@ -156,17 +156,9 @@ def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, 
     return StreamingHttpResponse(body, status=decision.status, headers=headers)
 
 
-def _closing_connections(function, *args, **kwargs):
-    try:
-        return function(*args, **kwargs)
-    finally:
-        # A body's thread may next run a database call minutes later: hand the
-        # connection back (to the pool, on PostgreSQL) instead of keeping it.
-        connections.close_all()
-
-
 async def _db(function, *args, **kwargs):
-    return await asyncio.to_thread(_closing_connections, function, *args, **kwargs)
+    # No deadline: a body waits for its renewal or release as long as the database takes.
+    return await db_call(function, *args, timeout=None, **kwargs)
 
 
 def renew_interval() -> float:

@@ -29,12 +29,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 
 from uploads import storage
 from uploads.exceptions import (
@@ -42,11 +39,11 @@ from uploads.exceptions import (
     IdleTimeout,
     LeaseLost,
     NotUploading,
-    Unavailable,
     UploadBusy,
 )
 from uploads.models import Slot
 from uploads.progress import progress_event, publish
+from uploads.service_calls import db_call
 from uploads.transfers import (
     WriterGrant,
     writer_admit,
@@ -73,9 +70,6 @@ ACK_HOLD_SECONDS = 2.5
 # Written (and so acknowledged) bytes never lead the durable offset by more than
 # this plus one batch: the spec's 64 MiB, with room for a batch and a frame.
 ACK_LEAD_BYTES = 56 * 1024 * 1024
-# One database call may take this long before the connection is refused with
-# 4503 (a stalled database would otherwise hang the writer forever).
-DB_CALL_SECONDS = 10.0
 # Everything a closing writer still does (final commit, release) fits in this;
 # below Daphne's 10 s application_close_timeout after a disconnect.
 CLOSE_SECONDS = 8.0
@@ -94,40 +88,6 @@ def lease_safety_seconds(lease_seconds: float) -> float:
 def renew_interval(lease_seconds: float) -> float:
     """How often an idle writer renews its lease: well inside the local deadline (lease - lease/5)."""
     return min(10.0, lease_seconds / 4)
-
-
-# Writer database calls run here, not in Channels' single shared database
-# thread: a call stuck on a stalled database then holds one thread of its
-# own instead of every writer of the process.
-_db_executor: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _db_executor
-    if _db_executor is None:
-        _db_executor = ThreadPoolExecutor(
-            max_workers=max(2, settings.DIRECTDRIVEX_DB_POOL_SIZE), thread_name_prefix="ddx-writer-db"
-        )
-    return _db_executor
-
-
-def _closing_connections(function, *args, **kwargs):
-    try:
-        return function(*args, **kwargs)
-    finally:
-        # Hand the thread's connection back (to the pool, on PostgreSQL) after
-        # every call: a writer thread may run again only seconds later, and
-        # idle connections held per thread are what exhausted the database.
-        connections.close_all()
-
-
-async def db_call(function, *args, timeout: float = DB_CALL_SECONDS, **kwargs):
-    """Run a service function in a database thread; a call that takes longer than ``timeout`` is Unavailable."""
-    call = sync_to_async(_closing_connections, thread_sensitive=False, executor=_executor())
-    try:
-        return await asyncio.wait_for(call(function, *args, **kwargs), timeout)
-    except TimeoutError:
-        raise Unavailable("The database did not answer in time.") from None
 
 
 class ClientGone(Exception):
