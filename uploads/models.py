@@ -60,6 +60,9 @@ class Upload(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
     last_activity_at = models.DateTimeField(default=timezone.now)
+    # Durable bytes per second over the last offset commit (about a second apart while
+    # bytes flow), for the admin and the dashboard; stale once last_activity_at is old.
+    bytes_per_second = models.BigIntegerField(default=0)
 
     objects = UploadQuerySet.as_manager()
 
@@ -125,6 +128,9 @@ class Slot(models.Model):
     # Channel name of the consumer holding the slot; empty while reserved by
     # POST /api/uploads/ and not yet claimed by a connection.
     holder_channel = models.CharField(max_length=200, blank=True)
+    # "host:pid" of the server process holding the slot (empty while unclaimed), so an
+    # operator can tell which process to look at when a slot is stuck.
+    holder_process = models.CharField(max_length=100, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)
     release_reason = models.CharField(max_length=16, choices=ReleaseReason.choices, blank=True)
 
@@ -184,3 +190,24 @@ class UserQuota(models.Model):
 
     def __str__(self):
         return f"quota of {self.user}: {self.max_bytes} bytes"
+
+
+class FsckRun(models.Model):
+    """One run of `manage.py uploads fsck`: what it found and, with --repair, what it did.
+
+    Kept so the admin dashboard and /metrics can show the findings of the last run.
+    ``findings`` is a list of {"kind", "upload", "path", "detail", "action"} dicts.
+    """
+
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    repair = models.BooleanField(default=False, help_text="Run with --repair.")
+    verify = models.BooleanField(default=False, help_text="Run with --verify (re-hashed finished files).")
+    findings = models.JSONField(default=list)
+
+    class Meta:
+        ordering = ["-started_at"]
+        indexes = [models.Index(fields=["-started_at"], name="fsckrun_started")]
+
+    def __str__(self):
+        return f"fsck at {self.started_at:%Y-%m-%d %H:%M:%S}: {len(self.findings)} finding(s)"

@@ -14,7 +14,9 @@ Concurrency rules (see docs/slots.md):
 
 import logging
 import math
+import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -41,6 +43,14 @@ log = logging.getLogger(__name__)
 # Each retry means another process took the index we picked; with random
 # picks among free indexes a handful of attempts is plenty.
 ADMIT_ATTEMPTS = 10
+
+
+def holder_process() -> str:
+    """Who holds a slot, as an operator would look for it: "host:pid" of this server process.
+
+    Computed per call, not at import: a prefork server may have forked since.
+    """
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True)
@@ -126,6 +136,9 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
             "lease_expires_at": now + lease_duration(),
             "generation": upload.writer_generation if upload else 0,
             "holder_channel": holder_channel,
+            # A download is held by the process streaming it; an upload reserved by
+            # POST has no holder until a connection claims it.
+            "holder_process": holder_process() if holder_channel or kind == Slot.Kind.DOWNLOAD else "",
         }
         try:
             if nested:
@@ -306,7 +319,10 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str =
         Slot.objects.active()
         .filter(pk=current.pk, holder_channel="")
         .update(
-            holder_channel=holder_channel, generation=upload.writer_generation, lease_expires_at=now + lease_duration()
+            holder_channel=holder_channel,
+            holder_process=holder_process(),
+            generation=upload.writer_generation,
+            lease_expires_at=now + lease_duration(),
         )
     )
     if claimed != 1:  # pragma: no cover - the row lock above makes this unreachable on PostgreSQL

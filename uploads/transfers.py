@@ -241,10 +241,25 @@ def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
         except LeaseLost:
             raise _why_fenced(grant) from None
         # The durable offset only moves forward here (writer_rewind is the one way back).
-        advanced = _fenced_upload(grant).filter(offset__lt=offset).update(offset=offset, last_activity_at=now)
+        previous = _fenced_upload(grant).filter(offset__lt=offset).values_list("offset", "last_activity_at").first()
+        advanced = 0
+        if previous is not None:
+            was, since = previous
+            rate = _rate(offset - was, since, now)
+            advanced = (
+                _fenced_upload(grant)
+                .filter(offset=was)
+                .update(offset=offset, last_activity_at=now, bytes_per_second=rate)
+            )
         if advanced != 1 and not _fenced_upload(grant).exists():
             raise _why_fenced(grant)
     return expires
+
+
+def _rate(moved: int, since: datetime, now: datetime) -> int:
+    """Bytes per second between two offset commits; the first commit after a pause counts from the pause."""
+    seconds = (now - since).total_seconds()
+    return round(moved / seconds) if seconds > 0 else 0
 
 
 def writer_check(grant: WriterGrant) -> None:
