@@ -34,14 +34,17 @@ REFUSALS = {
     ("/api/uploads/{upload_id}/", "get"): {"401", "404", "503"},
     ("/api/uploads/{upload_id}/", "delete"): {"401", "403", "404", "503"},
     ("/api/slots/", "get"): {"401", "403", "503"},
+    ("/api/uploads/{upload_id}/content", "get"): {"401", "404", "409", "416", "429", "503"},
 }
 SUCCESS = {
-    ("/api/uploads/", "get"): "200",
-    ("/api/uploads/", "post"): "201",
-    ("/api/uploads/{upload_id}/", "get"): "200",
-    ("/api/uploads/{upload_id}/", "delete"): "204",
-    ("/api/slots/", "get"): "200",
+    ("/api/uploads/", "get"): {"200"},
+    ("/api/uploads/", "post"): {"201"},
+    ("/api/uploads/{upload_id}/", "get"): {"200"},
+    ("/api/uploads/{upload_id}/", "delete"): {"204"},
+    ("/api/slots/", "get"): {"200"},
+    ("/api/uploads/{upload_id}/content", "get"): {"200", "206", "304"},
 }
+CONTENT = "/api/uploads/{upload_id}/content"
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
 
@@ -55,7 +58,7 @@ def test_the_schema_describes_every_endpoint_with_exactly_its_answers_and_the_er
     assert {(path, method) for path, methods in paths.items() for method in methods} == set(REFUSALS)
     for (path, method), refusals in REFUSALS.items():
         responses = paths[path][method]["responses"]
-        assert set(responses) == refusals | {SUCCESS[path, method]}, (path, method)
+        assert set(responses) == refusals | SUCCESS[path, method], (path, method)
         for status in refusals:
             assert responses[status]["content"]["application/json"]["schema"] == ERROR_REF, (path, method, status)
 
@@ -145,3 +148,21 @@ def test_the_schema_declares_token_and_session_auth(schema):
     assert schemes["tokenAuth"]["type"] == "apiKey"
     assert schemes["tokenAuth"]["name"] == "Authorization"
     assert schemes["cookieAuth"]["in"] == "cookie"
+
+
+def test_the_schema_declares_the_download_as_bytes_with_its_range_and_validator_headers(schema):
+    download = schema["paths"][CONTENT]["get"]
+    responses = download["responses"]
+
+    for status in ("200", "206"):
+        assert responses[status]["content"] == {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+        }, status
+        assert {"ETag", "Last-Modified", "Content-Disposition", "Accept-Ranges"} <= set(responses[status]["headers"])
+    assert "content" not in responses["304"]
+    assert set(responses["304"]["headers"]) == {"ETag", "Last-Modified"}
+    assert responses["206"]["headers"]["Content-Range"]["required"] is True
+    assert responses["416"]["headers"]["Content-Range"]["required"] is True
+    assert "Content-Range" not in responses["200"]["headers"]
+    request_headers = {p["name"] for p in download["parameters"] if p["in"] == "header"}
+    assert request_headers == {"Range", "If-Range", "If-None-Match", "If-Modified-Since"}

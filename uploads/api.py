@@ -1,5 +1,6 @@
 """Thin DRF views: validate, call one service, shape the answer. Refusals map in uploads.api_errors."""
 
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -147,16 +148,65 @@ class AnyAcceptForDownloads(DefaultContentNegotiation):
         return renderers[0], renderers[0].media_type
 
 
+def _header(name: str, description: str, *, response=None, schema=str, required: bool = False) -> OpenApiParameter:
+    return OpenApiParameter(
+        name, schema, OpenApiParameter.HEADER, response=response or False, required=required, description=description
+    )
+
+
+# What GET /api/uploads/<id>/content reads and answers, per the spec's download row (docs/api.md).
+CONTENT_REQUEST_HEADERS = [
+    _header("Range", "One byte range: bytes=F-L, bytes=F- or bytes=-N. Several ranges: the whole file (200)."),
+    _header("If-Range", "The ETag (or Last-Modified) the client holds: Range applies only if it still matches."),
+    _header("If-None-Match", "ETags the client holds (or *): a match answers 304 without a body."),
+    _header("If-Modified-Since", "Considered only without If-None-Match: not modified since then answers 304."),
+]
+CONTENT_RESPONSE_HEADERS = [
+    _header("ETag", 'Strong, from the sha256: "<sha256>".', response=[200, 206, 304], required=True),
+    _header("Last-Modified", "When the upload completed.", response=[200, 206, 304], required=True),
+    _header(
+        "Content-Disposition",
+        "attachment; filename=<ASCII fallback>; filename*=UTF-8''<the name> (RFC 6266 / 5987).",
+        response=[200, 206],
+        required=True,
+    ),
+    _header("Accept-Ranges", "bytes", response=[200, 206], required=True),
+    _header("Content-Length", "Bytes in this body: the file, or the range.", response=[200, 206], schema=int),
+    _header(
+        "Content-Range",
+        "bytes F-L/N on 206; bytes */N on 416.",
+        response=[206, 416],
+        required=True,
+    ),
+]
+FILE_BYTES = OpenApiResponse(OpenApiTypes.BINARY, description="The file's bytes (application/octet-stream).")
+
+
 class UploadContent(APIView):
     """GET / HEAD /api/uploads/<id>/content: the finished file, with Range and conditional requests."""
 
     content_negotiation_class = AnyAcceptForDownloads
 
-    # Left out of the schema until tests/test_schema.py and tests/test_schemathesis.py list it.
-    @extend_schema(exclude=True)
+    # HEAD answers what GET would, without the body, and holds no slot. OpenAPI
+    # generators leave HEAD out (DRF's endpoint enumerator skips it); docs/api.md says so.
+    @extend_schema(
+        parameters=[*CONTENT_REQUEST_HEADERS, *CONTENT_RESPONSE_HEADERS, RETRY_AFTER],
+        responses={
+            (200, "application/octet-stream"): FILE_BYTES,
+            (206, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The requested range of the file (Content-Range)."
+            ),
+            304: OpenApiResponse(description="Not modified: the client's ETag matches (If-None-Match). No body."),
+            401: UNAUTHENTICATED,
+            404: NOT_FOUND,
+            409: refusal("409 not_complete: the upload is not complete; there is nothing to download yet."),
+            416: refusal("416 range_not_satisfiable: the range starts past the end; Content-Range: bytes */N."),
+            429: refusal("429 download_slots_exhausted: no download slot is free; Retry-After."),
+            503: UNAVAILABLE,
+        },
+    )
     def get(self, request, upload_id):
         return download_response(request.user, upload_id, request.headers)
 
-    @extend_schema(exclude=True)
     def head(self, request, upload_id):
         return download_response(request.user, upload_id, request.headers, head=True)
