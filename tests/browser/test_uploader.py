@@ -48,6 +48,14 @@ def random_file(path: Path, size: int) -> LocalFile:
     return LocalFile(path, digest.hexdigest(), size)
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 * MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @pytest.fixture(scope="module")
 def big_original(tmp_path_factory) -> LocalFile:
     return random_file(tmp_path_factory.mktemp("big") / "original.bin", BIG_SIZE)
@@ -92,15 +100,10 @@ def api_upload(server, backend, upload_id: str) -> dict:
 
 def stored_file_with(server, local: LocalFile) -> bool:
     """Whether the server's storage holds a finished file with exactly these bytes."""
-    for path in (server.storage / "files").iterdir():
-        if path.stat().st_size == local.size:
-            digest = hashlib.sha256()
-            with open(path, "rb") as handle:
-                while block := handle.read(4 * MiB):
-                    digest.update(block)
-            if digest.hexdigest() == local.sha256:
-                return True
-    return False
+    return any(
+        path.stat().st_size == local.size and file_digest(path) == local.sha256
+        for path in (server.storage / "files").iterdir()
+    )
 
 
 def expect_complete(page, server, backend, local: LocalFile) -> str:
@@ -247,6 +250,26 @@ def test_cancel_after_confirmation_cancels_the_upload_on_the_server(page, live, 
     while list((live.storage / "partial").iterdir()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not list((live.storage / "partial").iterdir())
+
+
+def test_a_finished_upload_downloads_from_my_files_byte_identical_under_its_own_name(page, live, backend, tmp_path):
+    # A non-ASCII name: the browser must take it from Content-Disposition's filename*.
+    local = random_file(tmp_path / "Résumé 2026 ✓.bin", 24 * MiB + 7)
+    page.locator("#file-input").set_input_files(str(local.path))
+    expect_complete(page, live, backend, local)
+
+    page.goto(f"{live.url}/files/")
+    link = page.locator("a.download", has_text=local.path.name)
+    with page.expect_download() as download_info:
+        link.click()
+    download = download_info.value
+    saved = tmp_path / "downloaded.bin"
+    download.save_as(saved)
+
+    assert download.failure() is None
+    assert download.suggested_filename == local.path.name
+    assert saved.stat().st_size == local.size
+    assert file_digest(saved) == local.sha256
 
 
 def test_too_large_and_quota_refusals_are_shown_as_messages(page, context, live, tmp_path):
