@@ -1,4 +1,4 @@
-"""My files in a real browser: an upload written elsewhere (a script) moves its row live, no reload."""
+"""Live progress in a real browser: an upload written elsewhere (a script) moves My files and the upload page."""
 
 import asyncio
 import os
@@ -52,3 +52,20 @@ def test_an_upload_written_by_a_script_moves_its_row_live(page, live, backend):
 
     durable = wait_for(lambda: upload_detail(live, backend.alice_token, upload["id"])["offset"], "the offset", 10)
     assert durable == 4 * MiB
+
+
+def test_the_upload_page_follows_an_upload_started_elsewhere_after_it_loaded(page, live, backend):
+    expect(page.locator("#uploader")).to_have_attribute("data-live", "true")
+    data = os.urandom(8 * MiB)
+    upload = create_upload(live, backend.alice_token, "from-another-program.bin", data)
+
+    writer = send_in_a_thread(live, upload["ws_url"], data, 4 * MiB)
+    # No reload: the page hears of it through /ws/progress/ and names it through the API.
+    entry = page.locator(f'#unfinished-list li[data-upload-id="{upload["id"]}"]')
+    expect(entry).to_have_attribute("data-offset", str(4 * MiB), timeout=15_000)
+    expect(entry).to_have_attribute("data-elsewhere", "true")
+    expect(entry).to_contain_text("from-another-program.bin is being uploaded in another tab or program: 50 %")
+    writer.join(30)
+    # Once events stop, it is an unfinished upload that this page could continue.
+    expect(entry).to_have_attribute("data-elsewhere", "false", timeout=10_000)
+    expect(entry).to_contain_text("is unfinished at 50 %")

@@ -1,11 +1,9 @@
-// Live progress on "My files": follows the signed-in user's uploads through /ws/progress/
-// (docs/protocol.md, section 8), wherever they are written — another tab, a script, another
-// server process. Each table row carries data-upload-id / data-offset / data-size; an event
-// for a row updates its progress bar and text; a status change (complete, cancelled, …) asks
-// for a reload of the list, since the row's actions change with it. Best effort: the page's
-// figures stay the server's own on every reload.
+// Live progress on "My files" (live.js follows the user's uploads wherever they are written).
+// Each table row carries data-upload-id / data-offset / data-size; an event for a row updates
+// its progress bar and text; a status change (complete, cancelled, …) asks for a reload of the
+// list, since the row's actions change with it.
 
-const RECONNECT_DELAYS = [1000, 3000, 5000, 10000];
+import { followProgress } from "./live.js";
 
 function percent(offset, size) {
   return size > 0 ? Math.floor((offset * 100) / size) : 0;
@@ -34,42 +32,27 @@ function updateRow(row, event) {
   }
 }
 
-function connect(table, status, attempt = 0) {
-  const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
-  const socket = new WebSocket(`${scheme}//${window.location.host}/ws/progress/`);
-  socket.addEventListener("open", () => {
-    attempt = 0;
-    table.dataset.live = "true";
-  });
-  socket.addEventListener("message", (message) => {
-    const event = JSON.parse(message.data);
-    if (event.type !== "progress") {
-      return;
-    }
-    const row = table.querySelector(`tr[data-upload-id="${CSS.escape(event.id)}"]`);
-    if (!row) {
-      return; // an upload this page does not show (another page of the list, or a new one)
-    }
-    if (event.status !== row.dataset.status) {
-      row.dataset.status = event.status;
-      status.textContent = "An upload changed state: reload the page to see its actions.";
-    }
-    if (event.status === "uploading") {
-      updateRow(row, event);
-    }
-  });
-  socket.addEventListener("close", (closed) => {
-    table.dataset.live = "false";
-    if (closed.code === 4401) {
-      return; // signed out
-    }
-    const delay = RECONNECT_DELAYS[Math.min(attempt, RECONNECT_DELAYS.length - 1)];
-    window.setTimeout(() => connect(table, status, attempt + 1), delay);
-  });
+function onEvent(table, status, event) {
+  const row = table.querySelector(`tr[data-upload-id="${CSS.escape(event.id)}"]`);
+  if (!row) {
+    return; // an upload this page does not show (another page of the list, or a new one)
+  }
+  if (event.status !== row.dataset.status) {
+    row.dataset.status = event.status;
+    status.textContent = "An upload changed state: reload the page to see its actions.";
+  }
+  if (event.status === "uploading") {
+    updateRow(row, event);
+  }
 }
 
 const table = document.querySelector("table.files");
 const status = document.getElementById("files-live-status");
 if (table && status && table.querySelector("tr[data-status='uploading']")) {
-  connect(table, status);
+  followProgress(
+    (event) => onEvent(table, status, event),
+    (live) => {
+      table.dataset.live = String(live);
+    },
+  );
 }

@@ -1,5 +1,6 @@
 // The upload page's entry point: reads the page's settings, wires the picker, drop zone, buttons and resume.
 
+import { followProgress } from "./live.js";
 import { UploadQueue } from "./queue.js";
 import { fingerprintOf, resumeStore } from "./resume.js";
 import { Api } from "./transport.js";
@@ -109,6 +110,35 @@ addEventListener("beforeunload", (event) => {
   }
 });
 
+/** An upload this tab is not running moved (another tab, a script): keep the unfinished list current. */
+async function followElsewhere(event) {
+  const mine = () => queue.items.some((item) => item.uploadId === event.id);
+  if (mine()) return;
+  await unfinishedLoaded;
+  const entry = unfinished.find((upload) => upload.id === event.id);
+  if (event.status !== "uploading") {
+    unfinished = unfinished.filter((upload) => upload.id !== event.id);
+  } else if (entry) {
+    Object.assign(entry, { offset: event.offset, movedAt: Date.now() });
+  } else {
+    // A new one (started elsewhere after this page loaded): its name comes from the API.
+    let upload;
+    try {
+      upload = await api.get(event.id);
+    } catch {
+      return;
+    }
+    if (mine() || unfinished.some((known) => known.id === upload.id) || upload.status !== "uploading") return;
+    unfinished.push({ ...upload, offset: Math.max(upload.offset, event.offset), movedAt: Date.now() });
+  }
+  view.renderUnfinished(unfinished);
+}
+
+// "Uploading elsewhere" lasts while events keep coming (the writer publishes about once a second).
+setInterval(() => {
+  if (unfinished.some((upload) => upload.movedAt)) view.renderUnfinished(unfinished);
+}, 2000);
+
 async function loadUnfinished() {
   try {
     unfinished = await api.unfinished();
@@ -120,3 +150,6 @@ async function loadUnfinished() {
 }
 
 view.renderTotal(queue.totals());
+followProgress(followElsewhere, (live) => {
+  root.dataset.live = String(live);
+});

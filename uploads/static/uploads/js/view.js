@@ -16,6 +16,9 @@ const STATUS_WORDS = {
   cancelled: "Cancelled",
 };
 
+// An unfinished upload counts as "being uploaded elsewhere" this long after its last progress event.
+const ELSEWHERE_MS = 5000;
+
 function element(tag, attributes = {}, text = "") {
   const node = document.createElement(tag);
   for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
@@ -111,11 +114,19 @@ export class UploaderView {
   renderUnfinished(uploads) {
     this.unfinishedList.replaceChildren(
       ...uploads.map((upload) => {
-        const entry = element("li", { "data-upload-id": upload.id, "data-offset": String(upload.offset) });
-        const where = `${formatBytes(upload.offset)} of ${formatBytes(upload.size)}`;
+        // Moving elsewhere means events within the last few seconds (another tab, a script).
+        const elsewhere = upload.movedAt !== undefined && Date.now() - upload.movedAt < ELSEWHERE_MS;
+        const entry = element("li", {
+          "data-upload-id": upload.id,
+          "data-offset": String(upload.offset),
+          "data-elsewhere": String(elsewhere),
+        });
+        const where = `${percent(upload.offset, upload.size)} % (${formatBytes(upload.offset)} of ${formatBytes(upload.size)})`;
         entry.append(
           element("strong", {}, upload.filename),
-          ` is unfinished at ${percent(upload.offset, upload.size)} % (${where}) — choose it again to continue.`,
+          elsewhere
+            ? ` is being uploaded in another tab or program: ${where}.`
+            : ` is unfinished at ${where} — choose it again to continue.`,
         );
         return entry;
       }),
