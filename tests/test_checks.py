@@ -460,3 +460,20 @@ def test_manage_check_starts_with_a_large_chunk_and_warns():
 
     assert result.returncode == 0, result.stderr
     assert "(uploads.W001)" in result.stdout + result.stderr
+
+
+# --- uploads.E010: an X-Accel-Redirect prefix nginx could never match ----------------------
+
+
+@pytest.mark.parametrize("prefix", ["_protected/", "/_protected", "/", "_protected"])
+def test_e010_an_accel_redirect_prefix_without_both_slashes(good_settings, prefix):
+    good_settings.DIRECTDRIVEX_ACCEL_REDIRECT = prefix
+
+    assert found(check_configuration(None), "uploads.E010") == ["DIRECTDRIVEX_ACCEL_REDIRECT"]
+
+
+@pytest.mark.parametrize("prefix", ["", "/_protected/", "/internal/files/"])
+def test_e010_accepts_no_prefix_or_a_location_prefix(good_settings, prefix):
+    good_settings.DIRECTDRIVEX_ACCEL_REDIRECT = prefix
+
+    assert found(check_configuration(None), "uploads.E010") == []

@@ -157,7 +157,25 @@ def check_configuration(app_configs, **kwargs):
     errors += _check_request_limit()
     errors += _check_storage()
     errors += _check_chunk_size()
+    errors += _check_accel_redirect()
     return errors
+
+
+def _check_accel_redirect() -> list[Error]:
+    # The header is the prefix followed by the storage key: without both slashes nginx
+    # would look for "/_protectedKEY" or "_protected/KEY", match no internal location, and
+    # answer every download 404 — a misconfiguration that only shows when someone downloads.
+    prefix = settings.DIRECTDRIVEX_ACCEL_REDIRECT
+    if not prefix or (prefix.startswith("/") and prefix.endswith("/") and len(prefix) > 1):
+        return []
+    return [
+        Error(
+            f"DIRECTDRIVEX_ACCEL_REDIRECT is {prefix!r}: it must be a location prefix that starts and ends with '/'.",
+            hint="Use the path of the nginx `internal` location, e.g. /_protected/ (deploy/nginx.conf.template).",
+            id="uploads.E010",
+            obj="DIRECTDRIVEX_ACCEL_REDIRECT",
+        )
+    ]
 
 
 def _check_bounds() -> list[Error]:
