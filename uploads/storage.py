@@ -10,11 +10,14 @@ file, followed by an fsync of the directory, so a crash at any instant leaves
 either a resumable part file or a complete one, never a visible partial file.
 """
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
@@ -201,3 +204,130 @@ class PartFile:
         if self.fd >= 0:
             os.close(self.fd)  # also drops the flock
             self.fd = -1
+
+
+# --- the layout as a whole (uploads fsck) ------------------------------------------
+
+# Where `uploads fsck --repair` moves files it will not delete. Not plain
+# "lost+found": a storage folder that is a filesystem's root already has one
+# (ext4's, owned by root), which is never ours to touch.
+LOST_AND_FOUND = "fsck-lost+found"
+# Entries at the top of the storage folder that are not the layout but never strays.
+_NOT_OURS = {LOST_AND_FOUND, "lost+found"}
+
+
+def lost_and_found() -> Path:
+    return root() / LOST_AND_FOUND
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One entry under the storage folder, as the layout names it.
+
+    ``area`` is "partial" or "files" and ``key`` the storage key for a regular
+    file named as the layout names one (``partial/<key>.part``, ``files/<key>``);
+    anything else (other names, folders or symlinks inside them, entries at the
+    top) is a stray, with ``area`` and ``key`` empty.
+    """
+
+    path: Path
+    area: str = ""
+    key: str = ""
+
+    @property
+    def relative(self) -> str:
+        return str(self.path.relative_to(root()))
+
+
+def scan() -> Iterator[StoredEntry]:
+    """Every entry under the storage folder except the lost+found folders, in name order. Creates nothing."""
+    base = root()
+    try:
+        top = sorted(os.scandir(base), key=lambda entry: entry.name)
+    except FileNotFoundError:
+        return
+    for entry in top:
+        if entry.name in _NOT_OURS:
+            continue
+        # partial/ and files/ may be symlinks to another disk (followed); a symlink inside them is a stray.
+        if entry.name in ("partial", "files") and entry.is_dir():
+            for inner in sorted(os.scandir(entry.path), key=lambda inner: inner.name):
+                yield _classify(entry.name, inner)
+        else:
+            yield StoredEntry(Path(entry.path))
+
+
+def _classify(area: str, entry: os.DirEntry) -> StoredEntry:
+    path = Path(entry.path)
+    if not entry.is_file(follow_symlinks=False):
+        return StoredEntry(path)
+    if area == "partial":
+        key = entry.name.removesuffix(".part")
+        if key and key != entry.name:
+            return StoredEntry(path, area, key)
+        return StoredEntry(path)
+    return StoredEntry(path, area, entry.name)
+
+
+def move_aside(path: Path, batch: str) -> Path:
+    """Move ``path`` (a file or a folder) to <lost+found>/<batch>/<its path under the storage folder>.
+
+    A rename: nothing is copied or deleted, and an operator can move it back.
+    """
+    relative = path.relative_to(root())
+    target = lost_and_found() / batch / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        if not target.exists() and not target.is_symlink():
+            break
+        target = target.with_name(f"{relative.name}.{attempt}")
+    os.rename(path, target)
+    _fsync_dir(target.parent)
+    _fsync_dir(path.parent)
+    return target
+
+
+class HeldFile:
+    """A layout file opened and exclusively flocked by the caller (see ``held``)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self.fd = fd
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+
+    def unlink(self) -> None:
+        self.path.unlink()
+        _fsync_dir(self.path.parent)
+
+    def move_aside(self, batch: str) -> Path:
+        return move_aside(self.path, batch)
+
+
+@contextlib.contextmanager
+def held(path: Path) -> Iterator[HeldFile]:
+    """``path`` opened and flocked as a writer flocks it (PartFile), without waiting, for the block.
+
+    PartFileLocked: a writer (in any process) has it open, so it is not ours to
+    touch. FileNotFoundError: it is gone, or was replaced while we locked it.
+    A finished file keeps its writer's lock too: the rename moves the locked inode.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise PartFileLocked(str(path)) from exc
+            raise
+        mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)
+        if (mine.st_dev, mine.st_ino) != (named.st_dev, named.st_ino):
+            raise FileNotFoundError(errno.ENOENT, "replaced while being locked", str(path))
+        yield HeldFile(path, fd)
+    finally:
+        os.close(fd)  # also drops the flock

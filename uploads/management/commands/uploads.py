@@ -1,23 +1,49 @@
-"""`manage.py uploads expire`: end unfinished uploads that have been idle too long.
+"""`manage.py uploads expire|fsck`: end idle unfinished uploads; find and repair inconsistent state.
 
-Thin on purpose: it calls uploads.transfers.uploads_expire, prints what it
-found and what it did, and is safe to rerun.
+Thin on purpose: each subcommand calls one service (uploads.transfers.uploads_expire,
+uploads.fsck.fsck_run), prints what it found and what it did, and is safe to rerun.
 """
 
-from django.core.management.base import BaseCommand
+import json
+import logging
 
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
+
+from uploads.fsck import fsck_run
 from uploads.transfers import uploads_expire
+
+log = logging.getLogger(__name__)
+
+# fsck exit codes (docs/operations.md): 0 nothing wrong, or everything found was repaired.
+FSCK_UNREPAIRED = 1  # problems found and left (no --repair, or a repair was refused or failed)
+FSCK_FAILED = 2  # fsck itself could not finish (database or storage unreachable)
 
 
 class Command(BaseCommand):
-    help = "Maintain uploads: expire unfinished uploads idle for DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS."
+    help = "Maintain uploads: expire idle unfinished uploads; fsck rows, slots and files against each other."
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", required=True, metavar="{expire}")
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{expire,fsck}")
         expire = sub.add_parser("expire", help="Expire idle unfinished uploads: free their slots, delete their bytes.")
         expire.add_argument("--dry-run", action="store_true", help="List what would expire; change nothing.")
 
-    def handle(self, *args, action, dry_run: bool = False, **options):
+        fsck = sub.add_parser(
+            "fsck",
+            help="Find (and with --repair, fix) slots, upload rows and files that disagree (docs/operations.md).",
+        )
+        fsck.add_argument("--repair", action="store_true", help="Fix each finding in the safest way.")
+        fsck.add_argument(
+            "--verify",
+            action="store_true",
+            help="Also re-hash every finished file against its sha256 (reads them all).",
+        )
+        fsck.add_argument("--json", action="store_true", dest="as_json", help="Print the report as JSON.")
+
+    def handle(self, *args, action, **options):
+        getattr(self, f"handle_{action}")(**options)
+
+    def handle_expire(self, *, dry_run: bool = False, **options):
         uploads = uploads_expire(dry_run=dry_run)
         for upload in uploads:
             self.stdout.write(
@@ -26,3 +52,37 @@ class Command(BaseCommand):
             )
         verb = "Would expire" if dry_run else "Expired"
         self.stdout.write(f"{verb} {len(uploads)} upload(s).")
+
+    def handle_fsck(self, *, repair: bool = False, verify: bool = False, as_json: bool = False, **options):
+        try:
+            report = fsck_run(repair=repair, verify=verify)
+        except (DatabaseError, OSError) as exc:
+            log.exception("fsck failed")
+            raise CommandError(f"fsck could not finish: {exc}", returncode=FSCK_FAILED) from exc
+        if as_json:
+            self.stdout.write(json.dumps(report.as_dict(), indent=2))
+        else:
+            self._print_fsck(report)
+        left = len(report.unrepaired)
+        if left:
+            hint = "" if repair else " (run with --repair to fix them)"
+            raise CommandError(f"{left} problem(s) left{hint}.", returncode=FSCK_UNREPAIRED)
+
+    def _print_fsck(self, report):
+        for finding in report.findings:
+            line = (
+                f"{finding.kind} upload={finding.upload or '-'} user={finding.user or '-'} "
+                f"slot={finding.slot or '-'} path={finding.path or '-'}: {finding.detail}"
+            )
+            if finding.action:
+                line += f" -> {finding.action}"
+            style = self.style.SUCCESS if finding.repaired else self.style.WARNING
+            self.stdout.write(style(line))
+        checked = report.checked
+        self.stdout.write(
+            f"Checked {checked['slots']} active slot(s), {checked['uploads']} upload(s), {checked['files']} file(s); "
+            f"left alone {report.live_uploads} live upload(s) and {report.held_files} file(s) a writer holds open."
+        )
+        found, left = len(report.findings), len(report.unrepaired)
+        summary = f"Found {found} problem(s), repaired {found - left}, {left} left (fsck run {report.run_id})."
+        self.stdout.write(self.style.SUCCESS(summary) if not left else self.style.ERROR(summary))
