@@ -169,6 +169,12 @@ class Slot(models.Model):
                 condition=Q(released_at__isnull=True),
                 name="slot_active_lease",
             ),
+            # History: the dashboard's recent releases (every refresh) and slots prune.
+            models.Index(
+                fields=["-released_at"],
+                condition=Q(released_at__isnull=False),
+                name="slot_release_history",
+            ),
         ]
 
     def __str__(self):
