@@ -110,6 +110,9 @@ addEventListener("beforeunload", (event) => {
   }
 });
 
+// How long after the page loaded an event may still be the previous page's last commit.
+const SETTLE_MS = 3000;
+
 /** An upload this tab is not running moved (another tab, a script): keep the unfinished list current. */
 async function followElsewhere(event) {
   const mine = () => queue.items.some((item) => item.uploadId === event.id);
@@ -119,7 +122,10 @@ async function followElsewhere(event) {
   if (event.status !== "uploading") {
     unfinished = unfinished.filter((upload) => upload.id !== event.id);
   } else if (entry) {
-    Object.assign(entry, { offset: event.offset, movedAt: Date.now() });
+    // Just after a reload, the previous page's connection makes its last bytes durable: that
+    // is this user's own upload letting go, not another program writing.
+    const settling = performance.now() < SETTLE_MS && !entry.movedAt;
+    Object.assign(entry, { offset: event.offset }, settling ? {} : { movedAt: Date.now() });
   } else {
     // A new one (started elsewhere after this page loaded): its name comes from the API.
     let upload;
