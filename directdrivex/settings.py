@@ -40,7 +40,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: a bad Host or an unknown /api/ path is a JSON refusal before anything else answers it.
+    # Outermost: every line logged for a request carries its id, refusals of the next one included.
+    "uploads.logs.RequestIdMiddleware",
+    # Then: a bad Host or an unknown /api/ path is a JSON refusal before anything else answers it.
     "uploads.middleware.ApiEdgeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -138,8 +140,9 @@ SPECTACULAR_SETTINGS = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # logfmt with the request id and client address of the entry point (uploads.logs; docs/operations.md).
+    "formatters": {"logfmt": {"()": "uploads.logs.LogfmtFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "logfmt"}},
     "root": {"handlers": ["console"], "level": "INFO"},
     "loggers": {
         # Django adds its own console handler under DEBUG: don't print every line twice.
@@ -168,6 +171,13 @@ DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
 # An nginx `internal` location prefix (e.g. /_protected/, ending in a slash): downloads are then
 # answered with X-Accel-Redirect and nginx sends the bytes; empty, the server streams them itself.
 DIRECTDRIVEX_ACCEL_REDIRECT = env.str("DIRECTDRIVEX_ACCEL_REDIRECT")
+# Bearer token for GET /metrics; empty, only staff sessions may read it (uploads.metrics_views).
+DIRECTDRIVEX_METRICS_TOKEN = env.str("DIRECTDRIVEX_METRICS_TOKEN")
+# prometheus_client's own variable, which it reads from the environment itself (uploads.metrics;
+# uploads.E012): where every process of the host keeps its metrics, so that GET /metrics of any one
+# reports them all. Unset, each process reports only itself (fine for one process). Here so that
+# this file names every variable the service reads.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR")
 # How long a ws_url ticket admits new connections (not an environment variable).
 DIRECTDRIVEX_TICKET_MAX_AGE = 600
 

@@ -4,10 +4,14 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
+from uploads.metrics_views import metrics
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    # Prometheus' default metrics_path, without a slash (docs/operations.md, "Metrics").
+    path("metrics", metrics, name="metrics"),
     path("", include("uploads.urls")),
 ]
 

@@ -261,10 +261,11 @@ def test_if_none_match_with_another_etag_gets_the_file(alice, finished):
 
 
 def test_head_answers_the_same_headers_without_a_body_or_a_slot(alice, finished):
-    get = fetch(alice, finished.pk)
+    # The same request id on both: the answer echoes it (X-Request-ID), and all else must be equal too.
+    get = fetch(alice, finished.pk, X_Request_ID="head-vs-get")
     Slot.objects.filter(kind=Slot.Kind.DOWNLOAD).delete()
 
-    head = fetch(alice, finished.pk, "HEAD")
+    head = fetch(alice, finished.pk, "HEAD", X_Request_ID="head-vs-get")
 
     assert head.status == 200
     assert head.body == b""

@@ -28,7 +28,7 @@ from tests.support.live_backend import live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.test_live_faults import send_until
 from tests.test_live_server import create_upload, part_files, receive, stream, upload_detail, ws_connect
-from uploads import storage
+from uploads import signals, storage
 from uploads.fsck import KEEP_RUNS, Kind, fsck_find, fsck_repair, fsck_run
 from uploads.models import FsckRun, Slot, Upload
 from uploads.slots import lease_duration, slot_admit
@@ -281,16 +281,26 @@ def test_an_unfinished_upload_idle_past_expiry_is_expired_with_its_bytes_and_slo
     assert storage.part_path(fresh.storage_key).exists()
 
 
-def test_a_complete_upload_whose_file_is_gone_is_marked_failed_and_stops_counting_toward_the_quota(alice):
+def test_a_complete_upload_whose_file_is_gone_is_marked_failed_and_stops_counting_toward_the_quota(
+    alice, django_capture_on_commit_callbacks
+):
     upload = finish_upload(alice, b"x" * 1000)
     storage.final_path(upload.storage_key).unlink()
 
     assert found(fsck_find()) == [(Kind.MISSING_FILE, str(upload.pk))]
 
-    report = repaired_and_clean()
+    failed = []
+    signals.upload_failed.connect(lambda **kwargs: failed.append(kwargs), weak=False, dispatch_uid="fsck-test")
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            report = repaired_and_clean()
+    finally:
+        signals.upload_failed.disconnect(dispatch_uid="fsck-test")
     assert Upload.objects.get(pk=upload.pk).status == "failed"
     assert quota_used(alice) == 0
     assert "upload the file again" in report.findings[0].action
+    # Integrators hear of it as of any other failure, once.
+    assert [(f["upload_id"], f["reason"]) for f in failed] == [(upload.pk, "fsck_bytes_lost")]
 
 
 def test_a_truncated_finished_file_is_a_size_mismatch_and_is_moved_aside_when_the_upload_fails(alice):

@@ -27,6 +27,7 @@ from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from uploads import metrics
 from uploads.exceptions import InternalError, InvalidRequest, RequestTooLarge, Unavailable, refusal_for
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def refusal_parts(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
 def exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every error raised in an API view (authentication included), answered as JSON."""
     status, body, headers = refusal_parts(exc)
+    metrics.refusal_counted("http", body["code"])
     if status >= 500:
         # Django logs what its own handlers answer; DRF leaves server errors to us.
         view = context.get("view")
@@ -143,6 +145,7 @@ def exception_handler(exc, context):
 def json_error(exc: BaseException) -> JsonResponse:
     """The JSON answer to ``exc`` outside DRF (middleware, Django's error handlers)."""
     status, body, headers = refusal_parts(exc)
+    metrics.refusal_counted("http", body["code"])
     return JsonResponse(body, status=status, headers=headers)
 
 

@@ -9,6 +9,7 @@ before serving, and every manage.py command that serves or migrates does too.
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.db.backends.base.operations import BaseDatabaseOperations
 
+from uploads import metrics
 from uploads.models import Slot
 from uploads.serializers import MAX_FILENAME_CHARS, MAX_FINGERPRINT_CHARS
 
@@ -158,6 +160,7 @@ def check_configuration(app_configs, **kwargs):
     errors += _check_storage()
     errors += _check_chunk_size()
     errors += _check_accel_redirect()
+    errors += _check_metrics()
     return errors
 
 
@@ -261,3 +264,35 @@ def _check_chunk_size() -> list[Warning]:
             obj="DIRECTDRIVEX_CHUNK_SIZE",
         )
     ]
+
+
+# RFC 6750's b64token: what an Authorization: Bearer header can carry as is.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+SHORTEST_METRICS_TOKEN = 16
+
+
+def _check_metrics() -> list[Error]:
+    errors = []
+    token = settings.DIRECTDRIVEX_METRICS_TOKEN
+    if token and (len(token) < SHORTEST_METRICS_TOKEN or not BEARER_TOKEN.fullmatch(token)):
+        errors.append(
+            Error(
+                f"DIRECTDRIVEX_METRICS_TOKEN must be at least {SHORTEST_METRICS_TOKEN} characters of letters, digits "
+                "and -._~+/ (a bearer token), without spaces or quotes.",
+                hint="Generate one with python3 -c 'import secrets; print(secrets.token_urlsafe(32))', or unset it "
+                "to let only staff sessions read /metrics.",
+                id="uploads.E011",
+                obj="DIRECTDRIVEX_METRICS_TOKEN",
+            )
+        )
+    if metrics.MULTIPROCESS_PROBLEM:
+        errors.append(
+            Error(
+                metrics.MULTIPROCESS_PROBLEM,
+                hint="Point PROMETHEUS_MULTIPROC_DIR at a folder this process may create and write, local to this "
+                "host (e.g. /run/directdrivex/metrics), or unset it when only one server process runs.",
+                id="uploads.E012",
+                obj="PROMETHEUS_MULTIPROC_DIR",
+            )
+        )
+    return errors

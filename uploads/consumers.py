@@ -24,6 +24,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 
+from uploads import logs, metrics
 from uploads.exceptions import (
     DirectDriveXError,
     IdleTimeout,
@@ -72,10 +73,13 @@ class UploadConsumer(AsyncWebsocketConsumer):
         # and every exit — disconnect, refusal, server shutdown — ends the
         # session within SESSION_END_SECONDS.
         self.scope = scope
+        # Every line logged for this connection, here and in the services it calls, says who and which connection.
+        logs.bind_connection(scope)
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
         LIVE_CONSUMERS[self.channel_name] = self
+        metrics.CONNECTIONS_OPEN.labels("upload").inc()
         try:
             await await_many_dispatch([receive, self._layer_receive], self.dispatch)
         except StopConsumer:
@@ -87,6 +91,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
                 # Only now: while the session still holds the upload, a new
                 # connection must find this writer alive, not take it over.
                 LIVE_CONSUMERS.pop(self.channel_name, None)
+                metrics.CONNECTIONS_OPEN.labels("upload").dec()
 
     async def _layer_receive(self):
         delay = LAYER_RETRY_SECONDS[0]
@@ -182,11 +187,16 @@ class UploadConsumer(AsyncWebsocketConsumer):
         if self.client_gone:
             await self.writer.close(reason)
             return
+        metrics.refusal_counted("websocket", refusal.code)  # answered, so counted: a client that left hears none
         await self._send_json({"type": "error", **refusal.as_dict(ws=True)})
         # Durable offset and slot are settled before the close code goes out, so
         # a client that reconnects at once finds the resume point and a free slot.
         await self.writer.close(reason)
         await self.close(code=refusal.close_code)
+
+    async def close(self, code=None, reason=None):
+        metrics.websocket_closed(code)
+        await super().close(code=code, reason=reason)
 
     def _authorize(self):
         user = self.scope.get("user")

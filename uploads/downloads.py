@@ -30,7 +30,7 @@ from urllib.parse import quote
 from django.conf import settings
 from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 
-from uploads import ranges, storage
+from uploads import metrics, ranges, storage
 from uploads.exceptions import LeaseLost, NotComplete, RangeNotSatisfiable
 from uploads.models import Slot, Upload
 from uploads.service_calls import db_call
@@ -171,6 +171,8 @@ async def _body(handle, first: int, length: int, slot: Slot, *, upload_id, user_
     position, remaining = first, length
     reason = Slot.ReleaseReason.DISCONNECTED
     renew_at = time.monotonic() + renew_interval()
+    # Inside the body, so that a body never started (the client left first) is never counted.
+    metrics.CONNECTIONS_OPEN.labels("download").inc()
     try:
         while remaining:
             # Disk reads block: never on the event loop.
@@ -181,6 +183,7 @@ async def _body(handle, first: int, length: int, slot: Slot, *, upload_id, user_
                 reason = Slot.ReleaseReason.ERROR
                 return
             yield block
+            metrics.BYTES_SERVED.inc(len(block))  # per 1 MiB block, not per byte
             position += len(block)
             remaining -= len(block)
             if time.monotonic() >= renew_at:
@@ -198,6 +201,7 @@ async def _body(handle, first: int, length: int, slot: Slot, *, upload_id, user_
         raise
     finally:
         handle.close()
+        metrics.CONNECTIONS_OPEN.labels("download").dec()
         await _release(slot, reason, upload_id=upload_id, user_id=user_id, sent=position - first)
 
 

@@ -32,6 +32,7 @@ from django.db.models import F, TextChoices
 from django.utils import timezone
 
 from uploads import storage
+from uploads.events import Event, record
 from uploads.models import FsckRun, Slot, Upload
 from uploads.progress import progress_event, publish_now
 from uploads.slots import slots_reap, slots_reset
@@ -620,6 +621,8 @@ def upload_fail_lost(upload_id, storage_key: str, *, now=None) -> Upload | None:
             return None
         Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.FAILED, last_activity_at=now)
     log.error("complete upload marked failed by fsck upload=%s user=%s", upload.pk, upload.owner_id)
+    # Integrators hear of it like any other failure (upload_failed), with fsck's reason.
+    record(Event.UPLOAD_FAILED, upload=upload.pk, user=upload.owner_id, reason="fsck_bytes_lost", size=upload.size)
     publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="failed"))
     return upload
 

@@ -27,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
+from uploads.events import Event, record
 from uploads.exceptions import (
     DirectDriveXError,
     DownloadSlotsExhausted,
@@ -152,7 +153,15 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
             if holder is not None and holder.exists():
                 raise UploadBusy(retry_after=_retry_after(list(holder.values_list("lease_expires_at")), now)) from None
             continue  # another process took that index between our read and our insert
-        log.info("slot admitted kind=%s slot=%s user=%s upload=%s", kind, slot.pk, user.pk, upload and upload.pk)
+        record(
+            Event.SLOT_ADMITTED,
+            kind=kind,
+            slot=slot.pk,
+            user=user.pk,
+            upload=upload and upload.pk,
+            generation=slot.generation,
+            holder=fields["holder_process"] or None,
+        )
         return slot
     # Every attempt lost a race: the slots are churning; ask the caller to come back at once.
     refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
@@ -177,7 +186,13 @@ def slot_release(slot_id: int, reason: str, *, generation: int | None = None, no
         slots = slots.filter(generation=generation)
     released = slots.update(released_at=now, release_reason=reason) == 1
     if released:
-        log.info("slot released slot=%s reason=%s", slot_id, reason)
+        # One primary-key read per release (not per frame): the line and the metric name the kind and the owner.
+        row = Slot.objects.filter(pk=slot_id).values_list("kind", "user_id", "upload_id", "generation").first()
+        # None only if the row was deleted since (its upload deleted at the same moment).
+        kind, user_id, upload_id, gen = row or ("unknown", None, None, generation)
+        record(
+            Event.SLOT_RELEASED, kind=kind, slot=slot_id, user=user_id, upload=upload_id, generation=gen, reason=reason
+        )
     return released
 
 
@@ -198,13 +213,17 @@ def _revoke(slots: list[Slot], reason: str, now, error: DirectDriveXError) -> li
     if channels:
         transaction.on_commit(lambda: notify_holders(channels, error))
     for slot in slots:
-        log.warning(
-            "slot revoked slot=%s reason=%s user=%s upload=%s holder=%s",
-            slot.pk,
-            reason,
-            slot.user_id,
-            slot.upload_id,
-            slot.holder_channel or "-",
+        # Logged, counted and signalled only if the caller's transaction commits (upload_end may roll back).
+        record(
+            Event.SLOT_REAPED if reason == Slot.ReleaseReason.EXPIRED else Event.SLOT_REVOKED,
+            kind=slot.kind,
+            slot=slot.pk,
+            user=slot.user_id,
+            upload=slot.upload_id,
+            generation=slot.generation,
+            reason=reason,
+            holder=slot.holder_process or None,
+            channel=slot.holder_channel or None,
         )
     return slots
 

@@ -16,6 +16,7 @@ from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from uploads import storage
+from uploads.events import Event, record
 from uploads.exceptions import FileTooLarge, LeaseLost, NotUploading, QuotaExceeded, UploadNotFound
 from uploads.filenames import display_name, stored_original
 from uploads.models import Slot, Upload, UserQuota
@@ -73,7 +74,15 @@ def upload_create(
             last_activity_at=now,
         )
         slot = slot_admit(Slot.Kind.UPLOAD, user, upload=upload, now=now)
-    log.info("upload created upload=%s user=%s size=%s slot=%s", upload.pk, user.pk, size, slot.pk)
+        record(
+            Event.UPLOAD_STARTED,
+            upload=upload.pk,
+            user=user.pk,
+            slot=slot.pk,
+            generation=slot.generation,
+            size=size,
+            filename=upload.display_name,
+        )
     return upload, slot
 
 
@@ -125,7 +134,7 @@ def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now
     # After commit: no file I/O inside the transaction. A writer still holding
     # the file open writes into an unlinked inode and is fenced at its next commit.
     storage.delete(upload.storage_key)
-    log.info("upload ended upload=%s user=%s status=%s", upload.pk, upload.owner_id, status)
+    record(Event(f"upload.{status}"), upload=upload.pk, user=upload.owner_id, reason=reason, size=upload.size)
     publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status=status))
     return True
 
@@ -163,7 +172,7 @@ def upload_delete(user, upload_id, *, now=None) -> None:
         slots_revoke_for_upload(upload, Slot.ReleaseReason.CANCELLED, NotUploading("The file was deleted."), now=now)
         Upload.objects.filter(pk=upload.pk).delete()
     storage.delete(upload.storage_key)
-    log.info("upload deleted upload=%s user=%s", upload.pk, user.pk)
+    record(Event.UPLOAD_DELETED, upload=upload.pk, user=user.pk, size=upload.size, status=upload.status)
     publish_now(user.pk, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="deleted"))
 
 
@@ -198,7 +207,15 @@ def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "",
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
         slot = slot_claim_writer(upload, holder_channel, dead_holder=dead_holder, now=now)
-    log.info("writer admitted upload=%s user=%s slot=%s gen=%s", upload.pk, user.pk, slot.pk, slot.generation)
+    record(
+        Event.WRITER_ADMITTED,
+        upload=upload.pk,
+        user=user.pk,
+        slot=slot.pk,
+        generation=slot.generation,
+        offset=upload.offset,
+        taken_over=dead_holder or None,
+    )
     return WriterGrant(
         upload_id=upload.pk,
         user_id=user.pk,
@@ -302,7 +319,15 @@ def writer_complete(grant: WriterGrant, *, sha256: str = "", now=None) -> None:
         )
         if done != 1:
             raise _why_fenced(grant)
-    log.info("upload complete upload=%s user=%s size=%s", grant.upload_id, grant.user_id, grant.size)
+    record(
+        Event.UPLOAD_COMPLETED,
+        upload=grant.upload_id,
+        user=grant.user_id,
+        slot=grant.slot_id,
+        generation=grant.generation,
+        size=grant.size,
+        sha256=grant.sha256 or sha256,
+    )
     event = progress_event(upload_id=grant.upload_id, offset=grant.size, size=grant.size, status="complete")
     publish_now(grant.user_id, event)
 
@@ -323,7 +348,15 @@ def writer_fail(grant: WriterGrant, *, now=None) -> None:
         log.warning("stale writer's checksum failure ignored upload=%s user=%s", grant.upload_id, grant.user_id)
         raise _why_fenced(grant)
     storage.delete(grant.storage_key)
-    log.warning("upload failed checksum upload=%s user=%s", grant.upload_id, grant.user_id)
+    record(
+        Event.UPLOAD_FAILED,
+        upload=grant.upload_id,
+        user=grant.user_id,
+        slot=grant.slot_id,
+        generation=grant.generation,
+        reason="checksum_mismatch",
+        size=grant.size,
+    )
     publish_now(grant.user_id, progress_event(upload_id=grant.upload_id, offset=0, size=grant.size, status="failed"))
 
 

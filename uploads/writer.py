@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from uploads import storage
+from uploads import metrics, storage
 from uploads.exceptions import (
     ChecksumMismatch,
     IdleTimeout,
@@ -349,9 +349,12 @@ class UploadWriter:
             task.exception()
 
     async def _commit_call(self, part: storage.PartFile, offset: int, started: float) -> tuple[int, float]:
-        if offset > self.durable:
+        moves = offset > self.durable
+        if moves:
             await self._in_thread(part.sync)
         await db_call(writer_commit, self.grant, offset)
+        if moves:  # a commit of new bytes, fsync + UPDATE; a mere lease renewal would flatter the histogram
+            metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
         return offset, started
 
     async def _collect_commit(self, *, wait: bool):
@@ -367,6 +370,8 @@ class UploadWriter:
         except (LeaseLost, NotUploading):
             self._fenced = True
             raise
+        if offset > self.durable:
+            metrics.BYTES_RECEIVED.inc(offset - self.durable)  # once per commit, never per frame
         self.durable = max(self.durable, offset)
         self._last_commit_seconds = time.monotonic() - started
         self._renewed(started)
@@ -453,6 +458,7 @@ class UploadWriter:
             try:
                 await self._in_thread(self.part.sync)
                 await db_call(writer_commit, grant, self.written, timeout=CLOSE_SECONDS / 2)
+                metrics.BYTES_RECEIVED.inc(self.written - self.durable)
                 self.durable = self.written
             except (LeaseLost, NotUploading):
                 return  # someone else owns the upload now; our bytes past durable are theirs to drop

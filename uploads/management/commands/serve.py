@@ -6,7 +6,7 @@ import shlex
 from django.core.management.base import BaseCommand
 
 from directdrivex import server
-from uploads import storage
+from uploads import metrics, storage
 
 log = logging.getLogger(__name__)
 
@@ -31,5 +31,11 @@ class Command(BaseCommand):
             self.stdout.write("daphne " + shlex.join(arguments))
             return
         storage.ensure_layout()
+        # Multiprocess metrics (PROMETHEUS_MULTIPROC_DIR): clean up after processes that stopped or crashed,
+        # and let this one's open-connection gauges go when it stops (uploads.metrics).
+        metrics.tidy()
         log.info("starting daphne %s", shlex.join(arguments))
-        server.run(arguments)
+        try:
+            server.run(arguments)
+        finally:
+            metrics.process_exiting()

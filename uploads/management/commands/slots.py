@@ -1,10 +1,11 @@
-"""`manage.py slots status|reap|reset|prune`: look at, repair and trim upload/download slots.
+"""`manage.py slots status|reap|reset|prune|reaper`: look at, repair and trim upload/download slots.
 
 Thin on purpose: each subcommand calls one service in uploads.slots (the same
 ones the admin actions use), prints what it found and what it did, and is
 safe to rerun.
 """
 
+import argparse
 import json
 import uuid
 
@@ -15,6 +16,7 @@ from django.utils import timezone
 
 from uploads.exceptions import DirectDriveXError
 from uploads.models import Upload
+from uploads.reaper import PRUNE_INTERVAL, ReaperPass, StopFlag, reaper_run, stop_on_signals
 from uploads.slots import slots_prune, slots_reap, slots_reset, slots_summary
 
 
@@ -22,7 +24,7 @@ class Command(BaseCommand):
     help = "Show, reap, reset or prune upload/download slots (docs/slots.md)."
 
     def add_arguments(self, parser):
-        sub = parser.add_subparsers(dest="action", required=True, metavar="{status,reap,reset,prune}")
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{status,reap,reset,prune,reaper}")
 
         status = sub.add_parser("status", help="Active, stuck and per-user slot counts.")
         status.add_argument("--json", action="store_true", dest="as_json", help="Print the summary as JSON.")
@@ -41,6 +43,25 @@ class Command(BaseCommand):
             "prune", help="Delete released slot rows older than DIRECTDRIVEX_SLOT_HISTORY_DAYS (active rows never)."
         )
         prune.add_argument("--dry-run", action="store_true", help="Count what would be deleted; change nothing.")
+
+        reaper = sub.add_parser(
+            "reaper",
+            help="Run until SIGTERM/SIGINT: reap expired leases, expire idle uploads, prune history, on a schedule.",
+        )
+        reaper.add_argument(
+            "--interval",
+            type=_seconds,
+            metavar="S",
+            help="Seconds between passes (default: a quarter of DIRECTDRIVEX_SLOT_LEASE_SECONDS, 15 by default).",
+        )
+        reaper.add_argument(
+            "--prune-interval",
+            type=_seconds,
+            default=PRUNE_INTERVAL,
+            metavar="S",
+            help=f"Seconds between history prunes (default {PRUNE_INTERVAL:g}; the first pass prunes).",
+        )
+        reaper.add_argument("--json", action="store_true", dest="as_json", help="Print one JSON line per pass.")
 
     def handle(self, *args, action, **options):
         try:
@@ -82,6 +103,32 @@ class Command(BaseCommand):
         else:
             self.stdout.write(self.style.SUCCESS(f"Deleted {found}."))
 
+    def handle_reaper(self, *, interval=None, prune_interval=PRUNE_INTERVAL, as_json: bool = False, **options):
+        totals = {"reaped": 0, "expired": 0, "pruned": 0, "failed": 0}
+
+        def report(result: ReaperPass):
+            # The log has a line per pass already; stdout is for scripts (--json) and the summary.
+            if as_json:
+                self.stdout.write(json.dumps(result.as_dict(), sort_keys=True))
+                self.stdout.flush()  # one line per pass as it happens, also into a pipe
+            totals["reaped"] += len(result.reaped or ())
+            totals["expired"] += len(result.expired or ())
+            totals["pruned"] += result.pruned or 0
+            totals["failed"] += bool(result.error)
+
+        stop = StopFlag()
+        try:
+            with stop_on_signals(stop):
+                passes = reaper_run(stop, interval=interval, prune_interval=prune_interval, on_pass=report)
+        finally:
+            stop.close()
+        if not as_json:
+            self.stdout.write(
+                f"Stopped by {stop.reason} after {passes} pass(es) ({totals['failed']} failed): "
+                f"reaped {totals['reaped']} slot(s), expired {totals['expired']} upload(s), "
+                f"pruned {totals['pruned']} history row(s)."
+            )
+
     def _user(self, username):
         if username is None:
             return None
@@ -116,3 +163,13 @@ class Command(BaseCommand):
         else:
             done = {"reap": "Reaped", "reset": "Reset"}[verb]
             self.stdout.write(self.style.SUCCESS(f"{done} {len(slots)} slot(s)."))
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return seconds

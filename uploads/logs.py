@@ -1,0 +1,147 @@
+"""Log lines as logfmt (``key=value``), with the request id and the client's address of the entry point.
+
+One record is one line: ``time=… level=… logger=… msg=…`` followed by the
+record's structured fields (``upload=… user=… slot=… gen=… reason=…``, given
+as ``extra={"ddx": {...}}``, see uploads.events) and the context of the entry
+point that caused it: ``request_id=…`` and ``remote=…``. Readable in a
+terminal and parsed as is by Loki (``| logfmt``), Vector or ``grep``. A
+traceback, if any, follows on the next lines, as Python prints it: the record
+itself stays one line.
+
+The context lives in contextvars set by the entry points (the HTTP middleware
+below, ``bind_connection`` in the WebSocket consumer). asgiref copies them
+into the threads that run sync code (views, services through db_call), and
+on_commit callbacks run in the thread that committed, so a line logged deep in
+a service still says which request or connection it belongs to. Nothing here
+imports the app's models: LOGGING loads this module before Django is set up.
+"""
+
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+from django.utils.functional import SimpleLazyObject, empty
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("ddx_request_id", default=None)
+REMOTE: ContextVar[str | None] = ContextVar("ddx_remote", default=None)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# What an incoming X-Request-ID may look like (nginx's $request_id, a UUID, most
+# tracers' ids). Anything else is replaced: the id is written into every log
+# line, so a client must not be able to put spaces, quotes or newlines there.
+_ACCEPTED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+http_log = logging.getLogger("uploads.http")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-ID if it is a plain token (a proxy's id to correlate with), else a new one."""
+    if header and _ACCEPTED_REQUEST_ID.fullmatch(header):
+        return header
+    return new_request_id()
+
+
+def bind(*, request_id: str | None, remote: str | None) -> None:
+    """Set the context of the current entry point (a request, a connection) for every line logged under it."""
+    REQUEST_ID.set(request_id)
+    REMOTE.set(remote)
+
+
+def bind_connection(scope: dict) -> str:
+    """For a WebSocket connection: a request id (the handshake's X-Request-ID or a new one) and the client address."""
+    header = next((value for name, value in scope.get("headers", []) if name == b"x-request-id"), b"")
+    request_id = request_id_from(header.decode("latin-1"))
+    client = scope.get("client")
+    bind(request_id=request_id, remote=client[0] if client else None)
+    return request_id
+
+
+def _value(value) -> str:
+    text = str(value)
+    if text == "" or _NEEDS_QUOTES.search(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class LogfmtFormatter(logging.Formatter):
+    """``time=… level=… logger=… msg=… <fields> request_id=… remote=…`` (see the module docstring)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        pairs = {
+            "time": _timestamp(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in (getattr(record, "ddx", None) or {}).items():
+            if value is not None:
+                pairs[key] = value
+        for key, var in (("request_id", REQUEST_ID), ("remote", REMOTE)):
+            value = var.get()
+            if value is not None:
+                pairs.setdefault(key, value)
+        line = " ".join(f"{key}={_value(value)}" for key, value in pairs.items())
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line += "\n" + record.exc_text
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
+
+
+def _user_id(request):
+    """The user's id if authentication already ran for this request; never a database query of its own."""
+    user = getattr(request, "user", None)
+    if isinstance(user, SimpleLazyObject) and user._wrapped is empty:
+        return None
+    return user.pk if getattr(user, "is_authenticated", False) else None
+
+
+class RequestIdMiddleware:
+    """Gives every HTTP request an id (X-Request-ID in and out) and logs one line per request with it.
+
+    An incoming X-Request-ID is kept when it is a plain token, so that a
+    proxy's id (nginx: ``proxy_set_header X-Request-ID $request_id``) links its
+    access log to ours; it only ever labels log lines, so a client choosing
+    its own grants nothing. First in MIDDLEWARE: every line logged while the
+    request is handled, by any middleware or view, carries the id.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        request.request_id = request_id
+        # Not reset afterwards: under ASGI each request runs in a context of its
+        # own, and a streamed body (a download) still logs under this request.
+        bind(request_id=request_id, remote=request.META.get("REMOTE_ADDR"))
+        started = time.monotonic()
+        response = self.get_response(request)
+        response[REQUEST_ID_HEADER] = request_id
+        http_log.info(
+            "request",
+            extra={
+                "ddx": {
+                    "method": request.method,
+                    # Without the query string: it may carry a cursor or a ticket.
+                    "path": request.path,
+                    "status": response.status_code,
+                    "duration_ms": round((time.monotonic() - started) * 1000),
+                    "user": _user_id(request),
+                }
+            },
+        )
+        return response
