@@ -237,3 +237,34 @@ def test_prune_deletes_in_batches_and_leaves_the_uploads(alice, monkeypatch):
 
     assert not Slot.objects.exists()
     assert Upload.objects.get(pk=upload.pk).status == Upload.Status.UPLOADING
+
+
+def test_reap_json_lists_what_it_reaped_for_scripts(stuck_and_live):
+    stuck, _live = stuck_and_live
+
+    dry = json.loads(slots("reap", "--dry-run", "--json"))
+    done = json.loads(slots("reap", "--json"))
+    again = json.loads(slots("reap", "--json"))
+
+    assert (dry["action"], dry["dry_run"], [s["upload"] for s in dry["slots"]]) == ("reap", True, [str(stuck.pk)])
+    assert (done["dry_run"], done["count"], [s["upload"] for s in done["slots"]]) == (False, 1, [str(stuck.pk)])
+    assert again["count"] == 0 and again["slots"] == []
+    assert not active(upload=stuck).exists()
+
+
+def test_reset_json_lists_the_slots_it_released(alice, live_upload):
+    document = json.loads(slots("reset", "--upload", str(live_upload.pk), "--json"))
+
+    [slot] = document["slots"]
+    assert (document["action"], document["count"]) == ("reset", 1)
+    assert (slot["upload"], slot["kind"]) == (str(live_upload.pk), "upload")
+    assert not active(upload=live_upload).exists()
+
+
+def test_prune_json_counts_what_it_deleted(history):
+    dry = json.loads(slots("prune", "--dry-run", "--json"))
+    done = json.loads(slots("prune", "--json"))
+
+    assert dry["dry_run"] is True and dry["count"] == done["count"] > 0
+    assert json.loads(slots("prune", "--json"))["count"] == 0
+    assert "cutoff" in done

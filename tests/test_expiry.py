@@ -1,6 +1,8 @@
 """Unfinished uploads idle for DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS expire: slot freed, bytes deleted, quota back."""
 
+import json
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from django.core.management import call_command
@@ -79,3 +81,17 @@ def test_expire_command_is_safe_to_rerun(alice, day):
     call_command("uploads", "expire")
     assert Upload.objects.get(pk=stale.pk).status == "expired"
     assert Slot.objects.get(upload=stale).release_reason == "expired"
+
+
+def test_expire_json_lists_the_expired_uploads(alice, day):
+    stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
+    fresh = idle_upload(alice, "fresh.bin", idle_for=day / 2)
+    out = StringIO()
+
+    call_command("uploads", "expire", "--json", stdout=out)
+
+    document = json.loads(out.getvalue())
+    assert (document["action"], document["dry_run"], document["count"]) == ("expire", False, 1)
+    listed = [(u["id"], u["filename"], u["user"]) for u in document["uploads"]]
+    assert listed == [(str(stale.pk), "stale.bin", alice.pk)]
+    assert Upload.objects.get(pk=fresh.pk).status == "uploading"

@@ -12,6 +12,7 @@ import uuid
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.core.serializers.json import DjangoJSONEncoder
 from django.utils import timezone
 
 from uploads.exceptions import DirectDriveXError
@@ -31,6 +32,7 @@ class Command(BaseCommand):
 
         reap = sub.add_parser("reap", help="Release every slot whose lease has expired.")
         reap.add_argument("--dry-run", action="store_true", help="List what would be reaped; change nothing.")
+        reap.add_argument("--json", action="store_true", dest="as_json", help="Print what it found and did as JSON.")
 
         reset = sub.add_parser("reset", help="Release active slots in a scope and fence off their writers.")
         scope = reset.add_mutually_exclusive_group(required=True)
@@ -38,11 +40,13 @@ class Command(BaseCommand):
         scope.add_argument("--user", metavar="USERNAME", help="The active slots of this user.")
         scope.add_argument("--upload", metavar="ID", help="The active slot of this upload.")
         reset.add_argument("--dry-run", action="store_true", help="List what would be reset; change nothing.")
+        reset.add_argument("--json", action="store_true", dest="as_json", help="Print what it found and did as JSON.")
 
         prune = sub.add_parser(
             "prune", help="Delete released slot rows older than DIRECTDRIVEX_SLOT_HISTORY_DAYS (active rows never)."
         )
         prune.add_argument("--dry-run", action="store_true", help="Count what would be deleted; change nothing.")
+        prune.add_argument("--json", action="store_true", dest="as_json", help="Print what it found and did as JSON.")
 
         reaper = sub.add_parser(
             "reaper",
@@ -83,17 +87,23 @@ class Command(BaseCommand):
         if any(counts["stuck"] for counts in summary.values()):
             self.stdout.write("Stuck slots are reclaimed by the next admission, or now by `manage.py slots reap`.")
 
-    def handle_reap(self, *, dry_run: bool = False, **options):
+    def handle_reap(self, *, dry_run: bool = False, as_json: bool = False, **options):
         slots = slots_reap(dry_run=dry_run)
-        self._report(slots, "reap", dry_run)
+        self._report(slots, "reap", dry_run, as_json)
 
-    def handle_reset(self, *, everything=False, user=None, upload=None, dry_run: bool = False, **options):
+    def handle_reset(
+        self, *, everything=False, user=None, upload=None, dry_run: bool = False, as_json: bool = False, **options
+    ):
         scope = {"everything": everything, "user": self._user(user), "upload": self._upload(upload)}
         slots = slots_reset(**scope, dry_run=dry_run)
-        self._report(slots, "reset", dry_run)
+        self._report(slots, "reset", dry_run, as_json)
 
-    def handle_prune(self, *, dry_run: bool = False, **options):
+    def handle_prune(self, *, dry_run: bool = False, as_json: bool = False, **options):
         pruned = slots_prune(dry_run=dry_run)
+        if as_json:
+            document = {"action": "prune", "dry_run": dry_run, "count": pruned.count, "cutoff": pruned.cutoff}
+            self.stdout.write(json.dumps(document, cls=DjangoJSONEncoder, sort_keys=True))
+            return
         found = (
             f"{pruned.count} released slot row(s) older than {settings.DIRECTDRIVEX_SLOT_HISTORY_DAYS} day(s) "
             f"(released before {pruned.cutoff.isoformat()})"
@@ -149,8 +159,12 @@ class Command(BaseCommand):
             raise CommandError(f"No upload with id {upload_id}.")
         return upload
 
-    def _report(self, slots, verb: str, dry_run: bool):
+    def _report(self, slots, verb: str, dry_run: bool, as_json: bool):
         now = timezone.now()
+        if as_json:
+            document = {"action": verb, "dry_run": dry_run, "count": len(slots), "slots": [_slot(s) for s in slots]}
+            self.stdout.write(json.dumps(document, cls=DjangoJSONEncoder, sort_keys=True))
+            return
         for slot in slots:
             lease = "expired" if slot.lease_expires_at <= now else "live"
             self.stdout.write(
@@ -163,6 +177,19 @@ class Command(BaseCommand):
         else:
             done = {"reap": "Reaped", "reset": "Reset"}[verb]
             self.stdout.write(self.style.SUCCESS(f"{done} {len(slots)} slot(s)."))
+
+
+def _slot(slot) -> dict:
+    return {
+        "id": slot.pk,
+        "kind": slot.kind,
+        "user": slot.user_id,
+        "upload": slot.upload_id,
+        "generation": slot.generation,
+        "lease_expires_at": slot.lease_expires_at,
+        "holder_channel": slot.holder_channel,
+        "holder_process": slot.holder_process,
+    }
 
 
 def _seconds(value: str) -> float:

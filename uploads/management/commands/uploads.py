@@ -8,6 +8,7 @@ import json
 import logging
 
 from django.core.management.base import BaseCommand, CommandError
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError
 
 from uploads.fsck import fsck_run
@@ -27,6 +28,7 @@ class Command(BaseCommand):
         sub = parser.add_subparsers(dest="action", required=True, metavar="{expire,fsck}")
         expire = sub.add_parser("expire", help="Expire idle unfinished uploads: free their slots, delete their bytes.")
         expire.add_argument("--dry-run", action="store_true", help="List what would expire; change nothing.")
+        expire.add_argument("--json", action="store_true", dest="as_json", help="Print what expired as JSON.")
 
         fsck = sub.add_parser(
             "fsck",
@@ -43,8 +45,23 @@ class Command(BaseCommand):
     def handle(self, *args, action, **options):
         getattr(self, f"handle_{action}")(**options)
 
-    def handle_expire(self, *, dry_run: bool = False, **options):
+    def handle_expire(self, *, dry_run: bool = False, as_json: bool = False, **options):
         uploads = uploads_expire(dry_run=dry_run)
+        if as_json:
+            listed = [
+                {
+                    "id": upload.pk,
+                    "filename": upload.display_name,
+                    "user": upload.owner_id,
+                    "offset": upload.offset,
+                    "size": upload.size,
+                    "last_activity_at": upload.last_activity_at,
+                }
+                for upload in uploads
+            ]
+            document = {"action": "expire", "dry_run": dry_run, "count": len(uploads), "uploads": listed}
+            self.stdout.write(json.dumps(document, cls=DjangoJSONEncoder, sort_keys=True))
+            return
         for upload in uploads:
             self.stdout.write(
                 f"  {upload.pk}: {upload.display_name!r} of user={upload.owner_id}, "
