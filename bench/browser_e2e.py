@@ -62,18 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.upload import MiB, mib, out  # noqa: E402
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 from tests.support.live_server import LiveServer, postgres_database, proc_status  # noqa: E402
 
 REFERENCE_SIZE = 3_624_892_618
-CHROMIUM = Path("/usr/bin/chromium")
-# The flags of tests/browser/conftest.py: no sandbox (containers), and no background traffic of its own.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WRITE_BLOCK = 4 * MiB
 # No acknowledged byte for this long means the upload is stuck: fail instead of waiting forever.
 STALL_SECONDS = 120

@@ -271,7 +271,7 @@ def read_unlocked(path: Path, timeout: float = WS_TIMEOUT) -> bytes:
 # --- a hand-written protocol client ---------------------------------------------------
 
 
-def ws_connect(server: LiveServer, ws_url: str):
+def ws_connect(server: LiveServer, ws_url: str, headers: dict[str, str] | None = None):
     return websockets.connect(
         f"ws://127.0.0.1:{server.port}{ws_url}",
         compression=None,
@@ -279,6 +279,7 @@ def ws_connect(server: LiveServer, ws_url: str):
         open_timeout=WS_TIMEOUT,
         close_timeout=5,
         ping_interval=None,  # a frozen server must not be declared dead by our keepalive
+        additional_headers=headers,
     )
 
 

@@ -21,13 +21,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import websockets
 from django.db import OperationalError
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
+from tests.test_live_server import WS_TIMEOUT, receive
+from tests.test_live_server import ws_connect as live_ws_connect
 from uploads import metrics
 from uploads.checks import check_configuration
 from uploads.models import FsckRun, Slot
@@ -224,8 +225,6 @@ def test_e012_a_multiprocess_dir_that_cannot_be_created_stops_start_up(tmp_path)
 
 # --- real servers, several processes -------------------------------------------------------
 
-WS_TIMEOUT = 20
-
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
@@ -277,19 +276,7 @@ def counters(samples) -> dict[str, float]:
 
 
 def ws_connect(server: LiveServer, ws_url: str, request_id: str):
-    return websockets.connect(
-        f"ws://127.0.0.1:{server.port}{ws_url}",
-        compression=None,
-        max_size=None,
-        open_timeout=WS_TIMEOUT,
-        close_timeout=5,
-        ping_interval=None,
-        additional_headers={"X-Request-ID": request_id},
-    )
-
-
-async def receive(ws) -> dict:
-    return json.loads(await asyncio.wait_for(ws.recv(), WS_TIMEOUT))
+    return live_ws_connect(server, ws_url, headers={"X-Request-ID": request_id})
 
 
 async def upload_over_websocket(server: LiveServer, ws_url: str, data: bytes, request_id: str) -> dict:

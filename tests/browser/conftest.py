@@ -9,22 +9,14 @@ Playwright fails the tests; elsewhere they are skipped with the reason.
 """
 
 import os
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import PASSWORD
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.live_backend import live_backend
 from tests.support.live_server import LiveServer
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 MiB = 1024 * 1024
 # Small enough that a too-large refusal needs no huge file, large enough for the 200 MiB upload.
 MAX_FILE_SIZE = 256 * MiB
