@@ -17,7 +17,7 @@ samples summed per thread and per function (self and inclusive); with
 strace, syscall counts per thread are divided by the number of frames and of
 write batches (a quarter window each). Output: a text report on stdout and
 ``--json``. MB/s are 10^6 bytes/s, timed like bench/upload.py from the
-server's ``writer ready`` to ``upload complete`` log lines.
+server's ``writer ready`` to ``upload.completed`` log lines.
 """
 
 import argparse
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.upload import GiB, MiB, children_cpu, log_seconds, make_file, out  # noqa: E402
+from bench.upload import UPLOAD_COMPLETE, GiB, MiB, children_cpu, log_seconds, make_file, out  # noqa: E402
 from tests.support.live_server import LiveServer, proc_cpu_seconds  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -195,7 +195,7 @@ def main() -> int:
         recorder.stop()
         if done.returncode:
             raise SystemExit(f"client exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        seconds = log_seconds(server.log_path, "writer ready", "upload complete")
+        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE)
         gib = size / GiB
         deltas = thread_deltas(before, after)
         figures: dict = {

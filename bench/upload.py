@@ -11,7 +11,7 @@ Each round measures, on one file of random bytes:
 * ours: ``manage.py serve`` (tests/support/live_server.py: the Daphne flags of make run, a temporary
   storage folder and database) receiving the file from the reference client (``python -m ddxclient
   upload``, a subprocess). Throughput is timed by the server's own log lines, from ``writer ready`` to
-  ``upload complete`` (admission, every frame, sha256, the durable commits and the atomic finish).
+  ``upload.completed`` (admission, every frame, sha256, the durable commits and the atomic finish).
 * bare: bench/bare_consumer.py, a Channels consumer that only appends frames to a file, under the same
   Daphne (same flags, backpressure queue and channel layer), driven by the reference client's own
   sending loop (same frames, same window), timed by its ``bare ready`` / ``bare complete`` log lines.
@@ -57,7 +57,11 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 BLOCK = 64 * MiB
 REFERENCE_SIZE = 3_624_892_618
+# Python logging's default stamp (the tus peer writes it too), and the server's logfmt (uploads/logs.py).
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+LOGFMT_TIME = re.compile(r"^time=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z ")
+# The server's one line per transition (uploads/events.py) that says an upload is complete.
+UPLOAD_COMPLETE = "msg=upload.completed"
 TUS_SOURCE = ROOT / "bench" / "tus"
 TUS_FILES = ("package.json", "package-lock.json", "server.mjs", "upload.mjs")
 DEFAULT_TUS_CACHE = Path.home() / ".cache" / "directdrivex-bench" / "tus"
@@ -164,10 +168,12 @@ def log_seconds(log_path: Path, start_marker: str, end_marker: str) -> float:
     """Seconds between the last ``start_marker`` line and the ``end_marker`` line after it."""
     start = end = None
     for line in log_path.read_text(errors="replace").splitlines():
-        match = LOG_TIME.match(line)
-        if not match:
+        if match := LOG_TIME.match(line):
+            stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        elif match := LOGFMT_TIME.match(line):
+            stamp = datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S.%f")
+        else:
             continue
-        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
         if start_marker in line:
             start, end = stamp, None
         elif end_marker in line and start is not None:
@@ -265,7 +271,7 @@ def measure_ours(args, workdir: Path, source: Path, size: int, database_url: str
         _word, upload_id, stored_size, *_rest = done.stdout.split()
         if int(stored_size) != size:
             raise RuntimeError(f"client reported {stored_size} bytes, expected {size}")
-        seconds = log_seconds(server.log_path, "writer ready", "upload complete")
+        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE)
         figures = server_figures(server.pid, idle, cpu_before, sampler, size, seconds)
         finished = list((storage / "files").iterdir())
         if [path.stat().st_size for path in finished] != [size]:
