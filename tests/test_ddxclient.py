@@ -152,7 +152,13 @@ class FakeServer:
                 message["retry_after"] = refusal.retry_after
             ws.send(json.dumps(message))
         if refusal.close == "drop":
-            ws.socket.shutdown(socket.SHUT_RDWR)
+            ws.socket.shutdown(socket.SHUT_WR)  # the TCP connection ends (FIN) without a close frame
+            # Reading on until the client goes: a socket closed with the client's frames still
+            # arriving answers them with a RST, and a RST can destroy the error message that waits,
+            # unread, in the client's receive queue (the client then never learns its retry_after).
+            with contextlib.suppress(websockets.ConnectionClosed, TimeoutError):
+                while True:
+                    ws.recv(timeout=10)
         elif refusal.close == "hold":
             with contextlib.suppress(websockets.ConnectionClosed):
                 while True:
