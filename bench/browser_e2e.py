@@ -44,7 +44,6 @@ on PASS, 1 on FAIL. Needs about 3x --size free on disk (4x with --keep).
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -63,10 +62,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.upload import MiB, mib, out  # noqa: E402
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.support.files import file_sha256, write_random  # noqa: E402
 from tests.support.live_server import LiveServer, postgres_database, proc_status  # noqa: E402
 
 REFERENCE_SIZE = 3_624_892_618
-WRITE_BLOCK = 4 * MiB
 # No acknowledged byte for this long means the upload is stuck: fail instead of waiting forever.
 STALL_SECONDS = 120
 PROGRESS_EVERY = 10.0
@@ -164,24 +163,9 @@ def mb_s(size: int, seconds: float) -> float:
 def write_random_file(path: Path, size: int) -> str:
     """``size`` bytes of os.urandom, hashed while written (the file is never read back); returns the sha256."""
     started = time.monotonic()
-    digest = hashlib.sha256()
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            block = os.urandom(min(WRITE_BLOCK, left))
-            digest.update(block)
-            handle.write(block)
-            left -= len(block)
-    out(f"wrote {path.name}: {size:,} random bytes in {time.monotonic() - started:.1f} s, sha256 {digest.hexdigest()}")
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(WRITE_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+    sha256 = write_random(path, size)
+    out(f"wrote {path.name}: {size:,} random bytes in {time.monotonic() - started:.1f} s, sha256 {sha256}")
+    return sha256
 
 
 # --- the server -----------------------------------------------------------------------

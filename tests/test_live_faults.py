@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.support.files import file_sha256
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
@@ -26,7 +27,6 @@ from tests.test_live_server import (
     api,
     create_upload,
     diagnostics,
-    file_sha256,
     messages_until_closed,
     part_files,
     part_size,

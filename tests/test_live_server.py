@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from tests.support.files import file_sha256, write_random
 from tests.support.live_backend import live_backend
 from tests.support.live_server import ROOT, LiveServer
 
@@ -65,13 +66,7 @@ def backend(tmp_path_factory):
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory) -> BigFile:
     path = tmp_path_factory.mktemp("big") / "random.bin"
-    digest = hashlib.sha256()
-    with open(path, "wb") as handle:
-        for _ in range(BIG_SIZE // (4 * MiB)):
-            block = os.urandom(4 * MiB)
-            digest.update(block)
-            handle.write(block)
-    return BigFile(path, digest.hexdigest(), BIG_SIZE)
+    return BigFile(path, write_random(path, BIG_SIZE), BIG_SIZE)
 
 
 @pytest.fixture
@@ -169,14 +164,6 @@ def create_upload(server: LiveServer, token: str, filename: str, data: bytes) ->
     status, created = api(server, token, "POST", "/api/uploads/", body)
     assert status == 201, (status, created)
     return created
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def stored_files(server: LiveServer) -> list[Path]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from tests.support.files import file_sha256, write_random
 from tests.support.live_backend import Backend, http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.nginx import TEMPLATE, Nginx, nginx_binary, render
@@ -122,7 +123,7 @@ class Uploaded:
 def uploaded(deployment, tmp_path_factory) -> Uploaded:
     """A random file uploaded through nginx by the reference client (a subprocess, as a user runs it)."""
     source = tmp_path_factory.mktemp("nginx-upload") / "through-nginx.bin"
-    sha256 = random_file(source, UPLOAD_SIZE)
+    sha256 = write_random(source, UPLOAD_SIZE)
     client = subprocess.run(
         [sys.executable, "-m", "ddxclient", "upload", str(source), "--server", deployment.nginx.url,
          "--token", deployment.backend.alice_token, "--quiet"],
@@ -138,24 +139,6 @@ def completed(deployment, uploaded) -> dict:
     listed = http_call(deployment.nginx, "GET", "/api/uploads/", token=deployment.backend.alice_token).json()
     (upload,) = [upload for upload in listed if upload["filename"] == uploaded.source.name]
     return upload
-
-
-def random_file(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as handle:
-        for _ in range(size // (4 * MiB)):
-            block = os.urandom(4 * MiB)
-            digest.update(block)
-            handle.write(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def create_upload(deployment: Deployment, filename: str, size: int = 10) -> dict:

@@ -6,7 +6,6 @@ uploads its own name (a hard link of one 200 MiB file), so no test resumes
 another test's upload by its fingerprint.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import MAX_FILE_SIZE, sign_in
+from tests.support.files import file_sha256, write_random
 from tests.support.live_backend import http_call
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -37,23 +37,7 @@ class LocalFile:
 
 
 def random_file(path: Path, size: int) -> LocalFile:
-    digest = hashlib.sha256()
-    with open(path, "wb") as handle:
-        left = size
-        while left:
-            block = os.urandom(min(4 * MiB, left))
-            digest.update(block)
-            handle.write(block)
-            left -= len(block)
-    return LocalFile(path, digest.hexdigest(), size)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
+    return LocalFile(path, write_random(path, size), size)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +85,7 @@ def api_upload(server, backend, upload_id: str) -> dict:
 def stored_file_with(server, local: LocalFile) -> bool:
     """Whether the server's storage holds a finished file with exactly these bytes."""
     return any(
-        path.stat().st_size == local.size and file_digest(path) == local.sha256
+        path.stat().st_size == local.size and file_sha256(path) == local.sha256
         for path in (server.storage / "files").iterdir()
     )
 
@@ -269,7 +253,7 @@ def test_a_finished_upload_downloads_from_my_files_byte_identical_under_its_own_
     assert download.failure() is None
     assert download.suggested_filename == local.path.name
     assert saved.stat().st_size == local.size
-    assert file_digest(saved) == local.sha256
+    assert file_sha256(saved) == local.sha256
 
 
 def test_too_large_and_quota_refusals_are_shown_as_messages(page, context, live, tmp_path):
