@@ -1,4 +1,4 @@
-"""Slot admission benchmark: admit + release throughput and latency through uploads.slots on PostgreSQL.
+"""Slot admission benchmark: admit + release throughput and latency through uploads.services.slots on PostgreSQL.
 
     python bench/admission.py [--seconds 10] [--workers 16] [--mode processes|threads]
                               [--database-url postgres://postgres@127.0.0.1:5432/postgres]
@@ -74,7 +74,7 @@ def worker(env: dict, phase: str, index: int, users: int, seconds: float, go, re
 
         from uploads.exceptions import SlotsExhausted
         from uploads.models import Slot, Upload
-        from uploads.slots import slot_admit, slot_release
+        from uploads.services.slots import slot_admit, slot_release
 
         user = get_user_model().objects.get(username=f"bench{index % users}")
         upload = Upload.objects.get(owner=user, display_name=f"worker{index}")

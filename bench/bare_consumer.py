@@ -45,7 +45,7 @@ class BareConsumer(AsyncWebsocketConsumer):
         self.size = int(query["size"][0])
         self.chunk_size = settings.DIRECTDRIVEX_CHUNK_SIZE
         self.window = settings.DIRECTDRIVEX_WINDOW
-        self.ack_every = max(1, self.window // 4)  # as uploads.consumers does
+        self.ack_every = max(1, self.window // 4)  # as uploads.transports.websocket does
         self.received = self.acked = 0
         self.path = Path(settings.BARE_DIR) / f"{uuid.uuid4().hex}.bin"
         self.file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed at the end or on disconnect

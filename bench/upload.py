@@ -60,7 +60,7 @@ REFERENCE_SIZE = 3_624_892_618
 # Python logging's default stamp (the tus peer writes it too), and the server's logfmt (uploads/logs.py).
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 LOGFMT_TIME = re.compile(r"^time=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})Z ")
-# The server's one line per transition (uploads/events.py) that says an upload is complete.
+# The server's one line per transition (uploads/services/events.py) that says an upload is complete.
 UPLOAD_COMPLETE = "msg=upload.completed"
 TUS_SOURCE = ROOT / "bench" / "tus"
 TUS_FILES = ("package.json", "package-lock.json", "server.mjs", "upload.mjs")

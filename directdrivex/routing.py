@@ -18,7 +18,7 @@ if settings.DEBUG:
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 from uploads.routing import websocket_urlpatterns  # noqa: E402
-from uploads.ws_auth import refuse_handshake, websocket_auth_stack  # noqa: E402
+from uploads.transports.auth import refuse_handshake, websocket_auth_stack  # noqa: E402
 
 # Any other WebSocket path is refused at the handshake (Daphne answers 403);
 # without this route, URLRouter raises and Daphne answers 500 with a traceback.

@@ -330,7 +330,7 @@ class BackpressureServer(Server):
         Daphne's own version stops with a KeyError at the first connection that
         has no application (the HTTP request that was upgraded to a WebSocket), so
         shutdown did not wait for uploads to make their bytes durable and free
-        their slots (uploads.consumers runs that cleanup when cancelled).
+        their slots (uploads.transports.websocket runs that cleanup when cancelled).
         """
         wait_for = []
         for details in self.connections.values():

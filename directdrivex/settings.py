@@ -173,7 +173,7 @@ DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
 DIRECTDRIVEX_ACCEL_REDIRECT = env.str("DIRECTDRIVEX_ACCEL_REDIRECT")
 # Bearer token for GET /metrics; empty, only staff sessions may read it (uploads.metrics_views).
 DIRECTDRIVEX_METRICS_TOKEN = env.str("DIRECTDRIVEX_METRICS_TOKEN")
-# prometheus_client's own variable, which it reads from the environment itself (uploads.metrics;
+# prometheus_client's own variable, which it reads from the environment itself (uploads.ops.metrics;
 # uploads.E012): where every process of the host keeps its metrics, so that GET /metrics of any one
 # reports them all. Unset, each process reports only itself (fine for one process). Here so that
 # this file names every variable the service reads.

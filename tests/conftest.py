@@ -34,7 +34,7 @@ def make_user(username: str, **fields):
 
 def write_part(key: str, data: bytes) -> None:
     """Bytes in an upload's part file, written as a writer would (through uploads.storage)."""
-    part = storage.PartFile(key, 0)
+    part = storage.backend().open_part(key, 0)
     try:
         part.append([data])
         part.sync()
@@ -44,10 +44,10 @@ def write_part(key: str, data: bytes) -> None:
 
 def complete_upload(user, upload_id, data: bytes) -> None:
     """Finish an upload the way the consumer does: admit a writer, write, finalize, mark complete."""
-    from uploads.transfers import writer_admit, writer_complete
+    from uploads.services.grants import writer_admit, writer_complete
 
     grant = writer_admit(user, upload_id, "test-writer")
-    part = storage.PartFile(grant.storage_key, grant.offset)
+    part = storage.backend().open_part(grant.storage_key, grant.offset)
     try:
         part.append([data])
         part.finalize()
@@ -59,7 +59,7 @@ def complete_upload(user, upload_id, data: bytes) -> None:
 def finish_upload(user, data: bytes, *, filename: str = "data.bin", sha256: str = ""):
     """A complete upload of ``data`` with its file in place, finished the way the consumer finishes one."""
     from uploads.models import Upload
-    from uploads.transfers import upload_create
+    from uploads.services.uploads import upload_create
 
     upload, _slot = upload_create(user, filename=filename, size=len(data), sha256=sha256)
     complete_upload(user, upload.pk, data)

@@ -6,8 +6,8 @@ from django.utils import timezone
 
 from tests.conftest import token_client
 from uploads.models import Slot
-from uploads.slots import slot_admit, slot_release
-from uploads.transfers import upload_create
+from uploads.services.slots import slot_admit, slot_release
+from uploads.services.uploads import upload_create
 
 URL = "/api/slots/"
 

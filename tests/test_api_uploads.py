@@ -10,11 +10,12 @@ from rest_framework.test import APIClient
 
 from tests.conftest import complete_upload as complete
 from tests.conftest import make_user, token_client, write_part
-from uploads import storage
 from uploads.models import Slot, Upload, UserQuota
-from uploads.slots import slots_reap
-from uploads.tickets import ticket_read
-from uploads.transfers import upload_create, upload_end, writer_admit, writer_commit, writer_fail
+from uploads.services.grants import writer_admit, writer_commit, writer_fail
+from uploads.services.slots import slots_reap
+from uploads.services.uploads import upload_create, upload_end
+from uploads.storage import local
+from uploads.transports.tickets import ticket_read
 
 LIST = "/api/uploads/"
 GiB = 1024**3
@@ -418,7 +419,7 @@ def test_the_storage_key_does_not_derive_from_the_filename(alice_client):
     assert all(STORAGE_KEY.fullmatch(key) for key in keys)
     # Bytes of any of them would live directly under the storage folder, whatever the name.
     for key in keys:
-        assert storage.part_path(key).parent == storage.root() / "partial"
+        assert local.part_path(key).parent == local.root() / "partial"
 
 
 # --- GET /api/uploads/ -------------------------------------------------------
@@ -677,8 +678,8 @@ def test_delete_removes_the_partial_bytes(alice, alice_client, bob):
 
     assert alice_client.delete(detail_url(upload_id)).status_code == 204
 
-    assert not storage.part_path(upload.storage_key).exists()
-    assert storage.part_path(bobs.storage_key).read_bytes() == b"9876543210"
+    assert not local.part_path(upload.storage_key).exists()
+    assert local.part_path(bobs.storage_key).read_bytes() == b"9876543210"
 
 
 def test_delete_of_a_cancelled_upload_removes_its_row(alice_client):
@@ -696,13 +697,13 @@ def test_delete_of_a_complete_upload_removes_its_row_and_file_and_frees_its_quot
     limits(user_quota=10)
     upload, _ = upload_create(alice, filename="a.bin", size=10)
     complete(alice, upload.pk, b"0123456789")
-    assert storage.final_path(upload.storage_key).read_bytes() == b"0123456789"
+    assert local.final_path(upload.storage_key).read_bytes() == b"0123456789"
     assert_refused(post(alice_client, filename="b.bin", size=1), 413, "quota_exceeded")
 
     assert alice_client.delete(detail_url(upload.pk)).status_code == 204
 
     assert not Upload.objects.filter(pk=upload.pk).exists()
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     assert post(alice_client, filename="b.bin", size=10).status_code == 201
 
 

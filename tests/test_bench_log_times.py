@@ -3,8 +3,8 @@
 import logging
 
 from bench.upload import UPLOAD_COMPLETE, log_seconds
-from uploads.events import Event
 from uploads.logs import LogfmtFormatter
+from uploads.services.events import Event
 
 
 def line(message: str, created: float, **fields) -> str:

@@ -22,7 +22,7 @@ from uploads.checks import (
     slot_limit_capacity,
 )
 from uploads.models import Slot
-from uploads.slots import slot_admit, slots_prune
+from uploads.services.slots import slot_admit, slots_prune
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""`manage.py slots status|reap|reset|prune`: thin commands over uploads.slots, safe to rerun."""
+"""`manage.py slots status|reap|reset|prune`: thin commands over uploads.services.slots, safe to rerun."""
 
 import json
 from datetime import timedelta
@@ -9,8 +9,8 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from uploads.models import Slot, Upload
-from uploads.slots import lease_duration, slot_admit, slot_release, slots_prune
-from uploads.transfers import upload_create
+from uploads.services.slots import lease_duration, slot_admit, slot_release, slots_prune
+from uploads.services.uploads import upload_create
 
 
 def slots(*args) -> str:
@@ -227,7 +227,7 @@ def test_prune_keeps_a_row_released_exactly_at_the_cutoff(alice, limits):
 
 
 def test_prune_deletes_in_batches_and_leaves_the_uploads(alice, monkeypatch):
-    monkeypatch.setattr("uploads.slots.PRUNE_BATCH", 2)
+    monkeypatch.setattr("uploads.services.slots.PRUNE_BATCH", 2)
     upload, slot = upload_create(alice, filename="a.bin", size=10, now=timezone.now() - timedelta(days=9))
     slot_release(slot.pk, Slot.ReleaseReason.DISCONNECTED, now=timezone.now() - timedelta(days=9))
     for _ in range(4):

@@ -18,11 +18,14 @@ from django.db import connections
 from django.test import Client
 
 from directdrivex.routing import application
-from uploads import consumers, storage
+from uploads import storage
 from uploads.models import Slot, Upload
-from uploads.slots import slot_release, slots_reset
-from uploads.tickets import ticket_issue, ws_url
-from uploads.transfers import upload_create, upload_delete, writer_admit
+from uploads.services.grants import writer_admit
+from uploads.services.slots import slot_release, slots_reset
+from uploads.services.uploads import upload_create, upload_delete
+from uploads.storage import local
+from uploads.transports import websocket as consumers
+from uploads.transports.tickets import ticket_issue, ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -135,8 +138,8 @@ async def test_upload_completes_with_verified_bytes_and_frees_its_slot(alice):
     assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
     done = await refresh(upload)
     assert (done.status, done.offset, done.completed_at is not None) == ("complete", len(data), True)
-    assert storage.final_path(upload.storage_key).read_bytes() == data
-    assert not storage.part_path(upload.storage_key).exists()
+    assert local.final_path(upload.storage_key).read_bytes() == data
+    assert not local.part_path(upload.storage_key).exists()
     assert await active_slots(upload) == 0
 
 
@@ -165,20 +168,20 @@ async def test_disconnect_at_any_byte_resumes_from_the_durable_offset(alice, cut
     assert ready["offset"] == cut
     await send_range(second, data, cut, len(data), cut)
     assert (await finish(second))["type"] == "complete"
-    assert storage.final_path(upload.storage_key).read_bytes() == data
+    assert local.final_path(upload.storage_key).read_bytes() == data
 
 
 async def test_bytes_past_the_durable_offset_are_dropped_on_reconnect(alice):
     data = payload(4 * CHUNK)
     upload = await create(alice, data)
     # A crash left bytes the server never committed: they must not be kept.
-    storage.ensure_layout()
-    storage.part_path(upload.storage_key).write_bytes(b"x" * (3 * CHUNK))
+    storage.backend().prepare()
+    local.part_path(upload.storage_key).write_bytes(b"x" * (3 * CHUNK))
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == 0
     await send_range(communicator, data, 0, len(data), 0)
     assert (await finish(communicator))["type"] == "complete"
-    assert storage.final_path(upload.storage_key).read_bytes() == data
+    assert local.final_path(upload.storage_key).read_bytes() == data
 
 
 async def test_text_message_is_a_protocol_error_and_the_upload_stays_resumable(alice):
@@ -206,13 +209,13 @@ async def test_bytes_beyond_the_window_are_refused_with_4400(alice, monkeypatch)
     upload = await create(alice, data)
     # A stalled disk: nothing is written, so nothing is acknowledged.
     disk = threading.Event()
-    real_append = storage.PartFile.append
+    real_append = local.LocalPart.append
 
     def stalled_append(part, chunks):
         assert disk.wait(10)
         return real_append(part, chunks)
 
-    monkeypatch.setattr(storage.PartFile, "append", stalled_append)
+    monkeypatch.setattr(local.LocalPart, "append", stalled_append)
     communicator, _ready = await connect_ticket(upload)
     for start in range(0, WINDOW + CHUNK, CHUNK):  # one frame more than the window allows
         await communicator.send_to(bytes_data=data[start : start + CHUNK])
@@ -224,7 +227,7 @@ async def test_bytes_beyond_the_window_are_refused_with_4400(alice, monkeypatch)
     assert after.status == "uploading"
     # The frames within the window were valid: they are kept, the one past it is not.
     assert after.offset == WINDOW
-    assert storage.part_path(upload.storage_key).read_bytes() == data[:WINDOW]
+    assert local.part_path(upload.storage_key).read_bytes() == data[:WINDOW]
 
 
 async def test_frame_past_the_declared_size_is_refused_whole_with_4413(alice):
@@ -237,7 +240,7 @@ async def test_frame_past_the_declared_size_is_refused_whole_with_4413(alice):
 
     after = await refresh(upload)
     assert (after.status, after.offset) == ("uploading", 2 * CHUNK)
-    assert storage.part_path(upload.storage_key).read_bytes() == data[: 2 * CHUNK]
+    assert local.part_path(upload.storage_key).read_bytes() == data[: 2 * CHUNK]
     resumed, ready = await connect_ticket(upload)
     assert ready["offset"] == 2 * CHUNK
     await send_range(resumed, data, 2 * CHUNK, len(data), 2 * CHUNK)
@@ -252,8 +255,8 @@ async def test_checksum_mismatch_fails_the_upload_and_removes_its_bytes(alice):
     error = await expect_close(communicator, "checksum_mismatch", 4422)
     assert hashlib.sha256(data).hexdigest() in error["detail"]
     assert (await refresh(upload)).status == "failed"
-    assert not storage.part_path(upload.storage_key).exists()
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.part_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     assert await active_slots(upload) == 0
 
 
@@ -307,7 +310,7 @@ async def test_delete_while_writing_removes_bytes_and_closes_with_not_uploading(
     await database_sync_to_async(upload_delete)(alice, upload.pk)
     await expect_close(communicator, "not_uploading", 4409)
     assert (await refresh(upload)).status == "cancelled"
-    assert not storage.part_path(upload.storage_key).exists()
+    assert not local.part_path(upload.storage_key).exists()
 
 
 async def test_connecting_to_a_finished_upload_is_not_uploading(alice):
@@ -338,14 +341,14 @@ async def test_part_file_shorter_than_the_durable_offset_resumes_from_what_is_on
     upload = await create(alice, data)
     # The row promises 3 chunks but only 1 survived on disk (disk loss, a hand-deleted file).
     await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=3 * CHUNK)
-    storage.ensure_layout()
-    storage.part_path(upload.storage_key).write_bytes(data[:CHUNK])
+    storage.backend().prepare()
+    local.part_path(upload.storage_key).write_bytes(data[:CHUNK])
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == CHUNK
     assert (await refresh(upload)).offset == CHUNK
     await send_range(communicator, data, CHUNK, len(data), CHUNK)
     assert (await finish(communicator))["type"] == "complete"
-    assert storage.final_path(upload.storage_key).read_bytes() == data
+    assert local.final_path(upload.storage_key).read_bytes() == data
 
 
 async def test_disk_failure_is_an_internal_error_and_the_upload_stays_resumable(alice, monkeypatch):
@@ -355,7 +358,7 @@ async def test_disk_failure_is_an_internal_error_and_the_upload_stays_resumable(
     def disk_full(part, chunks):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(storage.PartFile, "append", disk_full)
+    monkeypatch.setattr(local.LocalPart, "append", disk_full)
     communicator, _ready = await connect_ticket(upload)
     await communicator.send_to(bytes_data=data[:CHUNK])
     await expect_close(communicator, "internal_error", 4500)
@@ -372,8 +375,8 @@ async def test_crash_after_the_atomic_rename_is_completed_on_reconnect(alice):
     data = payload(3 * CHUNK)
     upload = await create(alice, data)
     # The file reached files/ but the process died before the row said complete.
-    storage.ensure_layout()
-    storage.final_path(upload.storage_key).write_bytes(data)
+    storage.backend().prepare()
+    local.final_path(upload.storage_key).write_bytes(data)
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
     complete = json.loads(await communicator.receive_from(timeout=5))

@@ -19,8 +19,9 @@ from django.utils import timezone
 
 from tests.conftest import PASSWORD, finish_upload, make_user
 from uploads.models import FsckRun, Slot, Upload
-from uploads.slots import slot_admit, slots_reset
-from uploads.transfers import upload_create, upload_end, writer_admit, writer_commit
+from uploads.services.grants import writer_admit, writer_commit
+from uploads.services.slots import slot_admit, slots_reset
+from uploads.services.uploads import upload_create, upload_end
 
 pytestmark = pytest.mark.django_db
 

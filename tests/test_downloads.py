@@ -20,11 +20,12 @@ from django.core.handlers.asgi import ASGIHandler
 from rest_framework.authtoken.models import Token
 
 from tests.conftest import finish_upload
-from uploads import downloads, storage
+from uploads import downloads
 from uploads.models import Slot
 from uploads.ranges import http_date
-from uploads.slots import slot_admit, slots_reset
-from uploads.transfers import upload_create
+from uploads.services.slots import slot_admit, slots_reset
+from uploads.services.uploads import upload_create
+from uploads.storage import local
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -350,7 +351,7 @@ def test_head_needs_no_free_download_slot(alice, bob, finished, limits):
 
 
 def test_a_complete_upload_whose_file_is_missing_is_a_500_and_takes_no_slot(alice, finished):
-    storage.final_path(finished.storage_key).unlink()
+    local.final_path(finished.storage_key).unlink()
 
     assert_refused(fetch(alice, finished.pk), 500, "internal_error")
     assert download_slots() == []
@@ -404,7 +405,7 @@ def test_with_accel_redirect_nginx_is_told_where_the_file_is_and_no_body_is_sent
     assert answer.status == 200
     assert answer.body == b""
     assert answer.headers["x-accel-redirect"] == f"/_protected/{finished.storage_key}"
-    assert (storage.root() / "files" / finished.storage_key).is_file()
+    assert (local.root() / "files" / finished.storage_key).is_file()
     assert answer.headers["content-disposition"] == "attachment; filename=\"data.bin\"; filename*=UTF-8''data.bin"
     assert answer.headers["etag"] == f'"{SHA}"'
     assert answer.headers["accept-ranges"] == "bytes"

@@ -33,14 +33,15 @@ import hashlib
 import random
 from django.contrib.auth.models import User
 from uploads import storage
-from uploads.transfers import upload_create, writer_admit, writer_complete
+from uploads.services.grants import writer_admit, writer_complete
+from uploads.services.uploads import upload_create
 
 user = User.objects.get(username={username!r})
 size = {size}
 block = random.Random(size).randbytes(4 * 1024 * 1024)
 upload, _slot = upload_create(user, filename={filename!r}, size=size)
 grant = writer_admit(user, upload.pk, "live-test-writer")
-part = storage.PartFile(grant.storage_key, 0)
+part = storage.backend().open_part(grant.storage_key, 0)
 digest = hashlib.sha256()
 try:
     while part.offset < size:

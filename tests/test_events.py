@@ -1,4 +1,4 @@
-"""Transitions (uploads.events): each is logged, counted and signalled once, after its transaction commits.
+"""Transitions (uploads.services.events): each is logged, counted and signalled once, after its transaction commits.
 
 Signals are checked from a second database connection (another thread):
 what a receiver is told has already committed. Log lines are checked as the
@@ -22,8 +22,9 @@ from uploads import signals
 from uploads.exceptions import UserSlotsExhausted
 from uploads.logs import REMOTE, REQUEST_ID, LogfmtFormatter, request_id_from
 from uploads.models import Slot, Upload
-from uploads.slots import slot_admit, slots_reap
-from uploads.transfers import upload_create, upload_delete, upload_end, uploads_expire, writer_admit, writer_fail
+from uploads.services.grants import writer_admit, writer_fail
+from uploads.services.slots import slot_admit, slots_reap
+from uploads.services.uploads import upload_create, upload_delete, upload_end, uploads_expire
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -65,7 +66,7 @@ def heard():
 
 @pytest.fixture
 def lines(caplog):
-    """The uploads.events records logged during the test, by message (the event name)."""
+    """The uploads.services.events records logged during the test, by message (the event name)."""
     caplog.set_level(logging.INFO, logger="uploads.events")
 
     def of(event: str):

@@ -10,7 +10,10 @@ from django.utils import timezone
 
 from uploads import storage
 from uploads.models import Slot, Upload
-from uploads.transfers import quota_used, upload_create, upload_end, uploads_expire, writer_admit, writer_commit
+from uploads.services.grants import writer_admit, writer_commit
+from uploads.services.quota import quota_used
+from uploads.services.uploads import upload_create, upload_end, uploads_expire
+from uploads.storage import local
 
 pytestmark = pytest.mark.django_db
 
@@ -23,8 +26,8 @@ def day(limits):
 
 def idle_upload(user, name: str, *, idle_for: timedelta) -> Upload:
     upload, _slot = upload_create(user, filename=name, size=100, now=timezone.now() - idle_for)
-    storage.ensure_layout()
-    storage.part_path(upload.storage_key).write_bytes(b"x" * 10)
+    storage.backend().prepare()
+    local.part_path(upload.storage_key).write_bytes(b"x" * 10)
     return upload
 
 
@@ -36,10 +39,10 @@ def test_idle_upload_expires_with_its_bytes_slot_and_quota(alice, day):
 
     assert [upload.pk for upload in expired] == [stale.pk]
     assert Upload.objects.get(pk=stale.pk).status == "expired"
-    assert not storage.part_path(stale.storage_key).exists()
+    assert not local.part_path(stale.storage_key).exists()
     assert not Slot.objects.active().filter(upload=stale).exists()
     assert Upload.objects.get(pk=fresh.pk).status == "uploading"
-    assert storage.part_path(fresh.storage_key).exists()
+    assert local.part_path(fresh.storage_key).exists()
     assert quota_used(alice) == fresh.size
 
 
@@ -47,7 +50,7 @@ def test_dry_run_lists_and_changes_nothing(alice, day):
     stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
     assert [upload.pk for upload in uploads_expire(dry_run=True)] == [stale.pk]
     assert Upload.objects.get(pk=stale.pk).status == "uploading"
-    assert storage.part_path(stale.storage_key).exists()
+    assert local.part_path(stale.storage_key).exists()
 
 
 def test_upload_written_to_after_it_was_listed_does_not_expire(alice, day):
@@ -61,17 +64,17 @@ def test_upload_written_to_after_it_was_listed_does_not_expire(alice, day):
     assert Upload.objects.get(pk=stale.pk).status == "uploading"
     assert Slot.objects.get(pk=grant.slot_id).released_at is None  # the writer keeps its slot and generation
     assert Upload.objects.get(pk=stale.pk).writer_generation == grant.generation
-    assert storage.part_path(stale.storage_key).exists()
+    assert local.part_path(stale.storage_key).exists()
 
 
 def test_ending_an_upload_that_already_completed_changes_nothing(alice):
     upload, slot = upload_create(alice, filename="done.bin", size=10)
     Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.COMPLETE, offset=10)
-    storage.ensure_layout()
-    storage.final_path(upload.storage_key).write_bytes(b"y" * 10)
+    storage.backend().prepare()
+    local.final_path(upload.storage_key).write_bytes(b"y" * 10)
 
     assert upload_end(upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED) is False
-    assert storage.final_path(upload.storage_key).read_bytes() == b"y" * 10  # a finished file is never lost
+    assert local.final_path(upload.storage_key).read_bytes() == b"y" * 10  # a finished file is never lost
     assert Slot.objects.get(pk=slot.pk).released_at is None
 
 

@@ -1,7 +1,7 @@
 """Fencing: a writer whose slot was reaped, reset or cancelled can change nothing any more.
 
-Writers are admitted and commit through uploads.transfers (writer_*); the slot
-side is uploads.slots. Every stale call must raise the named refusal and leave
+Writers are admitted and commit through uploads.services.grants (writer_*); the slot
+side is uploads.services.slots. Every stale call must raise the named refusal and leave
 the slot and upload rows exactly as they were.
 """
 
@@ -12,19 +12,12 @@ from django.forms.models import model_to_dict
 from django.utils import timezone
 
 from tests.conftest import write_part
-from uploads import storage
 from uploads.exceptions import LeaseLost, NotUploading, UploadBusy
 from uploads.models import Slot, Upload
-from uploads.slots import slot_renew, slots_reap, slots_reset
-from uploads.transfers import (
-    upload_create,
-    upload_delete,
-    writer_admit,
-    writer_commit,
-    writer_complete,
-    writer_fail,
-    writer_release,
-)
+from uploads.services.grants import writer_admit, writer_commit, writer_complete, writer_fail, writer_release
+from uploads.services.slots import slot_renew, slots_reap, slots_reset
+from uploads.services.uploads import upload_create, upload_delete
+from uploads.storage import local
 
 LEASE = timedelta(seconds=60)
 
@@ -198,7 +191,7 @@ def test_a_stale_writers_checksum_failure_fails_nothing_deletes_no_bytes_and_say
         writer_fail(old, now=later)
 
     assert rows(upload) == before
-    assert storage.part_path(upload.storage_key).read_bytes() == b"x" * 100
+    assert local.part_path(upload.storage_key).read_bytes() == b"x" * 100
 
 
 def test_a_current_writers_checksum_failure_fails_the_upload_and_deletes_its_bytes(alice, upload, t0):
@@ -210,7 +203,7 @@ def test_a_current_writers_checksum_failure_fails_the_upload_and_deletes_its_byt
     upload.refresh_from_db()
     assert upload.status == Upload.Status.FAILED
     assert Slot.objects.get(pk=grant.slot_id).release_reason == Slot.ReleaseReason.FAILED
-    assert not storage.part_path(upload.storage_key).exists()
+    assert not local.part_path(upload.storage_key).exists()
 
 
 def test_complete_frees_the_slot_and_sets_the_offset_to_the_size(alice, upload, t0):

@@ -29,18 +29,13 @@ from tests.support.live_server import ROOT, LiveServer
 from tests.test_live_faults import send_until
 from tests.test_live_server import create_upload, part_files, receive, stream, upload_detail, ws_connect
 from uploads import signals, storage
-from uploads.fsck import KEEP_RUNS, Kind, fsck_find, fsck_repair, fsck_run
 from uploads.models import FsckRun, Slot, Upload
-from uploads.slots import lease_duration, slot_admit
-from uploads.transfers import (
-    quota_used,
-    upload_create,
-    upload_end,
-    writer_admit,
-    writer_commit,
-    writer_complete,
-    writer_release,
-)
+from uploads.ops.fsck import KEEP_RUNS, Kind, fsck_find, fsck_repair, fsck_run
+from uploads.services.grants import writer_admit, writer_commit, writer_complete, writer_release
+from uploads.services.quota import quota_used
+from uploads.services.slots import lease_duration, slot_admit
+from uploads.services.uploads import upload_create, upload_end
+from uploads.storage import local
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -63,7 +58,7 @@ def paused_upload(user, committed: bytes, *, ahead: bytes = b"", size: int | Non
     size = size or len(committed) + len(ahead) + 100
     upload, _slot = upload_create(user, filename="paused.bin", size=size, now=now)
     grant = writer_admit(user, upload.pk, f"test.writer!{upload.pk.hex}", now=now)
-    part = storage.PartFile(grant.storage_key, grant.offset)
+    part = storage.backend().open_part(grant.storage_key, grant.offset)
     try:
         if committed:
             part.append([committed])
@@ -84,7 +79,7 @@ class LiveWriter:
         upload, _slot = upload_create(user, filename="live.bin", size=len(data))
         self.user, self.data, self.upload_id = user, data, upload.pk
         self.grant = writer_admit(user, upload.pk, "live.writer!1")
-        self.part = storage.PartFile(self.grant.storage_key, self.grant.offset)
+        self.part = storage.backend().open_part(self.grant.storage_key, self.grant.offset)
         self.part.append([data[:committed]])
         self.part.sync()
         writer_commit(self.grant, committed)
@@ -93,7 +88,7 @@ class LiveWriter:
     def snapshot(self):
         upload = Upload.objects.get(pk=self.upload_id)
         slot = Slot.objects.get(pk=self.grant.slot_id)
-        on_disk = storage.part_path(self.grant.storage_key).read_bytes()
+        on_disk = local.part_path(self.grant.storage_key).read_bytes()
         return (upload.offset, upload.status, upload.writer_generation, slot.released_at, slot.generation, on_disk)
 
     def finish(self):
@@ -166,7 +161,7 @@ def repaired_and_clean(*, verify: bool = False):
 
 
 def lost_and_found_files() -> dict[str, bytes]:
-    base = storage.lost_and_found()
+    base = local.lost_and_found()
     return {str(p.relative_to(base)).split("/", 1)[1]: p.read_bytes() for p in base.rglob("*") if p.is_file()}
 
 
@@ -220,7 +215,7 @@ def test_a_killed_holder_past_its_lease_is_a_stuck_slot_and_repair_reaps_it_and_
 
 def test_a_deleted_part_file_is_missing_part_and_repair_rewinds_the_upload_to_zero(alice):
     upload = paused_upload(alice, b"m" * 100)
-    storage.part_path(upload.storage_key).unlink()
+    local.part_path(upload.storage_key).unlink()
 
     assert found(fsck_find()) == [(Kind.MISSING_PART, str(upload.pk))]
 
@@ -235,7 +230,7 @@ def test_a_deleted_part_file_is_missing_part_and_repair_rewinds_the_upload_to_ze
 def test_an_offset_beyond_the_part_file_is_part_short_and_repair_resumes_from_what_is_on_disk(alice, how):
     data = os.urandom(100)
     upload = paused_upload(alice, data, size=200)
-    path = storage.part_path(upload.storage_key)
+    path = local.part_path(upload.storage_key)
     if how == "file truncated":
         os.truncate(path, 40)
     else:
@@ -247,7 +242,7 @@ def test_an_offset_beyond_the_part_file_is_part_short_and_repair_resumes_from_wh
     repaired_and_clean()
     assert Upload.objects.get(pk=upload.pk).offset == 40
     grant = writer_admit(alice, upload.pk, "next.writer!1")
-    part = storage.PartFile(grant.storage_key, grant.offset)  # resumes: no PartFileShort any more
+    part = storage.backend().open_part(grant.storage_key, grant.offset)  # resumes: no PartFileShort any more
     try:
         assert part.hexdigest() == hashlib.sha256(data[:40]).hexdigest()
     finally:
@@ -256,7 +251,7 @@ def test_an_offset_beyond_the_part_file_is_part_short_and_repair_resumes_from_wh
 
 def test_bytes_written_past_the_durable_offset_by_a_dead_writer_are_part_long_and_truncated(alice):
     upload = paused_upload(alice, b"c" * 40, ahead=b"a" * 60)
-    path = storage.part_path(upload.storage_key)
+    path = local.part_path(upload.storage_key)
 
     assert found(fsck_find()) == [(Kind.PART_LONG, str(upload.pk))]
     assert path.stat().st_size == 100
@@ -270,22 +265,22 @@ def test_an_unfinished_upload_idle_past_expiry_is_expired_with_its_bytes_and_slo
     limits(upload_expiry_seconds=3600)
     idle = idle_upload(alice, idle_for=timedelta(hours=2))
     fresh = idle_upload(alice, idle_for=timedelta(minutes=30))
-    assert storage.part_path(idle.storage_key).exists()
+    assert local.part_path(idle.storage_key).exists()
 
     assert found(fsck_find()) == [(Kind.IDLE_EXPIRED, str(idle.pk))]
 
     repaired_and_clean()
     assert Upload.objects.get(pk=idle.pk).status == "expired"
-    assert not storage.part_path(idle.storage_key).exists()
+    assert not local.part_path(idle.storage_key).exists()
     assert Upload.objects.get(pk=fresh.pk).status == "uploading"
-    assert storage.part_path(fresh.storage_key).exists()
+    assert local.part_path(fresh.storage_key).exists()
 
 
 def test_a_complete_upload_whose_file_is_gone_is_marked_failed_and_stops_counting_toward_the_quota(
     alice, django_capture_on_commit_callbacks
 ):
     upload = finish_upload(alice, b"x" * 1000)
-    storage.final_path(upload.storage_key).unlink()
+    local.final_path(upload.storage_key).unlink()
 
     assert found(fsck_find()) == [(Kind.MISSING_FILE, str(upload.pk))]
 
@@ -305,7 +300,7 @@ def test_a_complete_upload_whose_file_is_gone_is_marked_failed_and_stops_countin
 
 def test_a_truncated_finished_file_is_a_size_mismatch_and_is_moved_aside_when_the_upload_fails(alice):
     upload = finish_upload(alice, b"t" * 1000)
-    path = storage.final_path(upload.storage_key)
+    path = local.final_path(upload.storage_key)
     os.truncate(path, 600)
 
     assert found(fsck_find()) == [(Kind.FILE_SIZE_MISMATCH, str(upload.pk))]
@@ -319,14 +314,14 @@ def test_a_truncated_finished_file_is_a_size_mismatch_and_is_moved_aside_when_th
 def test_a_flipped_byte_is_found_only_with_verify_and_the_upload_fails(alice):
     data = os.urandom(3 * MiB)
     upload = finish_upload(alice, data, sha256=hashlib.sha256(data).hexdigest())
-    flip_byte(storage.final_path(upload.storage_key), 2 * MiB + 7)
+    flip_byte(local.final_path(upload.storage_key), 2 * MiB + 7)
 
     assert fsck_find().findings == []  # same size: only re-hashing can tell
     assert found(fsck_find(verify=True)) == [(Kind.FILE_CHECKSUM_MISMATCH, str(upload.pk))]
 
     repaired_and_clean(verify=True)
     assert Upload.objects.get(pk=upload.pk).status == "failed"
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     assert list(lost_and_found_files()) == [f"files/{upload.storage_key}"]
 
 
@@ -351,14 +346,14 @@ def test_part_files_without_rows_are_deleted_and_a_finished_file_without_a_row_i
     for key in parts:
         write_part(key, b"orphan bytes")
     finished = orphan_key()
-    storage.final_path(finished).write_bytes(b"somebody's file")
+    local.final_path(finished).write_bytes(b"somebody's file")
 
     assert found(fsck_find()) == sorted(
         [(Kind.ORPHAN_PART, f"partial/{key}.part") for key in parts] + [(Kind.ORPHAN_FILE, f"files/{finished}")]
     )
 
     repaired_and_clean()
-    assert not any(storage.part_path(key).exists() for key in parts)
+    assert not any(local.part_path(key).exists() for key in parts)
     assert lost_and_found_files() == {f"files/{finished}": b"somebody's file"}
 
 
@@ -368,19 +363,19 @@ def test_bytes_an_ended_upload_left_behind_are_deleted(alice, status):
     upload_end(upload, status, Slot.ReleaseReason.CANCELLED)
     # The ending committed, then the process died before (or a writer re-created the file after) the delete.
     write_part(upload.storage_key, b"l" * 30)
-    storage.final_path(upload.storage_key).write_bytes(b"f" * 130)
+    local.final_path(upload.storage_key).write_bytes(b"f" * 130)
 
     assert found(fsck_find()) == [(Kind.LEFTOVER_FILE, str(upload.pk)), (Kind.LEFTOVER_PART, str(upload.pk))]
 
     repaired_and_clean()
-    assert not storage.part_path(upload.storage_key).exists()
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.part_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     assert Upload.objects.get(pk=upload.pk).status == status
 
 
 def test_strays_are_moved_into_lost_and_found_never_deleted_and_the_filesystems_lost_and_found_is_left_alone(db):
-    storage.ensure_layout()
-    root = storage.root()
+    storage.backend().prepare()
+    root = local.root()
     (root / "notes.txt").write_text("an operator's notes")
     temp = f"{orphan_key()}.part.tmp"
     (root / "partial" / temp).write_bytes(b"temp")
@@ -399,7 +394,7 @@ def test_strays_are_moved_into_lost_and_found_never_deleted_and_the_filesystems_
     assert moved.pop("files/a-folder/inside") == b"nested"
     assert moved == {f"partial/{temp}": b"temp"}
     assert (root / "lost+found" / "#1234").read_bytes() == b"e2fsck's"
-    assert sorted(p.name for p in root.iterdir()) == ["files", storage.LOST_AND_FOUND, "lost+found", "partial"]
+    assert sorted(p.name for p in root.iterdir()) == ["files", local.LOST_AND_FOUND, "lost+found", "partial"]
 
 
 # --- all of it at once, around a live upload -------------------------------------------------
@@ -411,22 +406,22 @@ def test_every_kind_is_found_and_repaired_and_a_live_upload_in_progress_is_untou
     limits(upload_expiry_seconds=3600)
     live = live_writer(os.urandom(256 * KiB), committed=64 * KiB, written=200 * KiB)
     missing = paused_upload(alice, b"m" * 100)
-    storage.part_path(missing.storage_key).unlink()
+    local.part_path(missing.storage_key).unlink()
     short = paused_upload(bob, b"s" * 100, size=300)
     Upload.objects.filter(pk=short.pk).update(offset=250)
     long = paused_upload(bob, b"c" * 10, ahead=b"a" * 20)
     idle = idle_upload(bob, idle_for=timedelta(hours=2))
     truncated = finish_upload(alice, b"t" * 500)
-    os.truncate(storage.final_path(truncated.storage_key), 499)
+    os.truncate(local.final_path(truncated.storage_key), 499)
     flipped = finish_upload(alice, b"f" * 500, sha256=hashlib.sha256(b"f" * 500).hexdigest())
-    flip_byte(storage.final_path(flipped.storage_key))
+    flip_byte(local.final_path(flipped.storage_key))
     gone = finish_upload(bob, b"g" * 500)
-    storage.final_path(gone.storage_key).unlink()
+    local.final_path(gone.storage_key).unlink()
     ended = finish_upload(bob, b"e" * 500)
     slot_admit(Slot.Kind.UPLOAD, bob, upload=ended, holder_channel="ghost.writer!1")
     orphan = orphan_key()
     write_part(orphan, b"o" * 10)
-    (storage.root() / "stray.tmp").write_bytes(b"?")
+    (local.root() / "stray.tmp").write_bytes(b"?")
     stuck = stuck_writer(alice, long_ago)  # last: every admission reaps expired leases
 
     before = live.snapshot()
@@ -470,7 +465,7 @@ def test_every_kind_is_found_and_repaired_and_a_live_upload_in_progress_is_untou
     live.finish()
     upload = Upload.objects.get(pk=live.upload_id)
     assert upload.status == "complete"
-    assert storage.final_path(upload.storage_key).read_bytes() == live.data
+    assert local.final_path(upload.storage_key).read_bytes() == live.data
 
 
 # --- races: a writer that shows up between the look and the repair -----------------------------
@@ -509,13 +504,13 @@ def test_a_file_a_writer_process_locked_after_the_look_is_left_alone_and_the_run
     report = fsck_find()
     assert found(report) == sorted([(Kind.PART_LONG, str(upload.pk)), (Kind.ORPHAN_PART, f"partial/{orphan}.part")])
 
-    holders = [flock_holder(storage.part_path(upload.storage_key)), flock_holder(storage.part_path(orphan))]
+    holders = [flock_holder(local.part_path(upload.storage_key)), flock_holder(local.part_path(orphan))]
     fsck_repair(report)
 
     assert len(report.unrepaired) == 2
     assert all("flock held" in f.action for f in report.unrepaired)
-    assert storage.part_path(upload.storage_key).stat().st_size == 30
-    assert storage.part_path(orphan).exists()
+    assert local.part_path(upload.storage_key).stat().st_size == 30
+    assert local.part_path(orphan).exists()
     # While the writers hold them, a new look reports neither: a held file is the writer's to judge.
     again = fsck_find()
     assert (again.findings, again.held_files) == ([], 2)
@@ -524,13 +519,13 @@ def test_a_file_a_writer_process_locked_after_the_look_is_left_alone_and_the_run
         holder.kill()
         holder.wait(10)
     repaired_and_clean()
-    assert storage.part_path(upload.storage_key).stat().st_size == 10
-    assert not storage.part_path(orphan).exists()
+    assert local.part_path(upload.storage_key).stat().st_size == 10
+    assert not local.part_path(orphan).exists()
 
 
 def test_an_upload_a_writer_connects_to_after_the_look_is_not_rewound(alice):
     upload = paused_upload(alice, b"m" * 100)
-    storage.part_path(upload.storage_key).unlink()
+    local.part_path(upload.storage_key).unlink()
     report = fsck_find()
     assert found(report) == [(Kind.MISSING_PART, str(upload.pk))]
 
@@ -548,7 +543,7 @@ def test_an_upload_a_writer_connects_to_after_the_look_is_not_rewound(alice):
 
 def test_the_command_exits_1_with_problems_left_0_once_repaired_and_json_reports_each_finding(alice):
     upload = paused_upload(alice, b"m" * 100)
-    storage.part_path(upload.storage_key).unlink()
+    local.part_path(upload.storage_key).unlink()
     write_part(orphan_key(), b"o")
 
     code, out = fsck_command("--json")

@@ -1,4 +1,4 @@
-"""GET /metrics (uploads.metrics, uploads.metrics_views): who may read it, what it says, and that it is true.
+"""GET /metrics (uploads.ops.metrics, uploads.metrics_views): who may read it, what it says, and that it is true.
 
 In-process: the endpoint's refusals and the database-backed gauges. Against
 real servers (``manage.py serve`` in subprocesses, multiprocess mode on one
@@ -29,11 +29,11 @@ from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.test_live_server import WS_TIMEOUT, receive
 from tests.test_live_server import ws_connect as live_ws_connect
-from uploads import metrics
 from uploads.checks import check_configuration
 from uploads.models import FsckRun, Slot
-from uploads.slots import slot_admit
-from uploads.transfers import upload_create
+from uploads.ops import collector
+from uploads.services.slots import slot_admit
+from uploads.services.uploads import upload_create
 
 TOKEN = "metrics-token-" + "k" * 32
 MiB = 1024 * 1024
@@ -117,7 +117,7 @@ def test_a_scrape_with_the_token_answers_while_the_database_is_down(anonymous_cl
     def down(self):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(metrics.DatabaseCollector, "_from_database", down)
+    monkeypatch.setattr(collector.DatabaseCollector, "_from_database", down)
 
     answer = anonymous_client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
 

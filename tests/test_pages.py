@@ -18,16 +18,11 @@ from django.urls import include, path
 from django.utils import timezone
 
 from tests.conftest import PASSWORD, finish_upload, write_part
-from uploads import storage
 from uploads.models import Slot, Upload
-from uploads.transfers import (
-    QuotaSummary,
-    quota_summary,
-    upload_create,
-    upload_delete,
-    writer_admit,
-    writer_commit,
-)
+from uploads.services.grants import writer_admit, writer_commit
+from uploads.services.quota import QuotaSummary, quota_summary
+from uploads.services.uploads import upload_create, upload_delete
+from uploads.storage import local
 
 FILES = "/files/"
 LOGIN = "/accounts/login/"
@@ -315,7 +310,7 @@ def test_deleting_a_file_asks_first_then_removes_its_row_and_bytes(alice):
 
     assert (response.status_code, response["Location"]) == (302, FILES)
     assert not Upload.objects.filter(pk=done.pk).exists()
-    assert not storage.final_path(done.storage_key).exists()
+    assert not local.final_path(done.storage_key).exists()
     listing = page(client.get(FILES))
     assert listing.messages() == ["Deleted big.iso."]
     assert listed_ids(listing) == []
@@ -323,7 +318,7 @@ def test_deleting_a_file_asks_first_then_removes_its_row_and_bytes(alice):
 
 def test_cancelling_an_unfinished_upload_deletes_its_partial_bytes_and_keeps_it_listed_as_cancelled(alice):
     running = uploading(alice, "half.iso", size=100, received=b"x" * 50)
-    assert storage.part_path(running.storage_key).exists()
+    assert local.part_path(running.storage_key).exists()
     client = signed_in(alice)
 
     assert page(client.get(delete_url(running))).one("h1").text == "Cancel the upload of half.iso?"
@@ -331,7 +326,7 @@ def test_cancelling_an_unfinished_upload_deletes_its_partial_bytes_and_keeps_it_
 
     running.refresh_from_db()
     assert running.status == Upload.Status.CANCELLED
-    assert not storage.part_path(running.storage_key).exists()
+    assert not local.part_path(running.storage_key).exists()
     assert not Slot.objects.active().filter(upload=running).exists()
     listing = page(client.get(FILES))
     assert listing.messages() == ["Cancelled half.iso; its partial bytes are deleted."]
@@ -364,7 +359,7 @@ def test_deleting_bobs_upload_or_one_already_deleted_is_a_404_page_and_changes_n
     assert page(client.get(delete_url(bobs)), 404).one("h1").text == "Page not found"
     assert page(client.post(delete_url(bobs)), 404).one("h1").text == "Page not found"
     assert Upload.objects.filter(pk=bobs.pk, status=Upload.Status.COMPLETE).exists()
-    assert storage.final_path(bobs.storage_key).exists()
+    assert local.final_path(bobs.storage_key).exists()
 
 
 def test_delete_needs_a_signed_in_owner_and_a_post(alice):

@@ -19,7 +19,7 @@ from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consum
     session_cookie,
     small_frames,
 )
-from uploads.transfers import upload_delete
+from uploads.services.uploads import upload_delete
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

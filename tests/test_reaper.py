@@ -57,8 +57,9 @@ def seed(spec_json: str) -> None:
 
     from tests.conftest import write_part
     from uploads.models import Slot, Upload
-    from uploads.slots import slot_admit, slot_release
-    from uploads.transfers import upload_create, writer_admit
+    from uploads.services.grants import writer_admit
+    from uploads.services.slots import slot_admit, slot_release
+    from uploads.services.uploads import upload_create
 
     spec = json.loads(spec_json)
     now = timezone.now()
@@ -111,8 +112,8 @@ def seed(spec_json: str) -> None:
 
 def inspect(tag: str) -> None:
     """Print the state of user ``tag``'s rows and files as ``RESULT {json}``."""
-    from uploads import storage
     from uploads.models import Slot, Upload
+    from uploads.storage import local
 
     slots = Slot.objects.filter(user__username=tag)
     uploads = Upload.objects.filter(owner__username=tag)
@@ -123,7 +124,7 @@ def inspect(tag: str) -> None:
             str(pk): {"status": status, "generation": generation}
             for pk, status, generation in uploads.values_list("pk", "status", "writer_generation")
         },
-        "part_files": [str(u.pk) for u in uploads if storage.part_path(u.storage_key).exists()],
+        "part_files": [str(u.pk) for u in uploads if local.part_path(u.storage_key).exists()],
     }
     print("RESULT", json.dumps(state))  # noqa: T201 - read by the test process
 
@@ -471,8 +472,8 @@ def test_a_stop_during_a_pass_finishes_the_step_in_progress_and_skips_the_rest(a
     from django.utils import timezone
 
     from uploads.models import Slot, Upload
-    from uploads.reaper import StopFlag, reaper_pass
-    from uploads.transfers import upload_create
+    from uploads.ops.reaper import StopFlag, reaper_pass
+    from uploads.services.uploads import upload_create
 
     long_ago = timezone.now() - timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS + 60)
     upload, slot = upload_create(alice, filename="idle.bin", size=10, now=long_ago)
@@ -488,7 +489,7 @@ def test_a_stop_during_a_pass_finishes_the_step_in_progress_and_skips_the_rest(a
 
 
 def test_stop_flag_wakes_a_sleeping_wait_when_a_signal_arrives():
-    from uploads.reaper import StopFlag, stop_on_signals
+    from uploads.ops.reaper import StopFlag, stop_on_signals
 
     stop = StopFlag()
     timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
@@ -505,7 +506,7 @@ def test_stop_flag_wakes_a_sleeping_wait_when_a_signal_arrives():
 
 
 def test_back_off_doubles_from_the_interval_up_to_a_minute():
-    from uploads.reaper import backoff
+    from uploads.ops.reaper import backoff
 
     assert [backoff(15, n) for n in range(1, 5)] == [30, 60, 60, 60]
     assert backoff(0.2, 1) == 0.4

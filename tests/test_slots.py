@@ -1,4 +1,4 @@
-"""Slot services (uploads.slots): admission limits, release, lease expiry, reaping, resets, the summary."""
+"""Slot services (uploads.services.slots): admission limits, release, lease expiry, reaping, resets, the summary."""
 
 from datetime import timedelta
 
@@ -14,8 +14,8 @@ from uploads.exceptions import (
     UserSlotsExhausted,
 )
 from uploads.models import Slot, Upload
-from uploads.slots import slot_admit, slot_release, slot_renew, slots_reap, slots_reset, slots_summary
-from uploads.transfers import upload_create
+from uploads.services.slots import slot_admit, slot_release, slot_renew, slots_reap, slots_reset, slots_summary
+from uploads.services.uploads import upload_create
 
 UPLOAD = Slot.Kind.UPLOAD
 DOWNLOAD = Slot.Kind.DOWNLOAD

@@ -85,7 +85,7 @@ def _hammer(env: dict, index: int, seeded, go, results) -> None:
 
         from uploads import exceptions
         from uploads.models import Slot, Upload
-        from uploads.slots import slot_admit, slot_release, slot_renew
+        from uploads.services.slots import slot_admit, slot_release, slot_renew
 
         if not seeded.wait(START_TIMEOUT):
             raise RuntimeError("the database was never seeded")
@@ -142,7 +142,7 @@ def _observe(env: dict, migrated, seeded, stop, results) -> None:
         from django.utils import timezone
 
         from uploads.models import Slot, Upload
-        from uploads.slots import slots_reap
+        from uploads.services.slots import slots_reap
 
         if not migrated.wait(START_TIMEOUT):
             raise RuntimeError("the database was never migrated")
@@ -336,8 +336,9 @@ def test_admissions_reclaiming_each_others_stuck_slots_do_not_deadlock(alice, bo
     from django.db import connection
     from django.utils import timezone
 
-    from uploads import exceptions, slots
+    from uploads import exceptions
     from uploads.models import Slot, Upload
+    from uploads.services import slots
 
     upload_x = Upload.objects.create(owner=alice, original_filename="x", display_name="x", size=1)
     upload_y = Upload.objects.create(owner=bob, original_filename="y", display_name="y", size=1)

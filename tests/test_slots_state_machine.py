@@ -31,8 +31,9 @@ from hypothesis.stateful import (
 from tests.conftest import make_user
 from uploads import exceptions
 from uploads.models import Slot, Upload
-from uploads.slots import slot_admit, slot_release, slot_renew, slots_reap, slots_reset
-from uploads.transfers import upload_create, upload_delete, writer_admit, writer_commit, writer_complete
+from uploads.services.grants import writer_admit, writer_commit, writer_complete
+from uploads.services.slots import slot_admit, slot_release, slot_renew, slots_reap, slots_reset
+from uploads.services.uploads import upload_create, upload_delete
 
 UPLOAD = Slot.Kind.UPLOAD
 DOWNLOAD = Slot.Kind.DOWNLOAD
@@ -94,7 +95,7 @@ class SlotStateMachine(RuleBasedStateMachine):
         return {pk: s for pk, s in self.slots.items() if s.active and (kind is None or s.kind == kind)}
 
     def revoke(self, pks, reason):
-        """What uploads.slots._revoke does: release, then bump each upload's fencing generation once."""
+        """What uploads.services.slots._revoke does: release, then bump each upload's fencing generation once."""
         for pk in pks:
             self.slots[pk].reason = reason
         for upload in {self.slots[pk].upload for pk in pks if self.slots[pk].kind == UPLOAD}:
@@ -178,7 +179,7 @@ class SlotStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.uploads)
     @rule(data=st.data())
     def claim_writer(self, data):
-        """A WebSocket connection asks to become the upload's writer (uploads.transfers.writer_admit)."""
+        """A WebSocket connection asks to become the upload's writer (uploads.services.grants.writer_admit)."""
         unfinished = [p for p, u in self.uploads.items() if u.status == Upload.Status.UPLOADING]
         # Mostly unfinished uploads (the interesting ones), sometimes any (cancelled, complete, deleted).
         anything = data.draw(st.integers(0, 3)) == 0

@@ -39,12 +39,14 @@ from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consum
     send_range,
     small_frames,
 )
-from uploads import storage, transfers, writer
+from uploads import storage, writer
 from uploads.exceptions import NotUploading
 from uploads.models import Slot, Upload
-from uploads.slots import slots_reset
-from uploads.tickets import ws_url
-from uploads.transfers import upload_delete, uploads_expire
+from uploads.services import grants, uploads
+from uploads.services.slots import slots_reset
+from uploads.services.uploads import upload_delete, uploads_expire
+from uploads.storage import local
+from uploads.transports.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -109,8 +111,8 @@ def hold_method(monkeypatch, cls, name: str) -> Gate:
 
 async def sparse_resume_point(upload: Upload, offset: int) -> None:
     """A part file of ``offset`` bytes (sparse: instant to make, about a second per GiB to re-hash)."""
-    storage.ensure_layout()
-    with open(storage.part_path(upload.storage_key), "wb") as handle:
+    storage.backend().prepare()
+    with open(local.part_path(upload.storage_key), "wb") as handle:
         handle.truncate(offset)
     await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=offset, size=offset + CHUNK)
 
@@ -131,7 +133,7 @@ async def opened_without_reading(upload: Upload) -> WebsocketCommunicator:
 async def test_revocation_while_the_last_bytes_land_closes_at_once_and_frees_file_and_slot(alice, monkeypatch, revoke):
     data = payload(6 * CHUNK)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, storage.PartFile, "sync")  # the finalizing commit's fsync
+    gate = hold_method(monkeypatch, local.LocalPart, "sync")  # the finalizing commit's fsync
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
@@ -144,17 +146,17 @@ async def test_revocation_while_the_last_bytes_land_closes_at_once_and_frees_fil
 
     code, close_code = ("lease_lost", 4410) if revoke == "reset" else ("not_uploading", 4409)
     await expect_close(communicator, code, close_code)
-    assert lock_is_free(storage.part_path(upload.storage_key))
+    assert lock_is_free(local.part_path(upload.storage_key))
     assert await active_slots(upload) == 0
     after = await refresh(upload)
     if revoke == "reset":
         # The bytes stay for the next writer; nothing was completed by a fenced writer.
         assert after.status == "uploading"
-        assert not storage.final_path(upload.storage_key).exists()
+        assert not local.final_path(upload.storage_key).exists()
     else:
         assert after.status == "cancelled"
-        assert not storage.part_path(upload.storage_key).exists()
-        assert not storage.final_path(upload.storage_key).exists()
+        assert not local.part_path(upload.storage_key).exists()
+        assert not local.final_path(upload.storage_key).exists()
 
 
 async def test_database_error_during_a_commit_is_unavailable_with_retry_after_and_the_upload_resumes(
@@ -162,7 +164,7 @@ async def test_database_error_during_a_commit_is_unavailable_with_retry_after_an
 ):
     data = payload(6 * CHUNK)
     upload = await create(alice, data)
-    real_commit = transfers.writer_commit
+    real_commit = grants.writer_commit
 
     def database_gone(grant, offset, **kwargs):
         raise OperationalError("server closed the connection unexpectedly")
@@ -173,7 +175,7 @@ async def test_database_error_during_a_commit_is_unavailable_with_retry_after_an
 
     error = await expect_close(communicator, "unavailable", 4503)
     assert error["retry_after"] >= 1
-    assert lock_is_free(storage.part_path(upload.storage_key))
+    assert lock_is_free(local.part_path(upload.storage_key))
     assert (await refresh(upload)).status == "uploading"
 
     monkeypatch.setattr(writer, "writer_commit", real_commit)
@@ -190,7 +192,7 @@ async def test_client_gone_during_a_long_resume_rehash_lets_go_of_the_file_and_t
 ):
     upload = await create(alice, payload(1), sha256="")
     await sparse_resume_point(upload, 2 * GiB)  # about two seconds of sha256
-    part = storage.part_path(upload.storage_key)
+    part = local.part_path(upload.storage_key)
 
     first = await opened_without_reading(upload)
     await eventually(lambda: not lock_is_free(part), "the re-hash to hold the file")
@@ -213,7 +215,7 @@ async def _no_holder(upload) -> bool:
 async def test_a_live_holder_busy_re_hashing_is_not_taken_over(alice):
     upload = await create(alice, payload(1), sha256="")
     await sparse_resume_point(upload, 2 * GiB)
-    part = storage.part_path(upload.storage_key)
+    part = local.part_path(upload.storage_key)
 
     first = await opened_without_reading(upload)
     await eventually(lambda: not lock_is_free(part), "the re-hash to hold the file")
@@ -235,7 +237,7 @@ async def test_a_live_holder_busy_re_hashing_is_not_taken_over(alice):
 async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_writer_completes(alice, monkeypatch):
     data = payload(5 * CHUNK + 3)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, storage.PartFile, "finalize")
+    gate = hold_method(monkeypatch, local.LocalPart, "finalize")
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
@@ -245,7 +247,7 @@ async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_write
     await expect_close(communicator, "lease_lost", 4410)
     after = await refresh(upload)
     assert (after.status, after.offset) == ("uploading", len(data))
-    assert storage.final_path(upload.storage_key).read_bytes() == data  # verified, visible, kept
+    assert local.final_path(upload.storage_key).read_bytes() == data  # verified, visible, kept
 
     resumed, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
@@ -259,54 +261,54 @@ async def test_a_visible_file_that_does_not_match_the_declared_sha256_is_never_c
     data = payload(3 * CHUNK)
     upload = await create(alice, data)
     # A finished file that is not these bytes (a damaged disk, a hand-copied file).
-    storage.ensure_layout()
-    storage.final_path(upload.storage_key).write_bytes(data[:-1] + b"!")
+    storage.backend().prepare()
+    local.final_path(upload.storage_key).write_bytes(data[:-1] + b"!")
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
     await expect_close(communicator, "checksum_mismatch", 4422)
     assert (await refresh(upload)).status == "failed"
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
 
 
 async def test_delete_during_finalize_answers_only_once_the_bytes_are_gone(alice, monkeypatch):
     data = payload(5 * CHUNK)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, storage.PartFile, "finalize")
+    gate = hold_method(monkeypatch, local.LocalPart, "finalize")
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
 
     await database_sync_to_async(upload_delete)(alice, upload.pk)  # the API's DELETE: 204 from here on
-    assert not storage.part_path(upload.storage_key).exists()
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.part_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     gate.opened.set()
 
     await expect_close(communicator, "not_uploading", 4409)
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
     assert (await refresh(upload)).status == "cancelled"
     assert await active_slots(upload) == 0
 
 
 def test_delete_racing_completion_deletes_the_finished_upload(alice, monkeypatch):
     data = payload(3 * CHUNK)
-    upload, _slot = transfers.upload_create(alice, filename="race.bin", size=len(data))
-    grant = transfers.writer_admit(alice, upload.pk, "specific.writer!1")
-    part = storage.PartFile(upload.storage_key, 0)
+    upload, _slot = uploads.upload_create(alice, filename="race.bin", size=len(data))
+    grant = grants.writer_admit(alice, upload.pk, "specific.writer!1")
+    part = storage.backend().open_part(upload.storage_key, 0)
     part.append([data])
     part.finalize()
     part.close()
-    real_end = transfers.upload_end
+    real_end = uploads.upload_end
 
     def completes_first(*args, **kwargs):
         # The writer's completion commits between DELETE's read and its cancel.
-        transfers.writer_complete(grant)
+        grants.writer_complete(grant)
         return real_end(*args, **kwargs)
 
-    monkeypatch.setattr(transfers, "upload_end", completes_first)
+    monkeypatch.setattr(uploads, "upload_end", completes_first)
     upload_delete(alice, upload.pk)
 
     assert not Upload.objects.filter(pk=upload.pk).exists()
-    assert not storage.final_path(upload.storage_key).exists()
+    assert not local.final_path(upload.storage_key).exists()
 
 
 # --- admission racing a cancel ---------------------------------------------------------------
@@ -337,7 +339,7 @@ async def test_connection_racing_delete_never_leaves_an_active_slot_or_a_file(al
     await communicator.disconnect()
 
     async def settled():
-        return await active_slots(upload) == 0 and not storage.part_path(upload.storage_key).exists()
+        return await active_slots(upload) == 0 and not local.part_path(upload.storage_key).exists()
 
     await eventually(settled, "no active slot and no part file for the cancelled upload")
     assert (await refresh(upload)).status == "cancelled"
@@ -399,13 +401,13 @@ async def test_on_a_slow_disk_acks_are_held_back_to_what_is_durable(alice, monke
     # slower than 0.2 s (every fsync here takes 0.3 s) counts as a slow disk.
     monkeypatch.setattr(writer, "COMMIT_SECONDS", 0.05)
     monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
-    real_sync = storage.PartFile.sync
+    real_sync = local.LocalPart.sync
 
     def slow_sync(part):
         time.sleep(0.3)
         real_sync(part)
 
-    monkeypatch.setattr(storage.PartFile, "sync", slow_sync)
+    monkeypatch.setattr(local.LocalPart, "sync", slow_sync)
     data = payload(10 * WINDOW)
     upload = await create(alice, data)
     communicator, _ready = await connect_ticket(upload)
@@ -442,14 +444,14 @@ def test_writer_admission_racing_cancel_never_grants_an_ended_upload(alice):
     """Real threads, real connections: on PostgreSQL the two transactions interleave for real."""
     outcomes = []
     for round_ in range(20):
-        upload, _slot = transfers.upload_create(alice, filename=f"race-{round_}.bin", size=10)
+        upload, _slot = uploads.upload_create(alice, filename=f"race-{round_}.bin", size=10)
         barrier = threading.Barrier(2)
         results: dict[str, object] = {}
 
         def admit(upload=upload, barrier=barrier, results=results):
             try:
                 barrier.wait(5)
-                results["admit"] = transfers.writer_admit(alice, upload.pk, f"specific.writer!{upload.pk}")
+                results["admit"] = grants.writer_admit(alice, upload.pk, f"specific.writer!{upload.pk}")
             except Exception as refusal:
                 results["admit"] = refusal
             finally:
@@ -471,9 +473,9 @@ def test_writer_admission_racing_cancel_never_grants_an_ended_upload(alice):
         assert Upload.objects.get(pk=upload.pk).status == Upload.Status.CANCELLED
         assert not Slot.objects.active().filter(upload=upload).exists(), f"round {round_}: {results}"
         grant = results["admit"]
-        if isinstance(grant, transfers.WriterGrant):
+        if isinstance(grant, grants.WriterGrant):
             # Admitted before the cancel committed: fenced off now, it can change nothing.
             with pytest.raises(NotUploading):
-                transfers.writer_check(grant)
+                grants.writer_check(grant)
         outcomes.append(type(grant).__name__)
     assert outcomes  # which side won varies per round and backend; every round held the invariant

@@ -26,11 +26,12 @@ from hypothesis import strategies as st
 from directdrivex.routing import application
 from tests.conftest import make_user
 from tests.test_writer_faults import lock_is_free
-from uploads import storage, writer
+from uploads import writer
 from uploads.models import Slot, Upload
-from uploads.slots import slots_reset
-from uploads.tickets import ws_url
-from uploads.transfers import upload_create, upload_delete
+from uploads.services.slots import slots_reset
+from uploads.services.uploads import upload_create, upload_delete
+from uploads.storage import local
+from uploads.transports.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,7 +160,7 @@ async def run_events(alice, events) -> None:
 
 
 def check_invariants(upload: Upload, data: bytes) -> None:
-    part, final = storage.part_path(upload.storage_key), storage.final_path(upload.storage_key)
+    part, final = local.part_path(upload.storage_key), local.final_path(upload.storage_key)
     assert lock_is_free(part), "a flock is still held on the part file"
     assert open_descriptors([part, final]) == [], "a file descriptor is still open"
     held = Slot.objects.active().filter(upload_id=upload.pk).exclude(holder_channel="")

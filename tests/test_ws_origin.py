@@ -21,8 +21,8 @@ from directdrivex.routing import application
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import LiveServer
 from uploads.models import Slot
-from uploads.tickets import ws_url
-from uploads.transfers import upload_create
+from uploads.services.uploads import upload_create
+from uploads.transports.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -1,6 +1,6 @@
 """Django admin for uploads, slots and quotas: a view of the rows, actions that call the services, and the dashboard.
 
-Upload and Slot rows change only through uploads.transfers and uploads.slots.
+Upload and Slot rows change only through the services (uploads.services).
 The admin has no add form, no change form that saves (a full-row save writes
 back every column as it was read, and could roll back an offset commit or a
 release that landed in between) and no default delete (a bare row delete would
@@ -12,7 +12,7 @@ but not act.
 
 The operations dashboard (``admin:uploads_dashboard``) lives under the Slot
 admin's URLs, so admin_view makes it staff-only like every admin page; its data
-comes from uploads.dashboard, and its release button calls slots_reset.
+comes from uploads.ops.dashboard, and its release button calls slots_reset.
 """
 
 from datetime import timedelta
@@ -29,11 +29,11 @@ from django.utils.html import format_html
 from django.utils.timesince import timesince
 from django.views.decorators.http import require_GET, require_POST
 
-from uploads import dashboard
 from uploads.exceptions import UploadNotFound
 from uploads.models import Slot, Upload, UserQuota
-from uploads.slots import slots_reap, slots_reset
-from uploads.transfers import upload_delete, upload_end
+from uploads.ops import dashboard
+from uploads.services.slots import slots_reap, slots_reset
+from uploads.services.uploads import upload_delete, upload_end
 
 MiB = 1024 * 1024
 

@@ -18,8 +18,8 @@ from uploads.serializers import (
     UploadSerializer,
     cursor_after,
 )
-from uploads.slots import slots_summary
-from uploads.transfers import upload_create, upload_delete, upload_for, uploads_of
+from uploads.services.slots import slots_summary
+from uploads.services.uploads import upload_create, upload_delete, upload_for, uploads_of
 
 
 def refusal(description: str) -> OpenApiResponse:

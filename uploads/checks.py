@@ -17,8 +17,8 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.db.backends.base.operations import BaseDatabaseOperations
 
-from uploads import metrics
 from uploads.models import Slot
+from uploads.ops import metrics
 from uploads.serializers import MAX_FILENAME_CHARS, MAX_FINGERPRINT_CHARS
 
 KiB = 1024

@@ -20,7 +20,6 @@ body; nginx then sends the bytes and answers Range itself (docs/api.md,
 
 import asyncio
 import logging
-import os
 import re
 import time
 import unicodedata
@@ -30,12 +29,13 @@ from urllib.parse import quote
 from django.conf import settings
 from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 
-from uploads import metrics, ranges, storage
+from uploads import ranges, storage
 from uploads.exceptions import LeaseLost, NotComplete, RangeNotSatisfiable
 from uploads.models import Slot, Upload
-from uploads.service_calls import db_call
-from uploads.slots import slot_admit, slot_release, slot_renew
-from uploads.transfers import upload_for
+from uploads.ops import metrics
+from uploads.services.calls import db_call
+from uploads.services.slots import slot_admit, slot_release, slot_renew
+from uploads.services.uploads import upload_for
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _accel_redirect(user, upload: Upload, prefix: str, headers: dict[str, str]) 
     slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload)
     slot_release(slot.pk, Slot.ReleaseReason.COMPLETED, generation=slot.generation)
     headers = {name: value for name, value in headers.items() if name != "Content-Length"}
-    headers["X-Accel-Redirect"] = prefix + upload.storage_key
+    headers["X-Accel-Redirect"] = prefix + storage.backend().accel_path(upload.storage_key)
     log.info("download handed to nginx upload=%s user=%s", upload.pk, user.pk)
     return HttpResponse(headers=headers)
 
@@ -143,7 +143,7 @@ def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, 
     first, length = (decision.byte_range.first, decision.byte_range.length) if decision.byte_range else (0, upload.size)
     # Opened before the slot is taken: a missing file is a server fault (fsck
     # finds it), answered 500 with a log line, and must not cost a slot.
-    handle = open(storage.final_path(upload.storage_key), "rb")  # noqa: SIM115 - the body closes it
+    handle = storage.backend().open_finished(upload.storage_key)
     try:
         slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload)
     except BaseException:
@@ -166,7 +166,9 @@ def renew_interval() -> float:
     return settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS / 3
 
 
-async def _body(handle, first: int, length: int, slot: Slot, *, upload_id, user_id) -> AsyncIterator[bytes]:
+async def _body(
+    handle: storage.FinishedReader, first: int, length: int, slot: Slot, *, upload_id, user_id
+) -> AsyncIterator[bytes]:
     """The file's bytes ``first`` .. ``first + length - 1`` in blocks, holding ``slot`` until it ends."""
     position, remaining = first, length
     reason = Slot.ReleaseReason.DISCONNECTED
@@ -176,7 +178,7 @@ async def _body(handle, first: int, length: int, slot: Slot, *, upload_id, user_
     try:
         while remaining:
             # Disk reads block: never on the event loop.
-            block = await asyncio.to_thread(os.pread, handle.fileno(), min(BLOCK_BYTES, remaining), position)
+            block = await asyncio.to_thread(handle.read, position, min(BLOCK_BYTES, remaining))
             if not block:
                 # Shorter than its row says (lost or cut by hand): the client sees a short body.
                 log.error("download file short upload=%s user=%s at=%s", upload_id, user_id, position)

@@ -2,7 +2,7 @@
 
 One record is one line: ``time=… level=… logger=… msg=…`` followed by the
 record's structured fields (``upload=… user=… slot=… gen=… reason=…``, given
-as ``extra={"ddx": {...}}``, see uploads.events) and the context of the entry
+as ``extra={"ddx": {...}}``, see uploads.services.events) and the context of the entry
 point that caused it: ``request_id=…`` and ``remote=…``. Readable in a
 terminal and parsed as is by Loki (``| logfmt``), Vector or ``grep``. A
 traceback, if any, follows on the next lines, as Python prints it: the record

@@ -14,7 +14,7 @@ from django.http import HttpResponse, JsonResponse
 from django.views.decorators.http import require_safe
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from uploads import metrics as registry
+from uploads.ops import collector
 
 
 def _bearer(request) -> str | None:
@@ -48,6 +48,6 @@ def metrics(request):
             return _refused(401, "unauthenticated", "Send Authorization: Bearer <token>, or sign in as staff.")
         if not user.is_staff:
             return _refused(403, "permission_denied", "Metrics are for staff and for the metrics token.")
-    response = HttpResponse(registry.render(), content_type=CONTENT_TYPE_LATEST)
+    response = HttpResponse(collector.render(), content_type=CONTENT_TYPE_LATEST)
     response["Cache-Control"] = "no-store"
     return response

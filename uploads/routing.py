@@ -2,7 +2,8 @@
 
 from django.urls import path
 
-from uploads.consumers import ProgressConsumer, UploadConsumer
+from uploads.transports.progress import ProgressConsumer
+from uploads.transports.websocket import UploadConsumer
 
 websocket_urlpatterns = [
     path("ws/uploads/<str:upload_id>/", UploadConsumer.as_asgi()),

@@ -14,8 +14,8 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from uploads.models import Upload
-from uploads.tickets import ws_url
-from uploads.transfers import upload_expires_at
+from uploads.services.uploads import upload_expires_at
+from uploads.transports.tickets import ws_url
 
 # \A…\Z, not ^…$: "$" would let a trailing newline through (the schema gets ^…$, which is exact in ECMA regex).
 SHA256_HEX = r"\A[0-9a-fA-F]{64}\Z"

@@ -1,7 +1,7 @@
 """Django signals for integrators: an upload started, completed, failed, was cancelled, expired or was deleted.
 
 Each is sent once per transition, after the transaction that made it has
-committed (never for a change that was rolled back), by uploads.events, in
+committed (never for a change that was rolled back), by uploads.services.events, in
 the process and thread that made the change (a request thread, a writer's
 database thread, the reaper). ``sender`` is ``uploads.models.Upload``; every
 signal has the keyword arguments

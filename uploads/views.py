@@ -13,10 +13,11 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
-from uploads import transfers
 from uploads.exceptions import UploadNotFound
 from uploads.forms import SignupForm
 from uploads.models import Upload
+from uploads.services.quota import QuotaSummary, quota_summary
+from uploads.services.uploads import upload_delete, upload_for, uploads_of
 
 FILES_PER_PAGE = 25
 
@@ -65,7 +66,7 @@ def _file_row(upload: Upload) -> FileRow:
     return FileRow(upload, upload.offset * 100 // upload.size, reverse("api-upload-content", args=[upload.pk]))
 
 
-def _quota_bar(quota: transfers.QuotaSummary) -> QuotaBar:
+def _quota_bar(quota: QuotaSummary) -> QuotaBar:
     # Over quota (the limit was lowered), the bar is full and split in proportion.
     whole = max(quota.limit, quota.used + quota.reserved)
     if whole == 0:
@@ -84,8 +85,8 @@ def _files_url(page: int | None) -> str:
 @login_required
 def files(request):
     """My files: the user's uploads newest first, 25 a page, with the quota they use."""
-    page = Paginator(transfers.uploads_of(request.user), FILES_PER_PAGE).get_page(request.GET.get("page"))
-    quota = transfers.quota_summary(request.user)
+    page = Paginator(uploads_of(request.user), FILES_PER_PAGE).get_page(request.GET.get("page"))
+    quota = quota_summary(request.user)
     context = {
         "page": page,
         "page_links": page.paginator.get_elided_page_range(page.number, on_each_side=2, on_ends=1),
@@ -101,7 +102,7 @@ def files(request):
 def file_delete(request, upload_id):
     """GET asks for confirmation; POST deletes the file, or cancels an unfinished upload, as DELETE on the API does."""
     try:
-        upload = transfers.upload_for(request.user, upload_id)
+        upload = upload_for(request.user, upload_id)
     except UploadNotFound:
         raise Http404("No such upload.") from None
     back = _page_number(request.POST.get("page") or request.GET.get("page"))
@@ -109,7 +110,7 @@ def file_delete(request, upload_id):
         return render(request, "uploads/file_delete.html", {"upload": upload, "back": _files_url(back), "page": back})
     try:
         # Its only refusal is not_found (deleted meanwhile, e.g. from another tab): the same 404 as above.
-        transfers.upload_delete(request.user, upload.pk)
+        upload_delete(request.user, upload.pk)
     except UploadNotFound:
         raise Http404("No such upload.") from None
     # An unfinished upload stays listed as cancelled (its bytes are gone); anything else is gone with its row.

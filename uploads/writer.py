@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from uploads import metrics, storage
+from uploads import storage
 from uploads.exceptions import (
     ChecksumMismatch,
     IdleTimeout,
@@ -42,9 +42,9 @@ from uploads.exceptions import (
     UploadBusy,
 )
 from uploads.models import Slot
-from uploads.progress import progress_event, publish
-from uploads.service_calls import db_call
-from uploads.transfers import (
+from uploads.ops import metrics
+from uploads.services.calls import db_call
+from uploads.services.grants import (
     WriterGrant,
     writer_admit,
     writer_check,
@@ -54,6 +54,7 @@ from uploads.transfers import (
     writer_release,
     writer_rewind,
 )
+from uploads.services.progress import progress_event, publish
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 COMMIT_BYTES = 32 * 1024 * 1024
 COMMIT_SECONDS = 1.0
 DURABILITY_SECONDS = 5.0
-# Live progress for pages (uploads.progress): at most one event this often per upload.
+# Live progress for pages (uploads.services.progress): at most one event this often per upload.
 PROGRESS_SECONDS = 1.0
 # A commit slower than this means a struggling disk: acknowledge only durable bytes.
 ACK_HOLD_SECONDS = 2.5
@@ -118,7 +119,7 @@ class UploadWriter:
         self.upload_id = upload_id
         self.holder_channel = holder_channel
         self.grant: WriterGrant | None = None
-        self.part: storage.PartFile | None = None
+        self.part: storage.PartWriter | None = None
         self.pending: deque[memoryview | bytes] = deque()
         self.received = self.written = self.durable = self.acked = 0
         self.lease_seconds = settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS
@@ -197,7 +198,9 @@ class UploadWriter:
         self.grant = grant
         self._renewed(time.monotonic())
         self._raise_if_stopped()
-        finished = await self._in_thread(storage.finished_digest, grant.storage_key, grant.size, self._interrupt)
+        finished = await self._in_thread(
+            storage.backend().finished_digest, grant.storage_key, grant.size, self._interrupt
+        )
         if finished is not None:
             # A writer was stopped between the atomic rename and the database
             # update (crash, reset): the verified file is in place; finish that.
@@ -262,15 +265,19 @@ class UploadWriter:
     async def _open_part(self):
         grant = self.grant
         try:
-            self.part = await self._in_thread(storage.PartFile, grant.storage_key, grant.offset, self._interrupt)
-        except storage.PartFileLocked:
+            self.part = await self._in_thread(
+                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
+            )
+        except storage.PartLocked:
             # A frozen or dying writer still holds the file: it must not share it.
             raise UploadBusy("Another process still holds this upload's file.", retry_after=2) from None
-        except storage.PartFileShort as short:
+        except storage.PartShort as short:
             # Bytes promised durable are gone (disk loss, manual deletion): resume from what is there.
             self.grant = grant = await db_call(writer_rewind, grant, short.on_disk)
-            self.part = await self._in_thread(storage.PartFile, grant.storage_key, grant.offset, self._interrupt)
-        except storage.PartFileInterrupted:
+            self.part = await self._in_thread(
+                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
+            )
+        except storage.Interrupted:
             self._raise_if_stopped()
             raise
         # A DELETE may have ended the upload between our admission and the
@@ -279,7 +286,7 @@ class UploadWriter:
             await db_call(writer_check, grant)
         except NotUploading:
             self._let_go_of_file()
-            await asyncio.to_thread(storage.delete, grant.storage_key)
+            await asyncio.to_thread(storage.backend().delete, grant.storage_key)
             raise
         self.received = self.written = self.durable = self.acked = grant.offset
 
@@ -348,7 +355,7 @@ class UploadWriter:
         if not task.cancelled():
             task.exception()
 
-    async def _commit_call(self, part: storage.PartFile, offset: int, started: float) -> tuple[int, float]:
+    async def _commit_call(self, part: storage.PartWriter, offset: int, started: float) -> tuple[int, float]:
         moves = offset > self.durable
         if moves:
             await self._in_thread(part.sync)
@@ -435,7 +442,7 @@ class UploadWriter:
             await db_call(writer_complete, grant, sha256=digest)
         except NotUploading:
             # Cancelled, expired or deleted while we finalized: the file must not outlive its row.
-            await asyncio.to_thread(storage.delete, grant.storage_key)
+            await asyncio.to_thread(storage.backend().delete, grant.storage_key)
             raise
         except LeaseLost:
             self._fenced = True
@@ -477,7 +484,7 @@ class UploadWriter:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            # The thread runs on; a PartFile it opens after we gave up must still be closed.
+            # The thread runs on; a part it opens after we gave up must still be closed.
             future.add_done_callback(_close_orphan)
             raise
 
@@ -509,7 +516,7 @@ def _close_orphan(future: asyncio.Future):
     if future.cancelled() or future.exception() is not None:
         return
     result = future.result()
-    if isinstance(result, storage.PartFile):
+    if isinstance(result, storage.PartWriter):
         result.close()
 
 

@@ -19,7 +19,7 @@ def make_stuck_slots(server, username: str, count: int) -> list[int]:
         "from django.contrib.auth.models import User;"
         "from django.utils import timezone;"
         "from uploads.models import Slot;"
-        "from uploads.slots import slot_admit;"
+        "from uploads.services.slots import slot_admit;"
         f"user = User.objects.get(username={username!r});"
         "then = timezone.now() - timedelta(seconds=100);"
         f"print('SLOTS', *[slot_admit(Slot.Kind.DOWNLOAD, user, now=then).pk for _ in range({count})])",

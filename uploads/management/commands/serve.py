@@ -6,7 +6,8 @@ import shlex
 from django.core.management.base import BaseCommand
 
 from directdrivex import server
-from uploads import metrics, storage
+from uploads import storage
+from uploads.ops import collector
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,12 @@ class Command(BaseCommand):
         if print_only:
             self.stdout.write("daphne " + shlex.join(arguments))
             return
-        storage.ensure_layout()
+        storage.backend().prepare()
         # Multiprocess metrics (PROMETHEUS_MULTIPROC_DIR): clean up after processes that stopped or crashed,
-        # and let this one's open-connection gauges go when it stops (uploads.metrics).
-        metrics.tidy()
+        # and let this one's open-connection gauges go when it stops (uploads.ops.metrics).
+        collector.tidy()
         log.info("starting daphne %s", shlex.join(arguments))
         try:
             server.run(arguments)
         finally:
-            metrics.process_exiting()
+            collector.process_exiting()

@@ -1,6 +1,6 @@
 """`manage.py slots status|reap|reset|prune|reaper`: look at, repair and trim upload/download slots.
 
-Thin on purpose: each subcommand calls one service in uploads.slots (the same
+Thin on purpose: each subcommand calls one service in uploads.services.slots (the same
 ones the admin actions use), prints what it found and what it did, and is
 safe to rerun.
 """
@@ -17,8 +17,8 @@ from django.utils import timezone
 
 from uploads.exceptions import DirectDriveXError
 from uploads.models import Upload
-from uploads.reaper import PRUNE_INTERVAL, ReaperPass, StopFlag, reaper_run, stop_on_signals
-from uploads.slots import slots_prune, slots_reap, slots_reset, slots_summary
+from uploads.ops.reaper import PRUNE_INTERVAL, ReaperPass, StopFlag, reaper_run, stop_on_signals
+from uploads.services.slots import slots_prune, slots_reap, slots_reset, slots_summary
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 """`manage.py uploads expire|fsck`: end idle unfinished uploads; find and repair inconsistent state.
 
-Thin on purpose: each subcommand calls one service (uploads.transfers.uploads_expire,
-uploads.fsck.fsck_run), prints what it found and what it did, and is safe to rerun.
+Thin on purpose: each subcommand calls one service (uploads.services.uploads.uploads_expire,
+uploads.ops.fsck.fsck_run), prints what it found and what it did, and is safe to rerun.
 """
 
 import json
@@ -11,8 +11,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError
 
-from uploads.fsck import fsck_run
-from uploads.transfers import uploads_expire
+from uploads.ops.fsck import fsck_run
+from uploads.services.uploads import uploads_expire
 
 log = logging.getLogger(__name__)
 

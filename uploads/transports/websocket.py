@@ -14,7 +14,6 @@ finalizes.
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 
@@ -24,7 +23,7 @@ from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 
-from uploads import logs, metrics
+from uploads import logs
 from uploads.exceptions import (
     DirectDriveXError,
     IdleTimeout,
@@ -36,7 +35,7 @@ from uploads.exceptions import (
     Unavailable,
     refusal_for,
 )
-from uploads.progress import user_group
+from uploads.ops import metrics
 from uploads.writer import ClientGone, Reason, UploadWriter
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ LAYER_RETRY_SECONDS = (0.5, 10.0)
 # without asking the channel layer.
 LIVE_CONSUMERS: dict[str, "UploadConsumer"] = {}
 
-# Revocations sent through the channel layer (uploads.slots.notify_holders), by code.
+# Revocations sent through the channel layer (uploads.services.slots.notify_holders), by code.
 REVOCATIONS = {LeaseLost.code: LeaseLost, NotUploading.code: NotUploading}
 
 
@@ -274,45 +273,8 @@ class UploadConsumer(AsyncWebsocketConsumer):
             log.warning("could not answer a liveness ping", exc_info=True)
 
     async def upload_revoke(self, event):
-        """A reap, reset, cancel or delete elsewhere took our slot (uploads.slots.notify_holders)."""
+        """A reap, reset, cancel or delete elsewhere took our slot (uploads.services.slots.notify_holders)."""
         if self.writer is None:
             return
         refusal = REVOCATIONS.get(event["code"], LeaseLost)(event["detail"])
         self.writer.stop(refusal, keep_pending=False)
-
-
-class ProgressConsumer(AsyncWebsocketConsumer):
-    """Live progress of the signed-in user's uploads, for the pages: ``{"type": "progress", ...}`` messages.
-
-    Session only (a page on an allowed origin); whichever process writes an
-    upload, its events reach every page of its owner through the user's
-    channel-layer group (uploads.progress).
-    """
-
-    group: str | None = None
-
-    async def connect(self):
-        await self.accept()
-        user = self.scope.get("user")
-        if not getattr(user, "is_authenticated", False) or self.scope.get("auth_method") != "session":
-            await self._refuse(Unauthenticated("Sign in: live progress is for pages with a session."))
-            return
-        try:
-            await self.channel_layer.group_add(user_group(user.pk), self.channel_name)
-        except Exception as error:
-            log.warning("progress: channel layer unreachable: %r", error)
-            await self._refuse(Unavailable("Live progress is unavailable right now; reload to see the state."))
-            return
-        self.group = user_group(user.pk)
-
-    async def disconnect(self, code):
-        if self.group is not None:
-            with contextlib.suppress(Exception):
-                await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def _refuse(self, refusal: DirectDriveXError):
-        await self.send(text_data=json.dumps({"type": "error", **refusal.as_dict(ws=True)}))
-        await self.close(code=refusal.close_code)
-
-    async def upload_progress(self, event):
-        await self.send(text_data=json.dumps({**event, "type": "progress"}))

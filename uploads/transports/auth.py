@@ -23,7 +23,7 @@ from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
 from django.utils.http import is_same_domain
 
-from uploads.tickets import ticket_read
+from uploads.transports.tickets import ticket_read
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A writer publishes its durable offset as it commits, and the services publish
 status changes (complete, cancelled, expired, failed, deleted) after commit;
-``ProgressConsumer`` (uploads.consumers) forwards the owner's events to the
+``ProgressConsumer`` (uploads.transports.websocket) forwards the owner's events to the
 pages that listen. Events are best effort: a channel layer that is down loses
 some, never an upload (the database stays the truth, and a page that
 reconnects reads it again).

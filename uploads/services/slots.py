@@ -7,7 +7,7 @@ Concurrency rules (see docs/slots.md):
   race is an IntegrityError (in a savepoint inside a caller's transaction), and
   we pick again.
 * Fencing: granting or revoking a writer bumps ``Upload.writer_generation``;
-  offset commits compare-and-swap on it (uploads.transfers).
+  offset commits compare-and-swap on it (uploads.services.grants).
 * Lock order is always slot rows, then upload rows, so that the reaper, a
   reset, a cancel and an offset commit cannot deadlock one another.
 """
@@ -27,7 +27,6 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F
 from django.utils import timezone
 
-from uploads.events import Event, record
 from uploads.exceptions import (
     DirectDriveXError,
     DownloadSlotsExhausted,
@@ -38,6 +37,7 @@ from uploads.exceptions import (
     UserSlotsExhausted,
 )
 from uploads.models import Slot, Upload
+from uploads.services.events import Event, record
 
 log = logging.getLogger(__name__)
 

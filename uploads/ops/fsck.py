@@ -10,7 +10,7 @@ Rules every repair keeps:
 
 * A live upload is never touched: one whose upload slot has a holder and an
   unexpired lease, or whose part file is flocked (a writer process has it
-  open, whatever the database says; uploads.storage.PartFile takes the lock).
+  open, whatever the database says: the storage backend's hold).
 * A file that a row needs is never deleted (checked again right before), and a
   file nobody knows is never deleted either: it is moved to fsck-lost+found/.
 * Lock order is the writer's: the file's flock first, then a short transaction
@@ -27,16 +27,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
-from django.db.models import F, TextChoices
+from django.db import DatabaseError
+from django.db.models import TextChoices
 from django.utils import timezone
 
 from uploads import storage
-from uploads.events import Event, record
 from uploads.models import FsckRun, Slot, Upload
-from uploads.progress import progress_event, publish_now
-from uploads.slots import slots_reap, slots_reset
-from uploads.transfers import upload_end
+from uploads.services.slots import slots_reap, slots_reset
+from uploads.services.uploads import upload_end, upload_fail_lost, upload_rewind
+from uploads.storage import Area
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class Finding:
     upload: str | None = None
     user: int | None = None
     slot: int | None = None
-    path: str | None = None  # relative to the storage folder
+    path: str | None = None  # the storage entry's name (local: relative to the storage folder)
     action: str = ""
     # True once the problem is gone: repaired by this run, or resolved meanwhile by someone else.
     repaired: bool = False
@@ -152,7 +151,7 @@ class FsckReport:
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "repair": self.repair,
             "verify": self.verify,
-            "storage_dir": str(storage.root()),
+            "storage_dir": storage.backend().describe(),
             "checked": self.checked,
             "live_uploads_left_alone": self.live_uploads,
             "held_files_left_alone": self.held_files,
@@ -281,25 +280,26 @@ def _find_rows(report: FsckReport, now, verify: bool) -> None:
             _find_leftover(report, upload, "files")
 
 
-def _about(upload: Upload, path=None) -> dict:
+def _about(upload: Upload, name: str | None = None) -> dict:
     about = {"upload": str(upload.pk), "user": upload.owner_id}
-    if path is not None:
-        about["path"] = _relative(path)
+    if name is not None:
+        about["path"] = name
     return about
 
 
-def _relative(path) -> str:
-    try:
-        return str(path.relative_to(storage.root()))
-    except ValueError:
-        return str(path)
+def _part(upload: Upload) -> str:
+    return storage.backend().entry_name(Area.PARTIAL, upload.storage_key)
+
+
+def _file(upload: Upload) -> str:
+    return storage.backend().entry_name(Area.FILES, upload.storage_key)
 
 
 def _finished_in_place(upload: Upload) -> bool:
     """The writer stopped between the atomic rename and marking the upload complete: the next connection does that."""
     try:
-        return storage.final_path(upload.storage_key).stat().st_size == upload.size
-    except FileNotFoundError:
+        return storage.backend().entry_size(_file(upload)) == upload.size
+    except storage.NotAFile:
         return False
 
 
@@ -312,11 +312,11 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
             **_about(upload),
         )
         return
-    path = storage.part_path(upload.storage_key)
+    path = _part(upload)
     try:
-        with storage.held(path) as part:
+        with storage.backend().hold(path) as part:
             on_disk = part.size()
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         report.held_files += 1  # a writer process has it open: it judges the file itself when it resumes
         return
     except FileNotFoundError:
@@ -345,10 +345,9 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
 
 
 def _find_complete(report: FsckReport, upload: Upload, verify: bool) -> None:
-    path = storage.final_path(upload.storage_key)
-    try:
-        on_disk = path.stat().st_size
-    except FileNotFoundError:
+    path = _file(upload)
+    on_disk = storage.backend().entry_size(path)
+    if on_disk is None:
         report.add(Kind.MISSING_FILE, f"complete upload of {upload.size} bytes has no file", **_about(upload, path))
         return
     if on_disk != upload.size:
@@ -359,8 +358,8 @@ def _find_complete(report: FsckReport, upload: Upload, verify: bool) -> None:
         )
         return
     if verify and upload.sha256:
-        # Outside any transaction, in bounded blocks (storage.READ_BLOCK): a big file takes a while.
-        digest = storage.finished_digest(upload.storage_key, upload.size)
+        # Outside any transaction, in bounded blocks: a big file takes a while.
+        digest = storage.backend().finished_digest(upload.storage_key, upload.size)
         if digest is not None and digest != upload.sha256:
             report.add(
                 Kind.FILE_CHECKSUM_MISMATCH,
@@ -371,11 +370,11 @@ def _find_complete(report: FsckReport, upload: Upload, verify: bool) -> None:
 
 def _find_leftover(report: FsckReport, upload: Upload, area: str) -> None:
     """Bytes an ended upload no longer needs: its ending stopped between the commit and the delete."""
-    path = storage.part_path(upload.storage_key) if area == "partial" else storage.final_path(upload.storage_key)
+    path = _part(upload) if area == Area.PARTIAL else _file(upload)
     if not _is_unheld_file(report, path):
         return
-    kind = Kind.LEFTOVER_PART if area == "partial" else Kind.LEFTOVER_FILE
-    what = "a part file" if area == "partial" else "a file"
+    kind = Kind.LEFTOVER_PART if area == Area.PARTIAL else Kind.LEFTOVER_FILE
+    what = "a part file" if area == Area.PARTIAL else "a file"
     report.add(
         kind,
         f"the upload is {upload.status} but still has {what}",
@@ -384,12 +383,12 @@ def _find_leftover(report: FsckReport, upload: Upload, area: str) -> None:
     )
 
 
-def _is_unheld_file(report: FsckReport, path) -> bool:
-    """Whether ``path`` exists and no writer holds it (a held one is counted and left alone)."""
+def _is_unheld_file(report: FsckReport, name: str) -> bool:
+    """Whether the entry ``name`` exists and no writer holds it (a held one is counted and left alone)."""
     try:
-        with storage.held(path):
+        with storage.backend().hold(name):
             return True
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         report.held_files += 1
         return False
     except FileNotFoundError:
@@ -398,9 +397,9 @@ def _is_unheld_file(report: FsckReport, path) -> bool:
 
 def _find_files(report: FsckReport) -> None:
     # The disk first, then the rows: a file's row is committed before the file is
-    # made (upload_create, then writer_admit, then PartFile), so a file whose row
+    # made (upload_create, then writer_admit, then open_part), so a file whose row
     # is missing after the scan is an orphan, not a file being born.
-    entries = list(storage.scan())
+    entries = list(storage.backend().scan())
     report.checked["files"] = len(entries)
     for start in range(0, len(entries), PAGE):
         batch = entries[start : start + PAGE]
@@ -410,15 +409,15 @@ def _find_files(report: FsckReport) -> None:
             if entry.key in known:
                 continue  # the row checks judged it
             if entry.key and STORAGE_KEY.fullmatch(entry.key):
-                if not _is_unheld_file(report, entry.path):
+                if not _is_unheld_file(report, entry.name):
                     continue
-                kind = Kind.ORPHAN_PART if entry.area == "partial" else Kind.ORPHAN_FILE
+                kind = Kind.ORPHAN_PART if entry.area == Area.PARTIAL else Kind.ORPHAN_FILE
                 detail = f"no upload has the storage key {entry.key}"
             else:
                 kind = Kind.STRAY
-                what = "folder" if entry.path.is_dir() and not entry.path.is_symlink() else "file"
+                what = "folder" if entry.is_folder else "file"
                 detail = f"a {what} outside the storage layout (partial/<key>.part, files/<key>)"
-            report.add(kind, detail, path=entry.relative, seen={"area": entry.area, "key": entry.key})
+            report.add(kind, detail, path=entry.name, seen={"area": entry.area, "key": entry.key})
 
 
 # --- repairing ---------------------------------------------------------------------------
@@ -504,11 +503,10 @@ def _repair_idle_expired(finding: Finding, batch: str) -> None:
         return
     now = timezone.now()
     cutoff = now - timedelta(seconds=settings.DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS)
-    path = storage.part_path(upload.storage_key)
     try:
-        with storage.held(path):
+        with storage.backend().hold(_part(upload)):
             ended = upload_end(upload, Upload.Status.EXPIRED, Slot.ReleaseReason.EXPIRED, idle_since=cutoff, now=now)
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         finding.done(HELD_BY_WRITER, repaired=False)
         return
     except FileNotFoundError:  # no bytes on disk yet: nothing for a writer to hold
@@ -519,44 +517,17 @@ def _repair_idle_expired(finding: Finding, batch: str) -> None:
         finding.done("nothing to do: it was written to or ended meanwhile")
 
 
-def upload_rewind(upload_id, *, expected: int, to: int, now=None) -> bool:
-    """Move an unfinished upload's durable offset back from ``expected`` to ``to``, the bytes its part file holds.
-
-    For fsck, with the part file's flock held by the caller (or no part file):
-    refused (False) if a writer holds a live slot or the offset moved meanwhile.
-    The fencing generation is bumped, so a writer admitted with the old offset
-    but not yet writing can commit nothing and reconnects (4410) to resume from
-    ``to``. ``last_activity_at`` is left alone: a repair is not activity.
-    """
-    now = now or timezone.now()
-    with transaction.atomic():
-        # Slot rows first, then the upload row (uploads.slots).
-        slots = list(Slot.objects.active().filter(upload_id=upload_id, kind=Slot.Kind.UPLOAD).select_for_update())
-        if any(slot.holder_channel and slot.lease_expires_at > now for slot in slots):
-            return False
-        rewound = (
-            Upload.objects.filter(pk=upload_id, status=Upload.Status.UPLOADING, offset=expected, offset__gt=to).update(
-                offset=to, writer_generation=F("writer_generation") + 1
-            )
-            == 1
-        )
-    if rewound:
-        log.error("durable offset rewound by fsck upload=%s from=%s to=%s", upload_id, expected, to)
-    return rewound
-
-
 def _repair_short(finding: Finding, batch: str) -> None:
     """missing_part, part_short: resume from what is on disk (the bytes past it are lost; the client re-sends them)."""
     upload = _upload_or_gone(finding)
     if upload is None:
         return
     expected = finding.seen["offset"]
-    path = storage.part_path(upload.storage_key)
     try:
-        with storage.held(path) as part:
+        with storage.backend().hold(_part(upload)) as part:
             on_disk = part.size()
             rewound = on_disk < expected and upload_rewind(upload.pk, expected=expected, to=on_disk)
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         finding.done(HELD_BY_WRITER, repaired=False)
         return
     except FileNotFoundError:
@@ -578,12 +549,12 @@ def _repair_short(finding: Finding, batch: str) -> None:
 
 
 def _repair_long(finding: Finding, batch: str) -> None:
-    """part_long: truncate to the durable offset, as the next writer would on opening (PartFile); frees the space."""
+    """part_long: truncate to the durable offset, as the next writer would on opening it; frees the space."""
     upload = _upload_or_gone(finding)
     if upload is None:
         return
     try:
-        with storage.held(storage.part_path(upload.storage_key)) as part:
+        with storage.backend().hold(_part(upload)) as part:
             if _has_live_writer(upload.pk):
                 finding.done(LIVE_WRITER, repaired=False)
                 return
@@ -598,7 +569,7 @@ def _repair_long(finding: Finding, batch: str) -> None:
                 finding.done("nothing to do: the part file no longer runs past the durable offset")
                 return
             part.truncate(offset)
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         finding.done(HELD_BY_WRITER, repaired=False)
         return
     except FileNotFoundError:
@@ -607,45 +578,26 @@ def _repair_long(finding: Finding, batch: str) -> None:
     finding.done(f"truncated from {on_disk} to the durable offset {offset} (bytes past it were never durable)")
 
 
-def upload_fail_lost(upload_id, storage_key: str, *, now=None) -> Upload | None:
-    """A complete upload whose bytes are gone or wrong becomes failed; returns it, or None if it changed meanwhile.
-
-    A compare-and-swap on status complete and the storage key. The user sees
-    `failed`, the download answers 409, the quota counts it no more: the file
-    must be uploaded again.
-    """
-    now = now or timezone.now()
-    with transaction.atomic():
-        upload = Upload.objects.select_for_update().filter(pk=upload_id, status=Upload.Status.COMPLETE).first()
-        if upload is None or upload.storage_key != storage_key:
-            return None
-        Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.FAILED, last_activity_at=now)
-    log.error("complete upload marked failed by fsck upload=%s user=%s", upload.pk, upload.owner_id)
-    # Integrators hear of it like any other failure (upload_failed), with fsck's reason.
-    record(Event.UPLOAD_FAILED, upload=upload.pk, user=upload.owner_id, reason="fsck_bytes_lost", size=upload.size)
-    publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="failed"))
-    return upload
-
-
 def _repair_lost(finding: Finding, batch: str) -> None:
     """missing_file, file_size_mismatch, file_checksum_mismatch: the upload becomes failed, a wrong file set aside."""
     upload = _upload_or_gone(finding)
     if upload is None:
         return
-    path = storage.final_path(upload.storage_key)
-    if finding.kind == Kind.FILE_SIZE_MISMATCH and _size(path) == upload.size:
+    path = _file(upload)
+    on_disk = storage.backend().entry_size(path)
+    if finding.kind == Kind.FILE_SIZE_MISMATCH and on_disk == upload.size:
         finding.done("nothing to do: the file has the right size now")
         return
-    if finding.kind == Kind.MISSING_FILE and path.exists():
+    if finding.kind == Kind.MISSING_FILE and on_disk is not None:
         finding.done("nothing to do: the file is in place now")
         return
     if upload_fail_lost(upload.pk, upload.storage_key) is None:
         finding.done("nothing to do: the upload changed or was deleted meanwhile")
         return
     action = "marked failed: its bytes are lost and the user must upload the file again"
-    if path.exists():
-        moved = storage.move_aside(path, batch)
-        action += f"; the wrong file was moved to {_relative(moved)}"
+    if on_disk is not None:
+        moved = storage.backend().move_aside(path, batch)
+        action += f"; the wrong file was moved to {moved}"
     finding.done(action)
 
 
@@ -662,20 +614,19 @@ def _repair_unowned(finding: Finding, batch: str) -> None:
     ended uploads (their ending meant to delete them). Moved aside: finished
     files without any row (after a database restore they are someone's data).
     """
-    path = storage.root() / finding.path
     key, area = finding.seen["key"], finding.seen["area"]
     try:
-        with storage.held(path) as held:
+        with storage.backend().hold(finding.path) as held:
             if _still_needed(key, area):
                 finding.done("left alone: an upload needs this file")
                 return
             if finding.kind == Kind.ORPHAN_FILE:
                 moved = held.move_aside(batch)
-                action = f"moved to {_relative(moved)} (a finished file nobody owns; review, then delete)"
+                action = f"moved to {moved} (a finished file nobody owns; review, then delete)"
             else:
                 held.unlink()
                 action = "deleted"
-    except storage.PartFileLocked:
+    except storage.PartLocked:
         finding.done(HELD_BY_WRITER, repaired=False)
         return
     except FileNotFoundError:
@@ -686,19 +637,12 @@ def _repair_unowned(finding: Finding, batch: str) -> None:
 
 def _repair_stray(finding: Finding, batch: str) -> None:
     """stray: never deleted (we do not know what it is): moved aside for an operator to look at."""
-    path = storage.root() / finding.path
-    if not path.exists() and not path.is_symlink():
+    try:
+        moved = storage.backend().move_aside(finding.path, batch)
+    except FileNotFoundError:
         finding.done("nothing to do: it was removed meanwhile")
         return
-    moved = storage.move_aside(path, batch)
-    finding.done(f"moved to {_relative(moved)} (review, then delete)")
-
-
-def _size(path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return -1
+    finding.done(f"moved to {moved} (review, then delete)")
 
 
 REPAIRS = {

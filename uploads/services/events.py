@@ -7,12 +7,12 @@ transaction), so they can never disagree: a transition that is rolled back (a
 refused admission, a cancel that lost a race with completion, a test's
 rollback) is neither logged, counted nor signalled.
 
-Lines go to the ``uploads.events`` logger, one per transition, with
+Lines go to the ``uploads.services.events`` logger, one per transition, with
 ``upload``, ``user``, ``slot``, ``gen`` (the fencing generation), ``kind``,
 ``reason`` and whatever else the service knows; uploads.logs adds the
 ``request_id`` and ``remote`` address of the entry point. Not called per
 frame or per commit: the writer's hot path counts its bytes itself, once per
-commit (uploads.metrics).
+commit (uploads.ops.metrics).
 """
 
 import enum
@@ -21,10 +21,12 @@ import logging
 
 from django.db import transaction
 
-from uploads import metrics, signals
+from uploads import signals
 from uploads.models import Upload
+from uploads.ops import metrics
 
-log = logging.getLogger(__name__)
+# Named for what operators filter on (docs/operations.md, "Logs"), not for the module: a stable interface.
+log = logging.getLogger("uploads.events")
 
 
 class Event(enum.StrEnum):

@@ -1,16 +1,14 @@
 """The operations dashboard's data: read-only queries that say who holds the slots, which are stuck, and why.
 
 Nothing here changes a row: the dashboard's one action (release) goes through
-uploads.slots.slots_reset, like the admin action and `manage.py slots reset`.
+uploads.services.slots.slots_reset, like the admin action and `manage.py slots reset`.
 Every list is capped, so one refresh costs a handful of indexed queries
 whatever the size of the deployment; the page is polled every
 REFRESH_SECONDS by every open dashboard.
 """
 
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from django.conf import settings
 from django.db.models import Count, Q, Sum
@@ -18,7 +16,7 @@ from django.utils import timezone
 
 from uploads import storage
 from uploads.models import FsckRun, Slot, Upload, UserQuota
-from uploads.slots import lease_duration, slot_limits
+from uploads.services.slots import lease_duration, slot_limits
 
 # How often dashboard.js asks for fresh data (the page's data-refresh-seconds).
 REFRESH_SECONDS = 2
@@ -88,25 +86,17 @@ class DiskUsage:
         return self.finished + self.partial
 
 
-def _existing(path: Path) -> Path:
-    """``path`` or the nearest folder above it that exists (the storage folder is made at the first upload)."""
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path("/")
-
-
 def disk_usage() -> DiskUsage:
-    root = storage.root()
+    where = storage.backend()
     sums = Upload.objects.aggregate(
         finished=Sum("size", filter=Q(status=Upload.Status.COMPLETE)),
         partial=Sum("offset", filter=Q(status=Upload.Status.UPLOADING)),
         declared=Sum("size", filter=Q(status=Upload.Status.UPLOADING)),
     )
     partial = sums["partial"] or 0
-    filesystem = shutil.disk_usage(_existing(root))
+    filesystem = where.capacity()
     return DiskUsage(
-        path=str(root),
+        path=where.describe(),
         finished=sums["finished"] or 0,
         partial=partial,
         to_come=(sums["declared"] or 0) - partial,

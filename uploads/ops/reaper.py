@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
 
-from uploads.slots import slots_prune, slots_reap
-from uploads.transfers import uploads_expire
+from uploads.services.slots import slots_prune, slots_reap
+from uploads.services.uploads import uploads_expire
 
-log = logging.getLogger(__name__)
+# Named for what operators filter on (docs/operations.md), not for the module: a stable interface.
+log = logging.getLogger("uploads.reaper")
 
 # History is only for people looking at the admin: an hourly prune keeps the
 # table small without a DELETE every few seconds.

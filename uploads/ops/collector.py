@@ -1,22 +1,19 @@
-"""The Prometheus metrics of DirectDriveX: what each process counts, and what the database says at scrape time.
+"""GET /metrics at scrape time: the database's view of the deployment, and every process's counters.
 
 Two kinds of metrics (docs/operations.md, "Metrics"):
 
-* Counted by the process where things happen (events, bytes, connections,
-  refusals, close codes, commit latency): prometheus_client metrics defined
-  below. With several server processes on a host they are summed through
-  prometheus_client's multiprocess mode: every process that has
-  ``PROMETHEUS_MULTIPROC_DIR`` in its environment writes its values to files
-  there, and ``GET /metrics`` of any process reads all of them.
+* Counted by the process where things happen: uploads.ops.metrics, the leaf
+  the rest of the app increments.
 * Deployment state kept in the database (slots active and stuck, the last
   fsck's findings): ``DatabaseCollector`` queries it at each scrape, so it is
   right across processes and hosts by construction.
 
-The directory is tidied as processes come and go (``tidy``): the live gauges
-(open connections) of a process that is gone are dropped, and its counters
-and histograms are folded into ``*_archive.db`` files, so totals never go back
-and the directory holds files of live processes only. The directory must be
-local to one host (one PID namespace): liveness is judged by PID.
+With ``PROMETHEUS_MULTIPROC_DIR`` the directory is tidied as processes come
+and go (``tidy``): the live gauges (open connections) of a process that is
+gone are dropped, and its counters and histograms are folded into
+``*_archive.db`` files, so totals never go back and the directory holds files
+of live processes only. The directory must be local to one host (one PID
+namespace): liveness is judged by PID.
 """
 
 import contextlib
@@ -27,114 +24,15 @@ from pathlib import Path
 
 from django.db.models import Count, Q
 from django.utils import timezone
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-
-def _prepare_multiprocess_dir() -> str | None:
-    """Create PROMETHEUS_MULTIPROC_DIR if set and drop this PID's stale live gauges; why it is unusable, or None.
-
-    Runs before prometheus_client is imported and before any metric exists:
-    prometheus_client picks multiprocess mode from the environment at import,
-    and a metric opens its file (reading any old value) when it is created. A
-    process that reuses the PID of a dead one must not start from the dead
-    one's open-connection count. An unusable directory is taken out of the
-    environment (so that the import does not fail with a traceback) and
-    reported by the system check uploads.E011, which stops start-up.
-    """
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not path:
-        return None
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(f"{path} is not writable by this process")
-        for stale in Path(path).glob(f"gauge_live*_{os.getpid()}.db"):
-            stale.unlink(missing_ok=True)
-    except OSError as error:
-        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
-        return f"PROMETHEUS_MULTIPROC_DIR={path} cannot hold metrics: {error}"
-    return None
-
-
-MULTIPROCESS_PROBLEM = _prepare_multiprocess_dir()
-
-from prometheus_client import (  # noqa: E402 - after the directory is prepared, see above
-    REGISTRY,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.core import GaugeMetricFamily  # noqa: E402
-from prometheus_client.mmap_dict import MmapedDict  # noqa: E402
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead  # noqa: E402
+from uploads.models import FsckRun, Slot, Upload
+from uploads.services.slots import slot_limits
 
 log = logging.getLogger(__name__)
-
-# `*_created` samples (a timestamp per counter) are noise here, and multiprocess mode has none.
-disable_created_metrics()
-
-# --- counted where it happens ----------------------------------------------------------
-
-UPLOADS_CREATED = Counter("directdrivex_uploads_created", "Uploads created (POST /api/uploads/ accepted).")
-UPLOADS_COMPLETED = Counter("directdrivex_uploads_completed", "Uploads finished: verified, durable and visible.")
-UPLOADS_FAILED = Counter("directdrivex_uploads_failed", "Uploads failed (the bytes did not match the sha256).")
-UPLOADS_CANCELLED = Counter("directdrivex_uploads_cancelled", "Unfinished uploads cancelled (DELETE, admin).")
-UPLOADS_EXPIRED = Counter("directdrivex_uploads_expired", "Unfinished uploads expired after idling too long.")
-UPLOADS_DELETED = Counter("directdrivex_uploads_deleted", "Finished (or failed, cancelled, expired) uploads deleted.")
-BYTES_RECEIVED = Counter(
-    "directdrivex_bytes_received",
-    "Upload bytes made durable (fsynced and committed as the resume point); counted once per commit.",
-)
-BYTES_SERVED = Counter(
-    "directdrivex_bytes_served", "Download bytes sent by this server (not those nginx sends via X-Accel-Redirect)."
-)
-CONNECTIONS_OPEN = Gauge(
-    "directdrivex_connections_open",
-    "Open upload WebSocket connections and download bodies being streamed.",
-    ["kind"],
-    multiprocess_mode="livesum",
-)
-SLOTS_ADMITTED = Counter("directdrivex_slots_admitted", "Slots admitted.", ["kind"])
-SLOTS_RELEASED = Counter(
-    "directdrivex_slots_released",
-    "Slots released by their holder or revoked (reset, cancel, reap).",
-    ["kind", "reason"],
-)
-REFUSALS = Counter(
-    "directdrivex_refusals",
-    "Refusals answered, by machine code: HTTP error bodies on /api/ and WebSocket error messages.",
-    ["transport", "code"],
-)
-WEBSOCKET_CLOSES = Counter("directdrivex_websocket_closes", "Close codes sent to upload connections.", ["code"])
-COMMIT_SECONDS = Histogram(
-    "directdrivex_commit_seconds",
-    "Durable offset commits of upload writers: fsync of the part file plus the fenced database update.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-
-for _kind in ("upload", "download"):
-    # Present from the start, at 0: an alert on them must not depend on the first connection.
-    CONNECTIONS_OPEN.labels(_kind)
-    SLOTS_ADMITTED.labels(_kind)
-
-UPLOAD_COUNTERS = {
-    "started": UPLOADS_CREATED,
-    "completed": UPLOADS_COMPLETED,
-    "failed": UPLOADS_FAILED,
-    "cancelled": UPLOADS_CANCELLED,
-    "expired": UPLOADS_EXPIRED,
-    "deleted": UPLOADS_DELETED,
-}
-
-
-def refusal_counted(transport: str, code: str) -> None:
-    REFUSALS.labels(transport, code).inc()
-
-
-def websocket_closed(code: int | None) -> None:
-    WEBSOCKET_CLOSES.labels(str(code or 1000)).inc()
 
 
 # --- read from the database at scrape time -----------------------------------------------
@@ -157,9 +55,6 @@ class DatabaseCollector:
         yield from families
 
     def _from_database(self) -> list:
-        from uploads.models import FsckRun, Slot, Upload
-        from uploads.slots import slot_limits
-
         now = timezone.now()
         active = GaugeMetricFamily("directdrivex_slots_active", "Active slots (released_at unset).", labels=["kind"])
         stuck = GaugeMetricFamily(

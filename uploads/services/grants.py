@@ -1,0 +1,215 @@
+"""Writer grants: what one connection may write to an upload, and every change it makes to the upload row.
+
+A connection is admitted as the upload's single writer (``writer_admit``) and
+gets a ``WriterGrant``: the fencing generation it must present at every later
+call. Offset commits, rewinds, completion, failure and release are
+compare-and-swaps on that generation (docs/slots.md, "Fencing"), so a writer
+whose slot was reaped, reset or cancelled changes nothing.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from django.db import transaction
+from django.utils import timezone
+
+from uploads import storage
+from uploads.exceptions import LeaseLost, NotUploading
+from uploads.models import Slot, Upload
+from uploads.services.events import Event, record
+from uploads.services.progress import progress_event, publish_now
+from uploads.services.slots import slot_claim_writer, slot_release, slot_renew
+from uploads.services.uploads import upload_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriterGrant:
+    """What a connection may write: the fencing token it must present at every commit."""
+
+    upload_id: uuid.UUID
+    user_id: int
+    slot_id: int
+    generation: int
+    offset: int
+    size: int
+    sha256: str
+    storage_key: str
+    lease_expires_at: datetime
+
+
+def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "", now=None) -> WriterGrant:
+    """Admit a connection as the upload's single writer, or raise the named refusal.
+
+    ``dead_holder``: the channel of a previous writer found dead by the caller;
+    its slot is taken over at once instead of waiting for its lease to run out.
+    The grant is a compare-and-swap on ``status = uploading`` and the
+    generation read here, so it can never succeed on an upload that a cancel,
+    expiry or delete ended meanwhile. The upload's idle clock is not touched:
+    only bytes that land count as activity.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        upload = upload_for(user, upload_id)
+        if upload.status != Upload.Status.UPLOADING:
+            raise NotUploading(f"The upload is {upload.status}.")
+        slot = slot_claim_writer(upload, holder_channel, dead_holder=dead_holder, now=now)
+    record(
+        Event.WRITER_ADMITTED,
+        upload=upload.pk,
+        user=user.pk,
+        slot=slot.pk,
+        generation=slot.generation,
+        offset=upload.offset,
+        taken_over=dead_holder or None,
+    )
+    return WriterGrant(
+        upload_id=upload.pk,
+        user_id=user.pk,
+        slot_id=slot.pk,
+        generation=slot.generation,
+        offset=upload.offset,
+        size=upload.size,
+        sha256=upload.sha256,
+        storage_key=upload.storage_key,
+        lease_expires_at=slot.lease_expires_at,
+    )
+
+
+def _fenced_upload(grant: WriterGrant):
+    return Upload.objects.filter(pk=grant.upload_id, status=Upload.Status.UPLOADING, writer_generation=grant.generation)
+
+
+def _why_fenced(grant: WriterGrant):
+    """The refusal for a writer whose compare-and-swap changed nothing."""
+    status = Upload.objects.filter(pk=grant.upload_id).values_list("status", flat=True).first()
+    if status != Upload.Status.UPLOADING:
+        return NotUploading("The upload was deleted." if status is None else f"The upload is {status}.")
+    return LeaseLost()
+
+
+def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
+    """Record ``offset`` (already fsynced by the caller) as durable and renew the lease.
+
+    Compare-and-swap on the fencing generation: a writer whose slot was reaped,
+    reset or cancelled changes nothing and gets LeaseLost / NotUploading. The
+    upload's ``last_activity_at`` moves only when the offset does (bytes
+    landed), so a silent connection's heartbeat never keeps an upload from
+    expiring. Returns the new lease expiry.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        # Lock order: slot row first, then upload row (see uploads.services.slots).
+        try:
+            expires = slot_renew(grant.slot_id, grant.generation, now=now)
+        except LeaseLost:
+            raise _why_fenced(grant) from None
+        # The durable offset only moves forward here (writer_rewind is the one way back).
+        previous = _fenced_upload(grant).filter(offset__lt=offset).values_list("offset", "last_activity_at").first()
+        advanced = 0
+        if previous is not None:
+            was, since = previous
+            rate = _rate(offset - was, since, now)
+            advanced = (
+                _fenced_upload(grant)
+                .filter(offset=was)
+                .update(offset=offset, last_activity_at=now, bytes_per_second=rate)
+            )
+        if advanced != 1 and not _fenced_upload(grant).exists():
+            raise _why_fenced(grant)
+    return expires
+
+
+def _rate(moved: int, since: datetime, now: datetime) -> int:
+    """Bytes per second between two offset commits; the first commit after a pause counts from the pause."""
+    seconds = (now - since).total_seconds()
+    return round(moved / seconds) if seconds > 0 else 0
+
+
+def writer_check(grant: WriterGrant) -> None:
+    """Raise NotUploading / LeaseLost unless ``grant`` is still the upload's current writer."""
+    if not _fenced_upload(grant).exists():
+        raise _why_fenced(grant)
+
+
+def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
+    """Move the durable offset back to ``offset`` because the bytes past it are gone from disk.
+
+    Only the current writer may do it (fenced); the upload stays resumable from there.
+    """
+    now = now or timezone.now()
+    if _fenced_upload(grant).filter(offset__gt=offset).update(offset=offset, last_activity_at=now) != 1:
+        raise _why_fenced(grant)
+    log.error(
+        "durable offset rewound upload=%s user=%s from=%s to=%s", grant.upload_id, grant.user_id, grant.offset, offset
+    )
+    return replace(grant, offset=offset)
+
+
+def writer_complete(grant: WriterGrant, *, sha256: str = "", now=None) -> None:
+    """The bytes are verified and durably in place: mark the upload complete and free its slot.
+
+    ``sha256`` is the digest of the bytes received; it is stored when the
+    client declared none, so every finished upload can show (and serve as its
+    ETag) the digest of what is on disk.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        if not slot_release(grant.slot_id, Slot.ReleaseReason.COMPLETED, generation=grant.generation, now=now):
+            raise _why_fenced(grant)
+        done = _fenced_upload(grant).update(
+            offset=grant.size,
+            status=Upload.Status.COMPLETE,
+            sha256=grant.sha256 or sha256,
+            completed_at=now,
+            last_activity_at=now,
+        )
+        if done != 1:
+            raise _why_fenced(grant)
+    record(
+        Event.UPLOAD_COMPLETED,
+        upload=grant.upload_id,
+        user=grant.user_id,
+        slot=grant.slot_id,
+        generation=grant.generation,
+        size=grant.size,
+        sha256=grant.sha256 or sha256,
+    )
+    event = progress_event(upload_id=grant.upload_id, offset=grant.size, size=grant.size, status="complete")
+    publish_now(grant.user_id, event)
+
+
+def writer_fail(grant: WriterGrant, *, now=None) -> None:
+    """The bytes did not match the declared sha256: the upload becomes failed and its slot is freed.
+
+    A writer fenced off meanwhile fails nothing and deletes nothing (the bytes
+    belong to whoever holds the upload now): it gets LeaseLost / NotUploading,
+    so its client hears why it really stopped.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        failed = _fenced_upload(grant).update(status=Upload.Status.FAILED, last_activity_at=now) == 1
+        if failed:
+            slot_release(grant.slot_id, Slot.ReleaseReason.FAILED, generation=grant.generation, now=now)
+    if not failed:
+        log.warning("stale writer's checksum failure ignored upload=%s user=%s", grant.upload_id, grant.user_id)
+        raise _why_fenced(grant)
+    storage.backend().delete(grant.storage_key)
+    record(
+        Event.UPLOAD_FAILED,
+        upload=grant.upload_id,
+        user=grant.user_id,
+        slot=grant.slot_id,
+        generation=grant.generation,
+        reason="checksum_mismatch",
+        size=grant.size,
+    )
+    publish_now(grant.user_id, progress_event(upload_id=grant.upload_id, offset=0, size=grant.size, status="failed"))
+
+
+def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:
+    """The connection ends without finishing: free the slot; the upload stays resumable."""
+    return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
