@@ -342,4 +342,5 @@ def test_values_that_would_break_a_line_are_quoted_and_a_traceback_follows_it():
         'level=ERROR logger=uploads.x msg="failed here" detail="says \\"no\\"\\nthen=more" empty="" n=3 '
         "request_id=r1 remote=::1"
     ), first
-    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "KeyError: 'boom'"
+    # Indented: only a record starts at column 0 (tests/test_logs.py).
+    assert traceback[0] == "  Traceback (most recent call last):" and traceback[-1] == "  KeyError: 'boom'"

@@ -5,8 +5,10 @@ record's structured fields (``upload=… user=… slot=… gen=… reason=…``,
 as ``extra={"ddx": {...}}``, see uploads.services.events) and the context of the entry
 point that caused it: ``request_id=…`` and ``remote=…``. Readable in a
 terminal and parsed as is by Loki (``| logfmt``), Vector or ``grep``. A
-traceback, if any, follows on the next lines, as Python prints it: the record
-itself stays one line.
+traceback, if any, follows on the next lines, as Python prints it but
+indented: the record itself stays one line, and only a record starts at
+column 0. No value, message or traceback writes a control character raw (see
+``_CONTROLS``): a client's path or header cannot forge a line.
 
 The context lives in contextvars set by the entry points (the HTTP middleware
 below, ``bind_connection`` in the WebSocket consumer). asgiref copies them
@@ -32,7 +34,26 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # tracers' ids). Anything else is replaced: the id is written into every log
 # line, so a client must not be able to put spaces, quotes or newlines there.
 _ACCEPTED_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+# What a line must never carry raw, since paths, headers and messages come from
+# anonymous clients: the C0 and C1 controls and DEL (the line ends CR, VT, FF,
+# NEL, and NUL for journald; ESC and C1's one-byte CSI, which start terminal
+# escapes; backspace), the Unicode line and paragraph separators, and the bidi
+# controls, with which a viewer shows text in another order than it is written.
+# Other non-ASCII text (é, ✓, CJK, emoji joined with ZWJ) stays as it is, readable.
+_CONTROLS = r"\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_NEEDS_QUOTES = re.compile(rf'[\s"=\\{_CONTROLS}]')
+_QUOTED_ESCAPES = re.compile(rf'["\\{_CONTROLS}]')
+_TRACEBACK_ESCAPES = re.compile(rf"(?!\n)[{_CONTROLS}]")
+# Escaped as JSON escapes a string (``\r``, ``\u001b``, ``\u2028``): logfmt parsers
+# (go-logfmt, Loki's ``| logfmt``) decode these in a quoted value, and would
+# refuse the whole line for a Python-style ``\x1b``.
+_SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+# A traceback carries exception messages, user data among them, on lines of its
+# own. Each of its lines starts with this, so that a record is exactly a line
+# that starts at column 0: whatever a message says, it cannot start one. (One
+# escaped value for the whole traceback would be as sound but unreadable.)
+_CONTINUATION = "  "
 
 http_log = logging.getLogger("uploads.http")
 
@@ -63,11 +84,25 @@ def bind_connection(scope: dict) -> str:
     return request_id
 
 
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _SHORT_ESCAPES.get(char) or f"\\u{ord(char):04x}"
+
+
 def _value(value) -> str:
     text = str(value)
     if text == "" or _NEEDS_QUOTES.search(text):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return '"' + _QUOTED_ESCAPES.sub(_escape, text) + '"'
     return text
+
+
+def _continuation(text: str) -> str:
+    """A traceback or stack as the lines after a record: indented, its control characters but \\n escaped.
+
+    Escaped as in values, so that none of them can end a line or bring the
+    cursor back to column 0 in a terminal, a pager or the journal.
+    """
+    return "".join(f"\n{_CONTINUATION}{line}" for line in _TRACEBACK_ESCAPES.sub(_escape, text).split("\n"))
 
 
 def _timestamp(created: float) -> str:
@@ -94,10 +129,11 @@ class LogfmtFormatter(logging.Formatter):
         line = " ".join(f"{key}={_value(value)}" for key, value in pairs.items())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
+        # record.exc_text stays as Python printed it: other handlers format the same record.
         if record.exc_text:
-            line += "\n" + record.exc_text
+            line += _continuation(record.exc_text)
         if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
+            line += _continuation(self.formatStack(record.stack_info))
         return line
 
 
