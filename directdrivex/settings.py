@@ -42,9 +42,11 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # Outermost: every line logged for a request carries its id, refusals of the next one included.
     "uploads.logs.RequestIdMiddleware",
-    # Then: a bad Host or an unknown /api/ path is a JSON refusal before anything else answers it.
-    "uploads.middleware.ApiEdgeMiddleware",
+    # Around every answer, the refusals below included: nosniff, Referrer-Policy, COOP, HSTS. Its
+    # request half only redirects to HTTPS (SECURE_SSL_REDIRECT), which an API client should get too.
     "django.middleware.security.SecurityMiddleware",
+    # Then: a bad Host or an unknown /api/ path is a JSON refusal before any view or redirect answers it.
+    "uploads.middleware.ApiEdgeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

@@ -149,6 +149,69 @@ def test_a_bad_host_is_400_bad_host_in_json(server, backend, where):
     assert_refusal(answer, 400, "bad_host")
 
 
+# --- security headers -----------------------------------------------------------------
+
+# What SecurityMiddleware adds to every answer (HSTS only over HTTPS, when configured).
+SECURITY_HEADERS = ("X-Content-Type-Options", "Referrer-Policy", "Cross-Origin-Opener-Policy")
+
+
+def security_headers(headers) -> dict:
+    return {name: headers.get(name) for name in (*SECURITY_HEADERS, "Strict-Transport-Security")}
+
+
+@pytest.mark.parametrize(
+    ("where", "host", "status", "code"),
+    [
+        ("/api/uploads/", "evil.example", 400, "bad_host"),
+        ("/api/nothing-here/", "testserver", 404, "not_found"),
+        ("/api/nothing-here", "testserver", 404, "not_found"),
+    ],
+)
+def test_the_edge_refusals_carry_the_security_headers_of_every_other_answer(db, settings, where, host, status, code):
+    settings.SECURE_HSTS_SECONDS = 3600
+    client = Client()
+    page = client.get("/", secure=True)
+
+    refused = client.get(where, secure=True, headers={"host": host})
+
+    assert (refused.status_code, refused.json()["code"]) == (status, code)
+    assert security_headers(refused.headers) == security_headers(page.headers)
+    assert security_headers(refused.headers) == {
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Strict-Transport-Security": "max-age=3600",
+    }
+
+
+def test_a_bad_host_is_still_a_json_refusal_when_the_https_redirect_reads_it_first(db, settings):
+    settings.SECURE_SSL_REDIRECT = True
+
+    refused = Client().get("/api/uploads/", headers={"host": "evil.example"})
+    redirected = Client().get("/api/uploads/")
+
+    # Never a redirect to the host the client named.
+    assert (refused.status_code, refused["Content-Type"]) == (400, "application/json")
+    assert refused.json()["code"] == "bad_host"
+    assert (redirected.status_code, redirected["Location"]) == (301, "https://testserver/api/uploads/")
+
+
+@live
+def test_the_servers_edge_refusals_carry_the_same_security_headers_as_its_other_answers(server, backend):
+    answered = http_call(server, "GET", "/api/uploads/", token=backend.alice_token)
+    assert answered.status == 200
+    expected = {name: answered.headers[name] for name in SECURITY_HEADERS}
+    assert None not in expected.values()
+
+    refusals = [
+        http_call(server, "GET", "/api/uploads/", token=backend.alice_token, headers={"Host": "evil.example"}),
+        http_call(server, "GET", "/api/nothing-here/", token=backend.alice_token),
+    ]
+
+    assert [answer.status for answer in refusals] == [400, 404]
+    assert [{name: answer.headers[name] for name in SECURITY_HEADERS} for answer in refusals] == [expected, expected]
+
+
 @live
 def test_pages_outside_the_api_keep_djangos_html_answers(server):
     bad_host = http_call(server, "GET", "/", headers={"Host": "evil.example"})

@@ -3,8 +3,12 @@
 Django answers these with an HTML page, a debug page under DEBUG, or (for a
 path without its trailing slash) a redirect that a POST cannot follow. Here
 they are JSON refusals, whatever DEBUG says, and a path that exists only with
-its trailing slash is answered as if it had it. First in MIDDLEWARE, so no
-other middleware sees a bad Host or redirects first.
+its trailing slash is answered as if it had it. In MIDDLEWARE right inside the
+request id and SecurityMiddleware: no other middleware sees a bad Host or
+redirects first, and SecurityMiddleware adds its headers (nosniff,
+Referrer-Policy, Cross-Origin-Opener-Policy, HSTS) to these refusals as to every
+other answer. (Its redirect to HTTPS reads the Host too: a bad one there is
+Django's DisallowedHost, which handler400 answers with the same JSON refusal.)
 """
 
 from django.core.exceptions import DisallowedHost
