@@ -2,7 +2,7 @@
 
 import asyncio
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from html.parser import HTMLParser
 
@@ -261,6 +261,42 @@ def test_releasing_a_slot_freed_meanwhile_says_so(operator_client, alice):
     texts = [str(m) for m in response.context["messages"]]
     assert "Released 0 slot(s)." in texts
     assert "1 slot(s) had been released already." in texts
+
+
+# Not a slot's number: a primary key (BigAutoField) is 1 .. 2**63 - 1, and SQLite
+# cannot even bind an int beyond 64 bits. Each must be refused like "abc", not answer 500.
+NOT_SLOT_NUMBERS = [str(2**63), str(2**64), str(10**30), "0", "-1", str(-(2**63)), f"-{2**64}", "abc", "", "1.5"]
+
+
+@pytest.mark.parametrize("value", NOT_SLOT_NUMBERS)
+def test_a_release_of_something_that_is_not_a_slot_number_releases_nothing(operator_client, alice, value):
+    slot = stuck_slot(alice)
+    form = dashboard_page(operator_client).form_with_button(f"release-slot-{slot.pk}")
+    forged = replace(form, fields=[(name, value if name == "slot" else given) for name, given in form.fields])
+
+    response = post_form(operator_client, forged)
+
+    assert response.status_code == 200
+    assert response.redirect_chain == [(reverse("admin:uploads_dashboard"), 302)]
+    assert [str(m) for m in response.context["messages"]] == ["No slot was chosen."]
+    assert Slot.objects.get(pk=slot.pk).released_at is None
+
+
+def test_a_release_with_a_slot_and_numbers_out_of_range_releases_the_slot(operator_client, alice):
+    slot = stuck_slot(alice)
+    form = dashboard_page(operator_client).form_with_button(f"release-slot-{slot.pk}")
+    # 2**63 - 1, the largest id a slot can have, is still asked for: the one "released already".
+    extra = [("slot", value) for value in [*NOT_SLOT_NUMBERS, str(2**63 - 1)]]
+
+    response = post_form(operator_client, replace(form, fields=[*form.fields, *extra]))
+
+    assert response.status_code == 200
+    assert [str(m) for m in response.context["messages"]] == [
+        "Released 1 slot(s).",
+        "1 slot(s) had been released already.",
+    ]
+    released = Slot.objects.get(pk=slot.pk)
+    assert (released.released_at is not None, released.release_reason) == (True, Slot.ReleaseReason.RESET)
 
 
 def test_release_is_post_only(operator_client, alice):

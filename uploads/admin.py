@@ -267,9 +267,13 @@ class SlotAdmin(ServicesOnlyAdmin):
         ids = set()
         for value in values:
             try:
-                ids.add(int(value))
+                number = int(value)
             except (TypeError, ValueError):
                 continue  # not a slot number: nothing to release
+            # Nor is a number no slot's primary key can be (a BigAutoField: 1 .. 2**63 - 1);
+            # SQLite cannot even bind one beyond 64 bits, and the release would answer 500.
+            if 1 <= number < 2**63:
+                ids.add(number)
         return sorted(ids)
 
     def dashboard_release_view(self, request):
