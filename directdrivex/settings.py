@@ -7,6 +7,7 @@ values are reported by the system checks in uploads/checks.py at start-up.
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 from directdrivex.env import Env
 
@@ -36,6 +37,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    # django-csp: its system checks catch settings of its old (3.x) format.
+    "csp",
     "uploads",
 ]
 
@@ -45,6 +48,8 @@ MIDDLEWARE = [
     # Around every answer, the refusals below included: nosniff, Referrer-Policy, COOP, HSTS. Its
     # request half only redirects to HTTPS (SECURE_SSL_REDIRECT), which an API client should get too.
     "django.middleware.security.SecurityMiddleware",
+    # Content-Security-Policy (below) on every answer, the refusals of the next one included.
+    "csp.middleware.CSPMiddleware",
     # Then: a bad Host or an unknown /api/ path is a JSON refusal before any view or redirect answers it.
     "uploads.middleware.ApiEdgeMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -119,6 +124,27 @@ SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", False)
 if env.bool("SECURE_PROXY_SSL_HEADER", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# The pages have no inline script, style or event handler (tests/test_pages.py parses every one, and
+# the browser tests fail on any violation Chromium reports), so nothing needs 'unsafe-inline' or a
+# nonce; Django's admin needs nothing more either. The uploader and My files open WebSockets to
+# their own origin (/ws/uploads/…, /ws/progress/): CSP Level 3's 'self' matches ws: and wss: on the
+# page's host and port (Chromium since 71, Firefox, Safari since 16; tests/browser/test_csp.py checks
+# it in Chromium), so no host needs naming. Under DEBUG, django-csp leaves Django's 404 and 500
+# debug pages, which have inline styles, without the header.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    }
+}
+
 REST_FRAMEWORK = {
     # Token first: an unauthenticated API call gets 401 with WWW-Authenticate.
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -158,6 +184,8 @@ DIRECTDRIVEX_STORAGE_DIR = Path(env.str("DIRECTDRIVEX_STORAGE_DIR") or BASE_DIR 
 DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS", 20)
 DIRECTDRIVEX_USER_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_USER_UPLOAD_SLOTS", 5)
 DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 30)
+# The downloads through one share link count as one user (spec); 10 leaves room for a download manager.
+DIRECTDRIVEX_USER_DOWNLOAD_SLOTS = env.int("DIRECTDRIVEX_USER_DOWNLOAD_SLOTS", 10)
 # At least 5 s: a writer keeps a local safety margin of a fifth of the lease (uploads.writer).
 DIRECTDRIVEX_SLOT_LEASE_SECONDS = env.int("DIRECTDRIVEX_SLOT_LEASE_SECONDS", 60, minimum=5)
 DIRECTDRIVEX_IDLE_SECONDS = env.int("DIRECTDRIVEX_IDLE_SECONDS", 300)

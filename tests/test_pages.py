@@ -471,6 +471,51 @@ def test_no_page_has_an_inline_script_style_or_event_handler(alice, settings):
         assert Page(who.get(url).content.decode()).csp_violations == [], url
 
 
+# The policy of settings.CONTENT_SECURITY_POLICY: what is allowed comes from the page's own origin only.
+STRICT_POLICY = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'none'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
+
+
+def policy(response) -> dict[str, list[str]]:
+    directives = [part.split() for part in response["Content-Security-Policy"].split(";") if part.strip()]
+    return {name: values for name, *values in directives}
+
+
+def test_pages_error_pages_and_the_admin_carry_the_strict_content_security_policy(alice, settings):
+    settings.DIRECTDRIVEX_SIGNUP = True
+    operator = get_user_model().objects.create_superuser("operator", password=PASSWORD)
+    visitor, client, admin = Client(), signed_in(alice), signed_in(operator)
+    answers = {
+        "/": visitor.get("/"),
+        LOGIN: visitor.get(LOGIN),
+        SIGNUP: visitor.get(SIGNUP),
+        "upload": client.get("/upload/"),
+        FILES: client.get(FILES),
+        "delete": client.get(delete_url(uploading(alice))),
+        "404": client.get("/no-such-page/"),
+        "403 csrf": Client(enforce_csrf_checks=True).post(LOGIN, {"username": "alice", "password": PASSWORD}),
+        "/admin/": admin.get("/admin/"),
+        "dashboard": admin.get("/admin/uploads/slot/dashboard/"),
+        "user form": admin.get(f"/admin/auth/user/{alice.pk}/change/"),
+    }
+
+    assert {name: answer.status_code for name, answer in answers.items()} == {
+        **dict.fromkeys(answers, 200),
+        "404": 404,
+        "403 csrf": 403,
+    }
+    assert {name: policy(answer) for name, answer in answers.items()} == dict.fromkeys(answers, STRICT_POLICY)
+
+
 def test_home_offers_sign_in_to_visitors_and_my_files_to_signed_in_users(alice):
     assert page(Client().get("/")).all("a", href=LOGIN)
     assert page(signed_in(alice).get("/")).all("a", href=FILES)

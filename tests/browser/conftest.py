@@ -6,6 +6,11 @@ does. The browser is /usr/bin/chromium (`.ci/run` installs it; `playwright
 install` cannot download browsers here and is not needed: the pip package's
 driver drives the system browser). Under CI=true a missing browser or
 Playwright fails the tests; elsewhere they are skipped with the reason.
+
+Every browser context reports the Content-Security-Policy violations of its
+pages, and a test whose pages had any fails: a future inline script, style or
+handler, or a connection the policy does not allow, is caught wherever a
+browser test happens to load it.
 """
 
 import os
@@ -94,6 +99,30 @@ def live(server):
     return server
 
 
+# Runs in every document before its own scripts (Playwright's init scripts are not subject to the
+# page's CSP) and hands each violation event to the test.
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.ddxCspViolation(
+    `${event.effectiveDirective} blocked ${event.blockedURI || "inline"} on ${event.documentURI}`
+    + ` (${event.sourceFile || "?"}:${event.lineNumber})`
+  );
+});
+"""
+
+
+def report_csp_violations(context, violations: list[str]) -> None:
+    """Append every CSP violation of ``context``'s pages to ``violations``: the event, and Chromium's console line."""
+
+    def console(message):
+        if "Content Security Policy" in message.text:
+            violations.append(f"console: {message.text}")
+
+    context.expose_function("ddxCspViolation", lambda text: violations.append(f"event: {text}"))
+    context.add_init_script(REPORT_CSP_VIOLATIONS)
+    context.on("console", console)
+
+
 def sign_in(context, server: LiveServer, username: str):
     """A page of ``context`` signed in through the login form, on the upload page."""
     page = context.new_page()
@@ -107,10 +136,18 @@ def sign_in(context, server: LiveServer, username: str):
 
 
 @pytest.fixture
-def context(chromium):
+def csp_violations():
+    """The CSP violations of the test's browser context so far (a test that provokes one clears it)."""
+    return []
+
+
+@pytest.fixture
+def context(chromium, csp_violations):
     context = chromium.new_context()
+    report_csp_violations(context, csp_violations)
     yield context
     context.close()
+    assert not csp_violations, "the pages violated their Content-Security-Policy:\n" + "\n".join(csp_violations)
 
 
 @pytest.fixture
