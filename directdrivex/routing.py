@@ -4,14 +4,18 @@ Tests import it from here; servers import directdrivex.asgi, which runs the
 system checks first.
 """
 
+import django
 from channels.routing import ProtocolTypeRouter, URLRouter
 from django.conf import settings
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-from django.core.asgi import get_asgi_application
 from django.urls import re_path
 
-# Django must be set up (get_asgi_application does it) before importing code that uses models.
-django_asgi_app = get_asgi_application()
+from directdrivex.handler import ClosingASGIHandler
+
+# Django must be set up (as get_asgi_application does it) before importing code that uses models.
+django.setup(set_prefix=False)
+# Django's handler, closing the responses it drops (directdrivex.handler).
+django_asgi_app = ClosingASGIHandler()
 if settings.DEBUG:
     # Daphne serves no static files: under make run, let Django serve the admin's CSS.
     # In production a proxy serves STATIC_ROOT (manage.py collectstatic; docs/deployment.md).

@@ -5,7 +5,10 @@ Daphne queues every received frame for the application without bound, so a
 client that ignores the credit window could grow the process by as much as it
 sends before the consumer refuses it. ``BackpressureServer`` gives each
 WebSocket connection a queue that stops reading the connection's socket while
-its unprocessed frames exceed one window, and reads again below half.
+its unprocessed frames cost more than one window, and reads again below half.
+A frame costs its bytes plus FRAME_COST, what a queued message costs the
+process whatever it carries, so a flood of empty or one-byte frames is held
+back as surely as a flood of full ones.
 
 Daphne also reads a whole HTTP request body before the application sees any
 of it, and then queues all of it in memory. ``BoundedRequest`` holds every body
@@ -44,11 +47,16 @@ from twisted.internet import defer  # noqa: E402
 from twisted.internet.interfaces import IPushProducer  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
+from uploads import budgets  # noqa: E402
 from uploads.exceptions import RequestTooLarge  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 WEBSOCKET_READ_BYTES = 256 * 1024
+# What one queued WebSocket message costs the process besides its payload: the
+# message dict, the bytes object's header, the queue's slot, with the
+# allocator's rounding (measured near 300 bytes; counted generously).
+FRAME_COST = 1024
 
 
 def max_message_size() -> int:
@@ -66,17 +74,19 @@ def daphne_arguments(*, bind: str, port: int | None, fd: int | None = None) -> l
         "--websocket-max-frame-size", limit,
         # Uploads of tens of GB may take longer than Daphne's default 24 h per connection.
         "--websocket_timeout", "-1",
+        # Daphne's default, stated: the cleanup budgets of uploads.budgets are derived from it.
+        "--application-close-timeout", str(budgets.APPLICATION_CLOSE_TIMEOUT),
         "directdrivex.asgi:application",
     ]  # fmt: skip
 
 
-def _message_bytes(message: dict) -> int:
+def _message_cost(message: dict) -> int:
     payload = message.get("bytes") or message.get("text") or b""
-    return len(payload)
+    return len(payload) + FRAME_COST
 
 
 class TransportBackpressureQueue(asyncio.Queue):
-    """An application input queue that pauses the socket while it holds too many bytes."""
+    """An application input queue that pauses the socket while its messages cost too much (see FRAME_COST)."""
 
     def __init__(self, protocol: WebSocketProtocol, high_water: int):
         super().__init__()
@@ -88,14 +98,14 @@ class TransportBackpressureQueue(asyncio.Queue):
 
     def _put(self, item):
         super()._put(item)
-        self.queued_bytes += _message_bytes(item)
+        self.queued_bytes += _message_cost(item)
         if not self.paused and self.queued_bytes > self.high_water:
             self.paused = True
             self.protocol.transport.pauseProducing()
 
     def _get(self):
         item = super()._get()
-        self.queued_bytes -= _message_bytes(item)
+        self.queued_bytes -= _message_cost(item)
         if self.paused and self.queued_bytes <= self.low_water:
             self.paused = False
             self.protocol.transport.resumeProducing()
@@ -270,7 +280,22 @@ class BackpressureRequest(BoundedRequest):
     def finish(self):
         # Twisted logs an error for a request that finishes with a producer registered.
         self._let_go_of_drain()
+        if self._ends_short() and self.channel is not None:
+            # A body that stopped before its Content-Length (a download whose file
+            # was deleted or whose slot was revoked): on a kept-alive connection the
+            # client would wait for the missing bytes forever. Closing it after this
+            # response tells the client at once that the body is incomplete.
+            self.channel.persistent = False
         super().finish()
+
+    def _ends_short(self) -> bool:
+        declared = self.responseHeaders.getRawHeaders(b"content-length")
+        if not declared or self.method == b"HEAD":
+            return False
+        try:
+            return self.sentLength < int(declared[0])
+        except ValueError:
+            return False
 
     def connectionLost(self, reason):
         self._let_go_of_drain()

@@ -707,6 +707,32 @@ def test_delete_of_a_complete_upload_removes_its_row_and_file_and_frees_its_quot
     assert post(alice_client, filename="b.bin", size=10).status_code == 201
 
 
+@pytest.mark.parametrize("finished", [True, False], ids=["complete", "unfinished"])
+def test_a_delete_whose_bytes_cannot_be_removed_is_a_500_and_the_next_delete_finishes_it(alice, alice_client, finished):
+    # A folder with something in it where the upload's bytes are: the storage refuses,
+    # as a read-only or failing disk would. A 204 would claim bytes gone that are not.
+    upload, _ = upload_create(alice, filename="a.bin", size=10)
+    if finished:
+        complete(alice, upload.pk, b"0123456789")
+        path = local.final_path(upload.storage_key)
+    else:
+        write_part(upload.storage_key, b"01234")
+        path = local.part_path(upload.storage_key)
+    path.unlink()
+    (path / "in-the-way").mkdir(parents=True)
+
+    assert_refused(alice_client.delete(detail_url(upload.pk)), 500, "internal_error")
+
+    # The row is still there to DELETE again (an unfinished one as cancelled, its slot freed).
+    row = Upload.objects.get(pk=upload.pk)
+    assert row.status == ("complete" if finished else "cancelled")
+    assert not Slot.objects.active().filter(upload=upload).exists()
+    (path / "in-the-way").rmdir()
+    path.rmdir()
+    assert alice_client.delete(detail_url(upload.pk)).status_code == 204
+    assert not Upload.objects.filter(pk=upload.pk).exists()
+
+
 # --- authentication ------------------------------------------------------------
 
 

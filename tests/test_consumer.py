@@ -10,12 +10,14 @@ import hashlib
 import json
 import random
 import threading
+from datetime import timedelta
 
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.db import connections
 from django.test import Client
+from django.utils import timezone
 
 from directdrivex.routing import application
 from uploads import storage
@@ -24,7 +26,6 @@ from uploads.services.grants import writer_admit
 from uploads.services.slots import slot_release, slots_reset
 from uploads.services.uploads import upload_create, upload_delete
 from uploads.storage import local
-from uploads.transports import websocket as consumers
 from uploads.transports.tickets import ticket_issue, ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -273,12 +274,19 @@ async def test_second_connection_while_the_first_writes_is_busy_with_retry_after
     assert (await refresh(upload)).offset == CHUNK
 
 
-async def test_writer_whose_process_died_is_taken_over_without_waiting_for_its_lease(alice, monkeypatch):
-    monkeypatch.setattr(consumers, "HOLDER_PING_SECONDS", 0.2)
+async def test_writer_whose_process_died_blocks_its_upload_until_its_lease_runs_out_then_is_taken_over(alice):
     data = payload(2 * CHUNK)
     upload = await create(alice, data)
-    # A writer admitted by a process that then died: its lease is still valid, nobody answers its channel.
+    # A writer admitted by a process that then died: nobody renews its lease any more.
     dead = await database_sync_to_async(writer_admit)(alice, upload.pk, "specific.crashed-process!writer")
+
+    # Its lease is the one answer to "is it alive?": until it runs out, a newcomer is told to come back soon.
+    blocked, error = await connect_ticket(upload)
+    assert (error["code"], error["retry_after"]) == ("busy", 2)
+    assert await blocked.receive_output(timeout=5) == {"type": "websocket.close", "code": 4409}
+
+    expired = timezone.now() - timedelta(seconds=1)
+    await database_sync_to_async(Slot.objects.filter(pk=dead.slot_id).update)(lease_expires_at=expired)
     communicator, ready = await connect_ticket(upload)
     assert ready["type"] == "ready"
     taken_over = await database_sync_to_async(Slot.objects.get)(pk=dead.slot_id)

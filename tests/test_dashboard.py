@@ -326,7 +326,7 @@ def test_a_release_from_the_dashboard_tells_a_connected_holder_to_close_with_441
 
 
 def test_the_json_counts_slots_against_their_limits(operator_client, alice, bob, limits):
-    limits(global_upload_slots=4, user_upload_slots=2, global_download_slots=3)
+    limits(global_upload_slots=4, user_upload_slots=2, global_download_slots=3, user_download_slots=2)
     upload_create(alice, filename="a.bin", size=10)
     upload_create(bob, filename="b.bin", size=10)
     stuck_slot(bob, kind=Slot.Kind.UPLOAD)
@@ -335,11 +335,11 @@ def test_the_json_counts_slots_against_their_limits(operator_client, alice, bob,
     slots = dashboard_data(operator_client)["slots"]
 
     assert slots["upload"] == {"limit": 4, "user_limit": 2, "active": 3, "stuck": 1, "live": 2, "free": 1}
-    assert slots["download"] == {"limit": 3, "user_limit": None, "active": 1, "stuck": 0, "live": 1, "free": 2}
+    assert slots["download"] == {"limit": 3, "user_limit": 2, "active": 1, "stuck": 0, "live": 1, "free": 2}
 
 
 def test_the_json_shows_per_user_usage(operator_client, alice, bob, limits):
-    limits(user_upload_slots=3)
+    limits(user_upload_slots=3, user_download_slots=4)
     finish_upload(alice, b"x" * 1000)
     upload_create(alice, filename="a.bin", size=500)
     slot_admit(Slot.Kind.DOWNLOAD, alice)
@@ -355,6 +355,7 @@ def test_the_json_shows_per_user_usage(operator_client, alice, bob, limits):
         "upload_slots": 1,
         "upload_slot_limit": 3,
         "download_slots": 1,
+        "download_slot_limit": 4,
         "stuck_slots": 0,
         "unfinished_uploads": 1,
         "stored_bytes": 1000,

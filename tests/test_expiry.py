@@ -98,3 +98,23 @@ def test_expire_json_lists_the_expired_uploads(alice, day):
     listed = [(u["id"], u["filename"], u["user"]) for u in document["uploads"]]
     assert listed == [(str(stale.pk), "stale.bin", alice.pk)]
     assert Upload.objects.get(pk=fresh.pk).status == "uploading"
+
+
+def test_an_upload_whose_bytes_cannot_be_deleted_still_expires_and_the_others_go_on(alice, day, caplog):
+    # A folder where the part file should be: unlink() fails (EISDIR), as on a
+    # read-only or failing disk. Before, the error stopped the whole pass after the
+    # first upload's expiry had committed (and the reaper crash-looped).
+    blocked = idle_upload(alice, "blocked.bin", idle_for=day + timedelta(minutes=2))
+    local.part_path(blocked.storage_key).unlink()
+    local.part_path(blocked.storage_key).mkdir()
+    other = idle_upload(alice, "other.bin", idle_for=day + timedelta(minutes=1))
+
+    expired = uploads_expire()
+
+    assert [upload.pk for upload in expired] == [blocked.pk, other.pk]
+    assert Upload.objects.get(pk=blocked.pk).status == Upload.Status.EXPIRED
+    assert Upload.objects.get(pk=other.pk).status == Upload.Status.EXPIRED
+    assert not local.part_path(other.storage_key).exists()
+    assert local.part_path(blocked.storage_key).is_dir()  # left for `uploads fsck --repair`
+    [line] = [r for r in caplog.records if r.getMessage().startswith("bytes not deleted")]
+    assert str(blocked.pk) in line.getMessage()

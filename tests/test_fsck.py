@@ -373,6 +373,40 @@ def test_bytes_an_ended_upload_left_behind_are_deleted(alice, status):
     assert Upload.objects.get(pk=upload.pk).status == status
 
 
+def test_links_and_folders_where_bytes_belong_are_reported_never_followed_and_fsck_goes_on(alice, bob, tmp_path):
+    target = tmp_path / "outside.bin"
+    target.write_bytes(b"not ours " * 1000)
+    linked = paused_upload(alice, b"l" * 100)
+    local.part_path(linked.storage_key).unlink()
+    local.part_path(linked.storage_key).symlink_to(target)
+    folder = finish_upload(bob, b"d" * 100)
+    local.final_path(folder.storage_key).unlink()
+    local.final_path(folder.storage_key).mkdir()
+    orphan = orphan_key()
+    write_part(orphan, b"o" * 10)
+
+    # Before: the scan stopped at the link (ELOOP) and reported nothing at all.
+    report = fsck_run(repair=True)
+
+    assert found(report) == sorted(
+        [
+            (Kind.NOT_A_FILE, str(linked.pk)),
+            (Kind.NOT_A_FILE, str(folder.pk)),
+            (Kind.ORPHAN_PART, f"partial/{orphan}.part"),
+        ]
+    )
+    assert not report.unrepaired
+    assert target.read_bytes() == b"not ours " * 1000  # never truncated, never moved
+    # Moved aside as they are, for an operator to look at: the link still a link, the folder a folder.
+    [batch] = local.lost_and_found().iterdir()
+    assert (batch / "partial" / f"{linked.storage_key}.part").readlink() == target
+    assert (batch / "files" / folder.storage_key).is_dir()
+    # What is missing now is reported as such, and repaired the usual way.
+    again = fsck_run(repair=True)
+    assert found(again) == sorted([(Kind.MISSING_PART, str(linked.pk)), (Kind.MISSING_FILE, str(folder.pk))])
+    assert fsck_run().findings == []
+
+
 def test_strays_are_moved_into_lost_and_found_never_deleted_and_the_filesystems_lost_and_found_is_left_alone(db):
     storage.backend().prepare()
     root = local.root()

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.files import file_sha256
+from tests.support.files import file_sha256, lock_is_free
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
@@ -37,7 +37,6 @@ from tests.test_live_server import (
     wait_for,
     ws_connect,
 )
-from tests.test_writer_faults import lock_is_free
 
 pytestmark = pytest.mark.slow
 

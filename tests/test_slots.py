@@ -11,6 +11,7 @@ from uploads.exceptions import (
     GlobalSlotsExhausted,
     LeaseLost,
     UploadBusy,
+    UserDownloadSlotsExhausted,
     UserSlotsExhausted,
 )
 from uploads.models import Slot, Upload
@@ -254,19 +255,27 @@ def test_an_upload_never_holds_two_active_upload_slots(alice, t0):
     with pytest.raises(UploadBusy) as refused:
         slot_admit(UPLOAD, alice, upload=upload, now=t0 + timedelta(seconds=20))
 
-    assert refused.value.retry_after == 40
+    # Soon, not after the whole lease: the slot in the way may be freed any moment.
+    assert refused.value.retry_after == 2
     assert list(Slot.objects.active()) == [slot]
 
 
-def test_download_slots_have_a_global_limit_and_no_per_user_limit(alice, limits, t0):
-    limits(global_download_slots=7)
-    slots = [slot_admit(DOWNLOAD, alice, now=t0) for _ in range(7)]
+def test_download_slots_have_a_per_user_limit_under_the_global_one(alice, bob, limits, t0):
+    limits(global_download_slots=7, user_download_slots=4)
+    alices = [slot_admit(DOWNLOAD, alice, now=t0) for _ in range(4)]
 
-    with pytest.raises(DownloadSlotsExhausted) as refused:
+    with pytest.raises(UserDownloadSlotsExhausted) as mine:
         slot_admit(DOWNLOAD, alice, now=t0)
+    bobs = [slot_admit(DOWNLOAD, bob, now=t0) for _ in range(3)]
+    with pytest.raises(DownloadSlotsExhausted) as everyones:
+        slot_admit(DOWNLOAD, bob, now=t0)
 
-    assert refused.value.code == "download_slots_exhausted"
-    assert {slot.user_index for slot in slots} == {None}
+    # One code for downloads either way (the spec's); the detail says whose limit it is.
+    assert (mine.value.code, everyones.value.code) == ("download_slots_exhausted", "download_slots_exhausted")
+    assert "You already have" in mine.value.detail
+    assert not isinstance(everyones.value, UserDownloadSlotsExhausted)
+    assert sorted(slot.user_index for slot in alices) == [0, 1, 2, 3]
+    assert sorted(slot.user_index for slot in bobs) == [0, 1, 2]
     # Upload slots are counted apart.
     slot_admit(UPLOAD, alice, now=t0)
 

@@ -388,3 +388,100 @@ def test_admissions_reclaiming_each_others_stuck_slots_do_not_deadlock(alice, bo
     assert Slot.objects.active().filter(upload=upload_y).count() <= 1
     assert Slot.objects.get(pk=stuck_x.pk).release_reason == "expired"
     assert Slot.objects.get(pk=stuck_y.pk).released_at is not None  # reaped by A or B, or released by A's take-over
+
+
+@pytest.mark.django_db(transaction=True)
+def test_parallel_downloads_of_one_file_are_never_refused_as_busy(alice, limits):
+    """Eight threads with connections of their own admit download slots for one file at once, twelve rounds.
+
+    Before, a lost race for an index (a unique violation) was taken for the
+    one-writer rule whenever the file had any active slot: ``409 busy`` for a
+    download, which clients treat as final. On SQLite, writers are serialized
+    and no race is lost; the PostgreSQL run is the one that raced.
+    """
+    from django.db import connection
+
+    from uploads.models import Slot
+    from uploads.services.slots import slot_admit, slot_release
+    from uploads.services.uploads import upload_create
+
+    limits(global_download_slots=30, user_download_slots=10)
+    upload, upload_slot = upload_create(alice, filename="f.bin", size=10)
+    slot_release(upload_slot.pk, Slot.ReleaseReason.COMPLETED)
+    parallel, rounds = 8, 12
+    refused = []
+
+    def download(barrier, admitted):
+        try:
+            barrier.wait()
+            admitted.append(slot_admit(Slot.Kind.DOWNLOAD, alice, upload=upload))
+        except Exception as error:
+            refused.append(type(error).__name__)
+        finally:
+            connection.close()
+
+    for _round in range(rounds):
+        barrier, admitted = threading.Barrier(parallel, timeout=10), []
+        threads = [threading.Thread(target=download, args=(barrier, admitted)) for _ in range(parallel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(admitted) == parallel, refused  # 8 of 30 slots: every one of them is admitted
+        # Each round's downloads end before the next begins (as short ranged requests do).
+        for slot in admitted:
+            slot_release(slot.pk, Slot.ReleaseReason.COMPLETED)
+
+    assert refused == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_new_writer_resumes_from_what_the_previous_one_committed_while_it_was_being_admitted(alice, monkeypatch):
+    """The previous writer's last commit and release land between the new writer's read and its lock.
+
+    writer_admit read the upload (its offset) before slot_claim_writer took the
+    slot row lock; a commit in between was missed, and the new writer resumed
+    (and truncated the part) before bytes that were durable. On SQLite the
+    IMMEDIATE transaction holds the write lock from its first read: no commit
+    can land in between there.
+    """
+    if not on_postgresql():
+        pytest.skip("SQLite's IMMEDIATE transactions serialize the read and the commit: no window to race in")
+    from django.db import connection
+
+    from uploads.models import Slot
+    from uploads.services import grants
+    from uploads.services.uploads import upload_create
+
+    upload, _slot = upload_create(alice, filename="f.bin", size=1000)
+    previous = grants.writer_admit(alice, upload.pk, "specific.previous!writer")
+    grants.writer_commit(previous, 100)
+    read_done, go_on = threading.Event(), threading.Event()
+    real_claim = grants.slot_claim_writer
+
+    def claim_after_the_commit(*args, **kwargs):
+        read_done.set()  # the upload row (and its offset) has been read
+        assert go_on.wait(10)
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(grants, "slot_claim_writer", claim_after_the_commit)
+    outcome = {}
+
+    def admit():
+        try:
+            outcome["grant"] = grants.writer_admit(alice, upload.pk, "specific.next!writer")
+        except Exception as error:
+            outcome["error"] = error
+        finally:
+            connection.close()
+
+    newcomer = threading.Thread(target=admit)
+    newcomer.start()
+    assert read_done.wait(10)
+    grants.writer_commit(previous, 600)  # the previous connection's final commit...
+    grants.writer_release(previous, Slot.ReleaseReason.DISCONNECTED)  # ...and its release
+    go_on.set()
+    newcomer.join(30)
+
+    assert "error" not in outcome, outcome
+    assert outcome["grant"].offset == 600

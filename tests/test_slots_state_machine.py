@@ -32,7 +32,14 @@ from tests.conftest import make_user
 from uploads import exceptions
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit, writer_commit, writer_complete
-from uploads.services.slots import slot_admit, slot_release, slot_renew, slots_reap, slots_reset
+from uploads.services.slots import (
+    BUSY_RETRY_SECONDS,
+    slot_admit,
+    slot_release,
+    slot_renew,
+    slots_reap,
+    slots_reset,
+)
 from uploads.services.uploads import upload_create, upload_delete
 
 UPLOAD = Slot.Kind.UPLOAD
@@ -40,6 +47,7 @@ DOWNLOAD = Slot.Kind.DOWNLOAD
 GLOBAL_UPLOADS = 4
 USER_UPLOADS = 2
 GLOBAL_DOWNLOADS = 3
+USER_DOWNLOADS = 2
 LEASE = timedelta(seconds=30)
 T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 # Three users, so that two of them can fill the global limit while the third is refused.
@@ -109,6 +117,8 @@ class SlotStateMachine(RuleBasedStateMachine):
         """The refusal an admission must raise after reclaiming expired leases, or None if it must succeed."""
         alive = [s for pk, s in self.active(kind).items() if pk not in self.stuck(kind)]
         if kind == DOWNLOAD:
+            if sum(s.user == user for s in alive) >= USER_DOWNLOADS:
+                return exceptions.UserDownloadSlotsExhausted
             return exceptions.DownloadSlotsExhausted if len(alive) >= GLOBAL_DOWNLOADS else None
         if sum(s.user == user for s in alive) >= USER_UPLOADS:
             return exceptions.UserSlotsExhausted
@@ -164,6 +174,7 @@ class SlotStateMachine(RuleBasedStateMachine):
         if expected is not None:
             with pytest.raises(expected) as refused:
                 call()
+            assert type(refused.value) is expected  # the user's limit, or everyone's: the detail says which
             assert 1 <= refused.value.retry_after <= LEASE.total_seconds()
             return  # one transaction: nothing kept, not even the reap
         stuck = self.stuck(kind)
@@ -201,7 +212,9 @@ class SlotStateMachine(RuleBasedStateMachine):
         if current is not None and self.slots[current].holder and self.slots[current].expires > self.now:
             with pytest.raises(exceptions.UploadBusy) as refused:
                 claim()
-            assert refused.value.retry_after == math.ceil((self.slots[current].expires - self.now).total_seconds())
+            # Soon, never past the live holder's lease (the one answer to "is it alive?").
+            left = math.ceil((self.slots[current].expires - self.now).total_seconds())
+            assert refused.value.retry_after == min(BUSY_RETRY_SECONDS, left)
             return
         if current is not None and self.slots[current].holder:
             previous = current  # its holder's lease ran out: taken over
@@ -357,6 +370,8 @@ class SlotStateMachine(RuleBasedStateMachine):
             assert len(mine) <= USER_UPLOADS, name
             assert len({s.user_index for s in mine}) == len(mine), name
             assert all(0 <= s.user_index < USER_UPLOADS for s in mine), name
+            theirs = [s for s in downloads if s.user_id == user.pk]
+            assert len({s.user_index for s in theirs}) == len(theirs) <= USER_DOWNLOADS, name
         writers = [s.upload_id for s in uploads]
         assert len(set(writers)) == len(writers), "two active upload slots for one upload"
         for kind, limit in ((UPLOAD, GLOBAL_UPLOADS), (DOWNLOAD, GLOBAL_DOWNLOADS)):
@@ -419,6 +434,7 @@ def test_slot_state_machine_keeps_its_invariants(limits):
         global_upload_slots=GLOBAL_UPLOADS,
         user_upload_slots=USER_UPLOADS,
         global_download_slots=GLOBAL_DOWNLOADS,
+        user_download_slots=USER_DOWNLOADS,
         slot_lease_seconds=int(LEASE.total_seconds()),
     )
     run_state_machine_as_test(

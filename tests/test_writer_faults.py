@@ -9,10 +9,8 @@ held on a threading.Event; everything else is the real stack.
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import threading
 import time
 from datetime import timedelta
@@ -24,6 +22,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 
 from directdrivex.routing import application
+from tests.support.files import lock_is_free, open_descriptors
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
     CHUNK,
     OPENED,
@@ -51,21 +50,6 @@ from uploads.transports.tickets import ws_url
 pytestmark = pytest.mark.django_db(transaction=True)
 
 GiB = 1024**3
-
-
-def lock_is_free(path) -> bool:
-    """Whether nobody holds the part file's flock (a writer that let go of it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 async def eventually(condition, what: str, timeout: float = 5.0):
@@ -229,6 +213,92 @@ async def test_a_live_holder_busy_re_hashing_is_not_taken_over(alice):
     assert (ready["type"], ready["offset"]) == ("ready", 2 * GiB)
     await first.send_to(bytes_data=b"q" * CHUNK)
     assert (await finish(first))["type"] == "complete"
+
+
+async def sparse_finished_file(upload: Upload, size: int) -> None:
+    """A finished file of ``size`` bytes in place (sparse), as a writer stopped after its rename leaves it."""
+    storage.backend().prepare()
+    with open(local.final_path(upload.storage_key), "wb") as handle:
+        handle.truncate(size)
+    await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=size, size=size)
+
+
+@pytest.mark.parametrize("stop", ["reset", "text frame", "disconnect"])
+async def test_a_stop_during_the_rehash_of_a_finished_file_ends_with_its_own_code(alice, stop, caplog):
+    upload = await create(alice, payload(1), sha256="")
+    await sparse_finished_file(upload, 2 * GiB)  # about two seconds of sha256
+    communicator = await opened_without_reading(upload)
+    final = local.final_path(upload.storage_key)
+    await eventually(lambda: open_descriptors([final]), "the writer to be re-hashing the finished file")
+
+    if stop == "reset":
+        await database_sync_to_async(slots_reset)(upload=upload)
+        await expect_close(communicator, "lease_lost", 4410)
+    elif stop == "text frame":
+        await communicator.send_to(text_data="{}")
+        await expect_close(communicator, "protocol_error", 4400)
+    else:
+        await communicator.disconnect()
+        await eventually(lambda: _no_holder(upload), "the slot to be released", 1.5)
+
+    # Not a server fault: no 4500, no traceback (before, every one of them was 4500 with a traceback).
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    after = await refresh(upload)
+    assert (after.status, after.offset) == ("uploading", 2 * GiB)
+
+
+async def _has_holder(upload) -> bool:
+    return await database_sync_to_async(Slot.objects.active().filter(upload=upload).exclude(holder_channel="").exists)()
+
+
+async def test_a_part_made_visible_by_a_fenced_writer_just_before_the_open_is_completed_not_rewound(alice, monkeypatch):
+    # The previous writer made every byte durable, then its lease was reclaimed; it
+    # wakes up and renames the part into place between our look for a finished
+    # file and our open of the part. Before, the open made an empty part anew and
+    # the durable offset was rewound to 0: every byte was to be sent again.
+    data = payload(3 * CHUNK)
+    upload = await create(alice, data)
+    stale = await database_sync_to_async(grants.writer_admit)(alice, upload.pk, "specific.stale!writer")
+    part = storage.backend().open_part(stale.storage_key, 0)
+    part.append([data])
+    part.sync()
+    await database_sync_to_async(grants.writer_commit)(stale, len(data))
+    await database_sync_to_async(slots_reset)(upload=upload)  # the stale writer is fenced now
+    real_digest = type(storage.backend()).finished_digest
+
+    def then_the_stale_writer_renames(backend, key, size, interrupt=None):
+        digest = real_digest(backend, key, size, interrupt)
+        if part.fd >= 0:
+            part.finalize()  # what the fenced writer does next, before it learns it was fenced
+            part.close()
+        return digest
+
+    monkeypatch.setattr(type(storage.backend()), "finished_digest", then_the_stale_writer_renames)
+    communicator, ready = await connect_ticket(upload)
+
+    assert (ready["type"], ready["offset"]) == ("ready", len(data))
+    complete = await finish(communicator)
+    assert (complete["type"], complete["sha256"]) == ("complete", hashlib.sha256(data).hexdigest())
+    assert local.final_path(upload.storage_key).read_bytes() == data
+    assert not local.part_path(upload.storage_key).exists()
+
+
+async def test_a_symlink_planted_at_the_part_path_is_a_server_fault_and_its_target_is_not_touched(alice, tmp_path):
+    target = tmp_path / "outside.conf"
+    target.write_bytes(b"important settings\n" * 100)
+    data = payload(2 * CHUNK)
+    upload = await create(alice, data)
+    storage.backend().prepare()
+    local.part_path(upload.storage_key).symlink_to(target)
+
+    communicator = await opened_without_reading(upload)
+    await expect_close(communicator, "internal_error", 4500)
+
+    # Before: the writer opened the link and truncated its target to the durable offset (0).
+    assert target.read_bytes() == b"important settings\n" * 100
+    after = await refresh(upload)
+    assert after.status == "uploading"  # resumable once an operator repairs the folder (uploads fsck)
+    assert await active_slots(upload) == 0 or not await _has_holder(upload)
 
 
 # --- finalization under a lost lease or a delete --------------------------------------------
@@ -429,6 +499,52 @@ async def test_on_a_slow_disk_acks_are_held_back_to_what_is_durable(alice, monke
     after_first_commit = [(ack, durable) for ack, durable in acks if durable > 0]
     assert len(after_first_commit) >= 3, acks
     assert all(ack <= durable for ack, durable in after_first_commit), acks
+
+
+async def test_acks_stop_running_ahead_while_the_first_commit_is_still_slow(alice, monkeypatch):
+    # A disk that turns slow before any commit told the writer so: its first fsync
+    # takes 3 s, and every write a little while, so that bytes keep waiting to be
+    # written (the writer never idles into a commit of its own meanwhile).
+    monkeypatch.setattr(writer, "COMMIT_SECONDS", 0.05)
+    monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
+    real_sync, real_append, first_sync = local.LocalPart.sync, local.LocalPart.append, {}
+
+    def slow_first_sync(part):
+        if not first_sync:
+            first_sync["started"] = time.monotonic()
+            time.sleep(3)
+            real_sync(part)
+            first_sync["done"] = time.monotonic()
+            return
+        real_sync(part)
+
+    def slow_append(part, chunks):
+        time.sleep(0.01)
+        return real_append(part, chunks)
+
+    monkeypatch.setattr(local.LocalPart, "sync", slow_first_sync)
+    monkeypatch.setattr(local.LocalPart, "append", slow_append)
+    data = payload(40 * WINDOW)
+    upload = await create(alice, data)
+    communicator, _ready = await connect_ticket(upload)
+
+    sent = acked = 0
+    acks = []  # (when, offset)
+    while True:
+        while sent < len(data) and sent + CHUNK - acked <= WINDOW:
+            await communicator.send_to(bytes_data=data[sent : sent + CHUNK])
+            sent += CHUNK
+        message = json.loads(await communicator.receive_from(timeout=10))
+        if message["type"] == "complete":
+            break
+        acked = message["offset"]
+        acks.append((time.monotonic(), acked))
+
+    # Nothing was durable during the slow commit: once it had run past ACK_HOLD_SECONDS
+    # (0.3 s of slack for the loop), no further ack may promise bytes.
+    promised = [offset for when, offset in acks if first_sync["started"] + 0.5 < when < first_sync["done"]]
+    assert promised == [], acks
+    assert acks[-1][1] == len(data)
 
 
 def test_the_lease_margin_scales_so_that_a_five_second_lease_leaves_time_to_write():

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-from pathlib import Path
 
 import pytest
 from channels.db import database_sync_to_async
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 
 from directdrivex.routing import application
 from tests.conftest import make_user
-from tests.test_writer_faults import lock_is_free
+from tests.support.files import lock_is_free, open_descriptors
 from uploads import writer
 from uploads.models import Slot, Upload
 from uploads.services.slots import slots_reset
@@ -85,18 +84,6 @@ class Client:
                 return
             await self.communicator.send_to(bytes_data=frame)
             self.sent += len(frame)
-
-
-def open_descriptors(paths: list[Path]) -> list[str]:
-    """File descriptors of this process that point at any of ``paths``."""
-    wanted = {str(path) for path in paths}
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
-            if target in wanted:
-                found.append(target)
-    return found
 
 
 async def run_events(alice, events) -> None:

@@ -21,11 +21,13 @@ body; nginx then sends the bytes and answers Range itself (docs/api.md,
 import asyncio
 import logging
 import re
-import time
+import threading
 import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import quote
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 
@@ -139,85 +141,190 @@ def _accel_redirect(user, upload: Upload, prefix: str, headers: dict[str, str]) 
     return HttpResponse(headers=headers)
 
 
-def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, str]) -> StreamingHttpResponse:
+def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, str]) -> "DownloadResponse":
     first, length = (decision.byte_range.first, decision.byte_range.length) if decision.byte_range else (0, upload.size)
     # Opened before the slot is taken: a missing file is a server fault (fsck
     # finds it), answered 500 with a log line, and must not cost a slot.
-    handle = storage.backend().open_finished(upload.storage_key)
+    reader = storage.backend().open_finished(upload.storage_key)
     try:
-        slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload)
+        channel = _new_channel()
+        slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload, holder_channel=channel)
     except BaseException:
-        handle.close()
+        reader.close()
         raise
     log.info(
         "download started upload=%s user=%s slot=%s first=%s length=%s", upload.pk, user.pk, slot.pk, first, length
     )
-    body = _body(handle, first, length, slot, upload_id=upload.pk, user_id=user.pk)
-    return StreamingHttpResponse(body, status=decision.status, headers=headers)
+    hold = DownloadHold(slot, channel, upload_id=upload.pk, user_id=user.pk)
+    return DownloadResponse(hold, _body(reader, hold, first, length), status=decision.status, headers=headers)
 
 
-async def _db(function, *args, **kwargs):
-    # No deadline: a body waits for its renewal or release as long as the database takes.
-    return await db_call(function, *args, timeout=None, **kwargs)
+def _new_channel() -> str:
+    """A channel-layer name for the download, so that a revocation reaches it at once (notify_holders)."""
+    layer = get_channel_layer()
+    return async_to_sync(layer.new_channel)("download") if layer is not None else ""
 
 
 def renew_interval() -> float:
-    """How often a streaming body renews its slot's lease: well inside one lease."""
+    """How often a download renews its slot's lease: well inside one lease."""
     return settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS / 3
 
 
-async def _body(
-    handle: storage.FinishedReader, first: int, length: int, slot: Slot, *, upload_id, user_id
-) -> AsyncIterator[bytes]:
-    """The file's bytes ``first`` .. ``first + length - 1`` in blocks, holding ``slot`` until it ends."""
+class DownloadHold:
+    """A streaming download's slot: renewed in the background, ended by a revocation, released exactly once.
+
+    The renewals run in a task of their own (``keep``), not between blocks:
+    a block can wait on a slow reader's socket far longer than a lease, and
+    a download must not lose its slot (and its client the rest of the file)
+    for reading slowly. ``revoked`` is set when a renewal finds the slot
+    taken (a reset, a reap, a delete) or a revocation notice arrives on the
+    slot's channel; the body stops at its next block.
+    """
+
+    def __init__(self, slot: Slot, channel: str, *, upload_id, user_id):
+        self.slot = slot
+        self.channel = channel
+        self.upload_id = upload_id
+        self.user_id = user_id
+        self.revoked = ""  # why, once revoked
+        self._claim = threading.Lock()
+        self._released = False
+
+    async def keep(self) -> None:
+        """Renew the lease every renew_interval() and listen for a revocation, until cancelled or revoked."""
+        notice = asyncio.ensure_future(self._notice()) if self.channel else None
+        try:
+            while not self.revoked:
+                sleep = asyncio.ensure_future(asyncio.sleep(renew_interval()))
+                await asyncio.wait({sleep, notice} - {None}, return_when=asyncio.FIRST_COMPLETED)
+                if not sleep.done():
+                    sleep.cancel()
+                    return  # the notice ended the hold
+                try:
+                    # No deadline: a renewal waits for a slow database as long as it takes.
+                    await db_call(slot_renew, self.slot.pk, self.slot.generation, timeout=None)
+                except LeaseLost:
+                    self._revoke("the slot was released by someone else (reset, reap or delete)")
+                except Exception:
+                    # The database is down: try again next time; a lost lease shows up then.
+                    log.warning(
+                        "download lease not renewed upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True
+                    )
+        finally:
+            if notice is not None:
+                notice.cancel()
+
+    async def _notice(self) -> None:
+        layer = get_channel_layer()
+        try:
+            message = await layer.receive(self.channel)
+        except Exception:  # a channel layer outage: the renewals still find a revocation
+            log.warning(
+                "download cannot hear revocations upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True
+            )
+            await asyncio.Event().wait()  # until cancelled
+        self._revoke(message.get("detail", "revoked"))
+
+    def _revoke(self, why: str) -> None:
+        self.revoked = why
+        log.warning("download revoked upload=%s user=%s slot=%s: %s", self.upload_id, self.user_id, self.slot.pk, why)
+
+    def _first_release(self) -> bool:
+        with self._claim:
+            first, self._released = not self._released, True
+            return first
+
+    async def release(self, reason: str, *, sent: int) -> None:
+        """From the body, however it ended; a second cancellation does not stop the release half-way."""
+        if not self._first_release():
+            return
+        release = asyncio.ensure_future(
+            db_call(slot_release, self.slot.pk, reason, generation=self.slot.generation, timeout=None)
+        )
+        try:
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            log.warning("download cancelled while releasing upload=%s slot=%s", self.upload_id, self.slot.pk)
+            raise
+        except Exception:
+            # The database is down: the slot is freed when its lease runs out.
+            log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
+            return
+        log.info(
+            "download ended upload=%s user=%s slot=%s reason=%s sent=%s",
+            self.upload_id, self.user_id, self.slot.pk, reason, sent,
+        )  # fmt: skip
+
+    def release_unstarted(self) -> None:
+        """From the response's close() (a thread) when the body never ran: the client left before it began."""
+        if not self._first_release():
+            return
+        try:
+            slot_release(self.slot.pk, Slot.ReleaseReason.DISCONNECTED, generation=self.slot.generation)
+        except Exception:
+            log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
+            return
+        log.info("download dropped before its body upload=%s slot=%s", self.upload_id, self.slot.pk)
+
+
+class DownloadResponse(StreamingHttpResponse):
+    """A streamed download that gives its slot back when it is closed, body or no body.
+
+    Django closes every response it sent; one it dropped because the client
+    left while the view ran is closed by directdrivex.handler.
+    """
+
+    def __init__(self, hold: DownloadHold, body, **kwargs):
+        super().__init__(body, **kwargs)
+        self.hold = hold
+
+    def close(self):
+        try:
+            self.hold.release_unstarted()
+        finally:
+            super().close()
+
+
+async def _body(reader: storage.FinishedReader, hold: DownloadHold, first: int, length: int) -> AsyncIterator[bytes]:
+    """The file's bytes ``first`` .. ``first + length - 1`` in blocks, holding the download slot until it ends.
+
+    It ends short (the server then closes the connection: directdrivex.server)
+    when the slot is revoked or the file deleted: a 204 to DELETE means no
+    more of the file goes out, beyond the block already on its way.
+    """
     position, remaining = first, length
     reason = Slot.ReleaseReason.DISCONNECTED
-    renew_at = time.monotonic() + renew_interval()
+    keeper = asyncio.ensure_future(hold.keep())
     # Inside the body, so that a body never started (the client left first) is never counted.
     metrics.CONNECTIONS_OPEN.labels("download").inc()
     try:
         while remaining:
-            # Disk reads block: never on the event loop.
-            block = await asyncio.to_thread(handle.read, position, min(BLOCK_BYTES, remaining))
+            if hold.revoked:
+                reason = Slot.ReleaseReason.RESET
+                return
+            try:
+                # Disk reads block: never on the event loop.
+                block = await asyncio.to_thread(reader.read, position, min(BLOCK_BYTES, remaining))
+            except storage.FileGone:
+                log.warning("download file deleted upload=%s slot=%s at=%s", hold.upload_id, hold.slot.pk, position)
+                reason = Slot.ReleaseReason.CANCELLED
+                return
             if not block:
                 # Shorter than its row says (lost or cut by hand): the client sees a short body.
-                log.error("download file short upload=%s user=%s at=%s", upload_id, user_id, position)
+                log.error("download file short upload=%s user=%s at=%s", hold.upload_id, hold.user_id, position)
                 reason = Slot.ReleaseReason.ERROR
                 return
             yield block
             metrics.BYTES_SERVED.inc(len(block))  # per 1 MiB block, not per byte
             position += len(block)
             remaining -= len(block)
-            if time.monotonic() >= renew_at:
-                # A body that cannot renew its lease (the slot was revoked: the file
-                # deleted, an admin reset) stops; its client sees a short body.
-                await _db(slot_renew, slot.pk, slot.generation)
-                renew_at = time.monotonic() + renew_interval()
         reason = Slot.ReleaseReason.COMPLETED
-    except LeaseLost:
-        log.warning("download slot revoked upload=%s user=%s slot=%s at=%s", upload_id, user_id, slot.pk, position)
-        reason = Slot.ReleaseReason.RESET
     except Exception:
         # A read or database fault: Django logs it and drops the connection; the client sees a short body.
         reason = Slot.ReleaseReason.ERROR
         raise
     finally:
-        handle.close()
+        keeper.cancel()
+        await asyncio.to_thread(reader.close)
         metrics.CONNECTIONS_OPEN.labels("download").dec()
-        await _release(slot, reason, upload_id=upload_id, user_id=user_id, sent=position - first)
-
-
-async def _release(slot: Slot, reason: str, *, upload_id, user_id, sent: int) -> None:
-    release = asyncio.ensure_future(_db(slot_release, slot.pk, reason, generation=slot.generation))
-    try:
-        # Shielded: a second cancellation (Daphne's, 10 s after a disconnect)
-        # must not stop the release half-way; it finishes in its thread regardless.
-        await asyncio.shield(release)
-    except asyncio.CancelledError:
-        log.warning("download cancelled while releasing upload=%s user=%s slot=%s", upload_id, user_id, slot.pk)
-        raise
-    except Exception:
-        # The database is down: the slot is freed when its lease runs out.
-        log.warning("download slot not released upload=%s user=%s slot=%s", upload_id, user_id, slot.pk, exc_info=True)
-        return
-    log.info("download ended upload=%s user=%s slot=%s reason=%s sent=%s", upload_id, user_id, slot.pk, reason, sent)
+        await hold.release(reason, sent=position - first)

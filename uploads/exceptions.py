@@ -70,11 +70,6 @@ class UploadBusy(DirectDriveXError):
     close_code = 4409
     default_detail = "Another connection is writing this upload."
 
-    def __init__(self, detail: str | None = None, *, retry_after: int | None = None, holder_channel: str = ""):
-        super().__init__(detail, retry_after=retry_after)
-        # Internal: lets the consumer ask whether the holder is still alive. Never sent to clients.
-        self.holder_channel = holder_channel
-
 
 class NotUploading(DirectDriveXError):
     """The upload is complete, cancelled, expired, failed or deleted."""
@@ -163,6 +158,12 @@ class DownloadSlotsExhausted(SlotsExhausted):
 
     code = "download_slots_exhausted"
     default_detail = "The server is handling the maximum number of downloads; try again shortly."
+
+
+class UserDownloadSlotsExhausted(DownloadSlotsExhausted):
+    """The user already holds the per-user number of download slots (same code: the spec has one for downloads)."""
+
+    default_detail = "You already have the maximum number of downloads in progress; try again when one ends."
 
 
 class IdleTimeout(DirectDriveXError):

@@ -1,14 +1,22 @@
 """One connection's hold on an upload's bytes, whatever the transport brings them.
 
 An ``UploadWriter`` owns, for the life of one connection: the writer grant
-(slot + fencing generation), the part file and its flock, the running sha256,
-the local lease deadline, durable commits, the fenced finalization and the
+(slot + fencing generation), the part and its hold, the running sha256, the
+local lease deadline, durable commits, the fenced finalization and the
 release. A transport (the WebSocket consumer today, an HTTP PATCH handler
-later) feeds it bytes with :meth:`feed`, asks it to stop with :meth:`stop`,
-and awaits :meth:`run`, the one sequential task that writes a batch, commits
-when due and finalizes when the last byte lands. Nothing here waits for a
-second task, so no wait cycle can form; every exit path goes through
-:meth:`close`, which has a deadline and always lets go of the file.
+later) feeds it bytes with :meth:`feed`, asks it to stop with :meth:`stop`
+(or :meth:`revoke`, when the upload was taken away), and awaits :meth:`run`,
+the one sequential task that writes a batch, commits when due and finalizes
+when the last byte lands. Nothing here waits for a second task, so no wait
+cycle can form; every exit path goes through :meth:`close`, which has a
+deadline and always lets go of the part.
+
+Its life is a ``State``: ADMITTING until the grant and the part are in hand,
+WRITING, DRAINING once asked to stop (what arrived is still written and made
+durable), FINALIZING once every byte is in, then COMPLETE, or FENCED the
+moment the upload belongs to someone else (a reap, reset, cancel, delete or a
+newer writer: nothing is committed, released or deleted after that), and
+CLOSING / CLOSED.
 
 Durability (spec, "WebSocket upload protocol" 4): offsets are committed
 (fsync, then one fenced UPDATE that renews the lease) every COMMIT_BYTES or
@@ -16,14 +24,16 @@ COMMIT_SECONDS. A commit runs in a thread while the next batches are
 written, but the sequence itself starts it, collects its outcome between
 batches and waits for it when it must: before finalizing, and before writing
 more once the written bytes lead the durable offset by ACK_LEAD_BYTES — so
-acks never lead durability by more than that plus one batch. When the disk is
-so slow that a commit takes longer than ACK_HOLD_SECONDS, acks are held back
-to the durable offset itself until it recovers, so the 5 s bound holds there
-too.
+acks never lead durability by more than that plus one batch. Once a commit
+has taken longer than ACK_HOLD_SECONDS (the one in flight included: a slow
+disk is noticed while it is slow, not after), acks are held back to the
+durable offset itself until commits are fast again, so the 5 s bound holds
+there too.
 """
 
 import asyncio
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -33,14 +43,8 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from uploads import storage
-from uploads.exceptions import (
-    ChecksumMismatch,
-    IdleTimeout,
-    LeaseLost,
-    NotUploading,
-    UploadBusy,
-)
+from uploads import budgets, storage
+from uploads.exceptions import ChecksumMismatch, IdleTimeout, LeaseLost, NotUploading, UploadBusy
 from uploads.models import Slot
 from uploads.ops import metrics
 from uploads.services.calls import db_call
@@ -71,9 +75,9 @@ ACK_HOLD_SECONDS = 2.5
 # Written (and so acknowledged) bytes never lead the durable offset by more than
 # this plus one batch: the spec's 64 MiB, with room for a batch and a frame.
 ACK_LEAD_BYTES = 56 * 1024 * 1024
-# Everything a closing writer still does (final commit, release) fits in this;
-# below Daphne's 10 s application_close_timeout after a disconnect.
-CLOSE_SECONDS = 8.0
+# Frames smaller than this are copied into one buffer instead of queued one by
+# one: a client sending tiny frames costs the queue bytes, not an object per frame.
+COALESCE_BYTES = 64 * 1024
 
 
 def lease_safety_seconds(lease_seconds: float) -> float:
@@ -89,6 +93,23 @@ def lease_safety_seconds(lease_seconds: float) -> float:
 def renew_interval(lease_seconds: float) -> float:
     """How often an idle writer renews its lease: well inside the local deadline (lease - lease/5)."""
     return min(10.0, lease_seconds / 4)
+
+
+class State(enum.Enum):
+    """Where a writer is in its life (see the module docstring)."""
+
+    ADMITTING = "admitting"  # getting the grant and opening the part: no byte is accepted yet
+    WRITING = "writing"  # ready: bytes are written, committed and acknowledged
+    DRAINING = "draining"  # asked to stop: what arrived is written and made durable, then run() ends
+    FINALIZING = "finalizing"  # every byte is in: verify, make durable and visible, mark complete
+    COMPLETE = "complete"  # the upload is complete; completing it released the slot
+    FENCED = "fenced"  # someone else owns the upload now: commit, release and delete nothing
+    CLOSING = "closing"  # close(): the tail is made durable and the slot freed
+    CLOSED = "closed"  # nothing held
+
+
+# States after which nothing of the connection's is to be settled by close().
+SETTLED = frozenset({State.COMPLETE, State.FENCED})
 
 
 class ClientGone(Exception):
@@ -111,6 +132,11 @@ class Completed:
 AckCallback = Callable[[int], Awaitable[None]]
 
 
+def _release_unused(grant: WriterGrant) -> None:
+    """A grant that arrived after its connection stopped waiting for it: give its slot back at once."""
+    writer_release(grant, Slot.ReleaseReason.DISCONNECTED)
+
+
 class UploadWriter:
     """See the module docstring. Not thread-safe: one event loop drives it."""
 
@@ -118,25 +144,23 @@ class UploadWriter:
         self.user = user
         self.upload_id = upload_id
         self.holder_channel = holder_channel
+        self.state = State.ADMITTING
         self.grant: WriterGrant | None = None
         self.part: storage.PartWriter | None = None
-        self.pending: deque[memoryview | bytes] = deque()
+        self.pending: deque[bytes | bytearray] = deque()
         self.received = self.written = self.durable = self.acked = 0
         self.lease_seconds = settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS
         self.idle_seconds = settings.DIRECTDRIVEX_IDLE_SECONDS
         self.batch_bytes = max(1, settings.DIRECTDRIVEX_WINDOW // 4)
+        # Why run() is to end, once stop() or revoke() asked it to.
         self._stop: Exception | None = None
-        self._keep_pending = True
-        # Set by stop(): the re-hash of a resumed prefix checks it between blocks.
+        # Set by stop() and revoke(): a long re-hash in a thread checks it between blocks.
         self._interrupt = threading.Event()
         self._wake = asyncio.Event()
-        self._inflight: set[asyncio.Future] = set()  # disk operations running in threads on our fd
+        self._inflight: set[asyncio.Future] = set()  # disk operations running in threads on our part
         self._commit_task: asyncio.Future | None = None  # the one commit in flight, collected by run()
-        self._fenced = False  # someone else owns the upload now: never commit or release again
-        self._released = False
-        self._closed = False
-        self._ready = False
-        self._finished_digest: str | None = None
+        self._commit_started = 0.0
+        self._finished_digest: str | None = None  # a finished file found in place at open
         self._last_commit_seconds = 0.0
         self._first_unsynced_at: float | None = None
         self._lease_deadline = 0.0
@@ -148,11 +172,13 @@ class UploadWriter:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        """Whether the transport may take bytes: the writer was admitted and its part opened."""
+        return self.state is not State.ADMITTING
 
     @property
     def closing(self) -> bool:
-        return self._stop is not None or self._closed
+        """Whether the writer is on its way out: bytes arriving now are dropped."""
+        return self._stop is not None or self.state in (State.FENCED, State.CLOSING, State.CLOSED)
 
     @property
     def size(self) -> int:
@@ -160,65 +186,62 @@ class UploadWriter:
 
     def feed(self, data: bytes) -> None:
         """Queue the next bytes of the file (the transport has checked window and size)."""
-        self.pending.append(data)
+        last = self.pending[-1] if self.pending else None
+        if len(data) < COALESCE_BYTES and isinstance(last, bytearray) and len(last) < COALESCE_BYTES:
+            last += data
+        elif len(data) < COALESCE_BYTES:
+            self.pending.append(bytearray(data))
+        else:
+            self.pending.append(data)
         self.received += len(data)
         self._wake.set()
 
-    def stop(self, refusal: Exception, *, keep_pending: bool) -> None:
-        """Ask run() to end with ``refusal``: after writing what was received (keep_pending) or at once.
-
-        The first request wins, except that an "at once" request (the upload was
-        revoked) overrides a gentler one.
-        """
+    def stop(self, refusal: Exception) -> None:
+        """Ask run() to end with ``refusal`` once what was received is written and durable (the first ask wins)."""
         if self._stop is None:
-            self._stop, self._keep_pending = refusal, keep_pending
-        elif not keep_pending and self._keep_pending:
-            self._stop, self._keep_pending = refusal, False
-        if not self._keep_pending:
-            self.pending.clear()
-            self._fenced = self._fenced or isinstance(refusal, LeaseLost | NotUploading)
+            self._stop = refusal
+        if self.state is State.WRITING:
+            self.state = State.DRAINING
         self._interrupt.set()
         self._wake.set()
 
-    async def open(self, *, holder_alive: Callable[[str], Awaitable[bool]]) -> int:
-        """Admit this connection as the upload's writer and open its part file; returns the resume offset.
+    def revoke(self, refusal: LeaseLost | NotUploading) -> None:
+        """The upload was taken away (reset, reap, cancel, delete): end with ``refusal`` at once, keeping nothing."""
+        self._stop = refusal
+        self.pending.clear()
+        if self.state not in (State.COMPLETE, State.CLOSED):
+            self.state = State.FENCED
+        self._interrupt.set()
+        self._wake.set()
 
-        ``holder_alive(channel)`` says whether the writer that holds the upload
-        now is alive; a dead one is taken over at once instead of after its lease.
+    async def open(self) -> int:
+        """Admit this connection as the upload's writer and open its part; returns the resume offset.
+
+        1. Ask for the grant (uploads.services.grants.writer_admit): a live
+           holder means UploadBusy. A grant that arrives after we stopped
+           waiting (deadline, cancellation) is released at once.
+        2. If the upload's finished file is already in place (a writer stopped
+           between making it visible and the database update), finish that.
+        3. Otherwise open the part at the durable offset. If the part is
+           shorter than that, look for the finished file once more (a fenced
+           writer may have made it visible between 2 and 3) before giving the
+           missing bytes up and resuming from what is there.
         """
-        try:
-            grant = await db_call(writer_admit, self.user, self.upload_id, self.holder_channel)
-        except UploadBusy as busy:
-            if not busy.holder_channel or await holder_alive(busy.holder_channel):
-                raise
-            log.warning("taking over from unresponsive holder=%s upload=%s", busy.holder_channel, self.upload_id)
-            grant = await db_call(
-                writer_admit, self.user, self.upload_id, self.holder_channel, dead_holder=busy.holder_channel
-            )
-        self.grant = grant
+        self.grant = await db_call(writer_admit, self.user, self.upload_id, self.holder_channel, undo=_release_unused)
         self._renewed(time.monotonic())
         self._raise_if_stopped()
-        finished = await self._in_thread(
-            storage.backend().finished_digest, grant.storage_key, grant.size, self._interrupt
-        )
-        if finished is not None:
-            # A writer was stopped between the atomic rename and the database
-            # update (crash, reset): the verified file is in place; finish that.
-            self.part = None
-            self.received = self.written = self.durable = self.acked = grant.size
-            self._finished_digest = finished
-        else:
+        if not await self._finished_in_place():
             await self._open_part()
         self._raise_if_stopped()
-        self._ready = True
+        self.state = State.WRITING
         self._last_byte_at = time.monotonic()
         return self.written
 
     async def run(self, send_ack: AckCallback) -> Completed:
         """Write, acknowledge, commit and finalize, in one sequence, until done or stopped."""
         while True:
-            if self._stop is not None and not self._keep_pending:
-                raise self._stop
+            if self.state is State.FENCED:
+                raise self._stop or LeaseLost()
             if self.written == self.size and not self.pending:
                 return await self._finalize()
             if self._stop is not None and not self.pending:
@@ -239,56 +262,81 @@ class UploadWriter:
             await self._ack(send_ack)
             await self._wait_for_bytes_or_timer()
 
-    async def close(self, reason: str) -> None:
-        """Make what was written durable if we still may, free the slot, let go of the file. Idempotent.
+    async def close(self, reason: str, *, deadline: float | None = None) -> None:
+        """Make what was written durable if we still may, free the slot, let go of the part. Idempotent.
 
-        Bounded by CLOSE_SECONDS; the file is let go even if the database is down.
+        Bounded by ``deadline`` (the event loop's clock; the transport's
+        disconnect budget) or else by budgets.CLOSE_SECONDS; the part is let
+        go even if the database is down, and the slot then expires with its lease.
         """
-        if self._closed:
+        if self.state in (State.CLOSING, State.CLOSED):
             return
-        self._closed = True
+        if self.state not in SETTLED:
+            self.state = State.CLOSING
         self._wake.set()
         self._interrupt.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budgets.CLOSE_SECONDS if deadline is None else deadline
         try:
-            await asyncio.wait_for(self._settle(reason), CLOSE_SECONDS)
+            await asyncio.wait_for(self._settle(reason, deadline), max(0.0, deadline - loop.time()))
         except TimeoutError:
-            log.error("writer close timed out upload=%s; the slot expires with its lease", self.upload_id)
+            log.error("writer close ran out of time upload=%s; the slot expires with its lease", self.upload_id)
         except Exception:
             log.exception("writer close failed upload=%s; the slot expires with its lease", self.upload_id)
         finally:
             if self._commit_task is not None and not self._commit_task.done():
                 self._commit_task.cancel()  # its thread, if any, finishes on its own
-            self._let_go_of_file()
+            self._let_go_of_part()
+            self.state = State.CLOSED
 
     # --- opening ----------------------------------------------------------------
+
+    async def _finished_in_place(self) -> bool:
+        grant = self.grant
+        digest = await self._interruptible(
+            storage.backend().finished_digest, grant.storage_key, grant.size, self._interrupt
+        )
+        if digest is None:
+            return False
+        self.part = None
+        self.received = self.written = self.durable = self.acked = grant.size
+        self._finished_digest = digest
+        return True
 
     async def _open_part(self):
         grant = self.grant
         try:
-            self.part = await self._in_thread(
+            self.part = await self._interruptible(
                 storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
             )
         except storage.PartLocked:
             # A frozen or dying writer still holds the file: it must not share it.
             raise UploadBusy("Another process still holds this upload's file.", retry_after=2) from None
         except storage.PartShort as short:
+            if await self._finished_in_place():
+                return
             # Bytes promised durable are gone (disk loss, manual deletion): resume from what is there.
             self.grant = grant = await db_call(writer_rewind, grant, short.on_disk)
-            self.part = await self._in_thread(
+            self.part = await self._interruptible(
                 storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
             )
-        except storage.Interrupted:
-            self._raise_if_stopped()
-            raise
         # A DELETE may have ended the upload between our admission and the
-        # open, which re-created the part file: make sure we still own it.
+        # open, which then made an empty part anew: make sure we still own it.
         try:
             await db_call(writer_check, grant)
         except NotUploading:
-            self._let_go_of_file()
+            self._let_go_of_part()
             await asyncio.to_thread(storage.backend().delete, grant.storage_key)
             raise
         self.received = self.written = self.durable = self.acked = grant.offset
+
+    async def _interruptible(self, function, *args):
+        """A disk operation that stop() or revoke() may interrupt: then it ends with their refusal."""
+        try:
+            return await self._in_thread(function, *args)
+        except storage.Interrupted:
+            self._raise_if_stopped()
+            raise
 
     def _raise_if_stopped(self):
         if self._stop is not None:
@@ -334,8 +382,10 @@ class UploadWriter:
         return max(0.0, min(COMMIT_SECONDS, DURABILITY_SECONDS - 1.5 * self._last_commit_seconds))
 
     def _acks_held(self) -> bool:
-        """After a commit slower than ACK_HOLD_SECONDS only durable bytes are acknowledged."""
-        return self._last_commit_seconds > ACK_HOLD_SECONDS
+        """Only durable bytes are acknowledged while commits are slow: the last one, or the one in flight."""
+        if self._last_commit_seconds > ACK_HOLD_SECONDS:
+            return True
+        return self._commit_task is not None and time.monotonic() - self._commit_started > ACK_HOLD_SECONDS
 
     async def _ack(self, send_ack: AckCallback):
         offset = self.durable if self._acks_held() else self.written
@@ -345,9 +395,9 @@ class UploadWriter:
 
     def _start_commit(self):
         """Start fsync + fenced UPDATE of the current offset in a thread; run() collects the outcome."""
-        offset, started = self.written, time.monotonic()
+        offset, self._commit_started = self.written, time.monotonic()
         self._first_unsynced_at = None  # bytes written from now on wait for the next commit
-        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, started))
+        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, self._commit_started))
         self._commit_task.add_done_callback(self._commit_done)
 
     def _commit_done(self, task: asyncio.Future):
@@ -374,8 +424,8 @@ class UploadWriter:
         self._commit_task = None
         try:
             offset, started = task.result()
-        except (LeaseLost, NotUploading):
-            self._fenced = True
+        except (LeaseLost, NotUploading) as refusal:
+            self._fenced(refusal)
             raise
         if offset > self.durable:
             metrics.BYTES_RECEIVED.inc(offset - self.durable)  # once per commit, never per frame
@@ -383,6 +433,13 @@ class UploadWriter:
         self._last_commit_seconds = time.monotonic() - started
         self._renewed(started)
         self._publish_progress()
+
+    def _fenced(self, refusal: LeaseLost | NotUploading) -> None:
+        """A compare-and-swap of ours changed nothing: the upload is someone else's now."""
+        if self.state is not State.CLOSED:
+            self.state = State.FENCED
+        if self._stop is None:
+            self._stop = refusal
 
     def _publish_progress(self):
         """Tell the owner's pages the new durable offset: at most once a PROGRESS_SECONDS, never waited for."""
@@ -420,51 +477,59 @@ class UploadWriter:
                 await self._commit()  # makes the tail durable, or just renews the lease
 
     async def _finalize(self) -> Completed:
-        """Verify, record offset = size (fenced, renewing the lease), rename, mark complete: in that order.
+        """Verify, record offset = size (fenced, renewing the lease), make visible, mark complete: in that order.
 
         Losing the lease at any step leaves the bytes for the next writer: after
-        the rename it finds a verified, visible file and completes it. Only an
-        ended upload (cancel, expire, delete) takes the bytes away.
+        the file became visible it finds a verified file in place and completes
+        it. Only an ended upload (cancel, expire, delete) takes the bytes away.
         """
+        self.state = State.FINALIZING
         grant = self.grant
         digest = self._finished_digest if self.part is None else self.part.hexdigest()
         if grant.sha256 and digest != grant.sha256:
-            await db_call(writer_fail, grant)  # raises LeaseLost / NotUploading if we were fenced
+            try:
+                await db_call(writer_fail, grant)
+            except (LeaseLost, NotUploading) as refusal:  # fenced: the bytes are the new owner's to judge
+                self._fenced(refusal)
+                raise
             raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
         if self.part is not None:
             await self._commit()
             try:
                 await self._in_thread(self.part.finalize)
             except FileNotFoundError:
-                await db_call(writer_check, grant)  # the part file vanished: a DELETE got there first
+                await db_call(writer_check, grant)  # the part vanished: a DELETE got there first
                 raise
         try:
             await db_call(writer_complete, grant, sha256=digest)
-        except NotUploading:
+        except NotUploading as refusal:
             # Cancelled, expired or deleted while we finalized: the file must not outlive its row.
+            self._fenced(refusal)
             await asyncio.to_thread(storage.backend().delete, grant.storage_key)
             raise
-        except LeaseLost:
-            self._fenced = True
+        except LeaseLost as refusal:
+            self._fenced(refusal)
             raise
-        self._released = True  # writer_complete released the slot
+        self.state = State.COMPLETE  # writer_complete released the slot
         return Completed(str(grant.upload_id), grant.size, digest)
 
     # --- cleanup -------------------------------------------------------------------
 
-    async def _settle(self, reason: str):
+    async def _settle(self, reason: str, deadline: float):
         if self._commit_task is not None:
             await asyncio.wait({self._commit_task})
             with contextlib.suppress(Exception):
                 await self._collect_commit(wait=True)  # fenced or failed: judged below
         await self._wait_inflight()
         grant = self.grant
-        if grant is None or self._fenced:
+        if grant is None or self.state in SETTLED:
             return
+        loop = asyncio.get_running_loop()
         if self.part is not None and self.written > self.durable:
             try:
                 await self._in_thread(self.part.sync)
-                await db_call(writer_commit, grant, self.written, timeout=CLOSE_SECONDS / 2)
+                # Half of what is left, so that the release below gets its turn too.
+                await db_call(writer_commit, grant, self.written, timeout=max(0.0, (deadline - loop.time()) / 2))
                 metrics.BYTES_RECEIVED.inc(self.written - self.durable)
                 self.durable = self.written
             except (LeaseLost, NotUploading):
@@ -472,12 +537,11 @@ class UploadWriter:
             except Exception:
                 # The resume point stays at the last durable offset; still try to free the slot.
                 log.warning("final commit failed upload=%s", self.upload_id, exc_info=True)
-        if not self._released:
-            await db_call(writer_release, grant, reason, timeout=CLOSE_SECONDS / 2)
-            self._released = True
+        if self.state is not State.FENCED:
+            await db_call(writer_release, grant, reason, timeout=max(0.0, deadline - loop.time()))
 
     async def _in_thread(self, function, *args):
-        """Run one disk operation in a thread; the part file is never closed under it."""
+        """Run one disk operation in a thread; the part is never closed under it."""
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
@@ -492,7 +556,7 @@ class UploadWriter:
         if self._inflight:
             await asyncio.wait(set(self._inflight))
 
-    def _let_go_of_file(self):
+    def _let_go_of_part(self):
         part, self.part = self.part, None
         if part is None:
             return
@@ -501,8 +565,8 @@ class UploadWriter:
             part.close()
             return
 
-        # A thread still writes or fsyncs through this fd: closing it now could
-        # let the number be reused under the thread's pwrite. Close when the last one ends.
+        # A thread still writes or fsyncs through this part: closing it now could
+        # let its descriptor be reused under the thread's write. Close when the last one ends.
         def close_when_idle(_future):
             running.discard(_future)
             if not running:

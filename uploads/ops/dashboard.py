@@ -188,14 +188,15 @@ def per_user_usage(now: datetime) -> list[dict]:
         )
     }
     quotas = dict(UserQuota.objects.filter(user_id__in=ids).values_list("user_id", "max_bytes"))
-    user_limit = slot_limits(Slot.Kind.UPLOAD).user_limit
+    upload_limit, download_limit = slot_limits(Slot.Kind.UPLOAD).user_limit, slot_limits(Slot.Kind.DOWNLOAD).user_limit
     return [
         {
             "user": u["user__username"],
             "user_id": u["user_id"],
             "upload_slots": u["upload"],
-            "upload_slot_limit": user_limit,
+            "upload_slot_limit": upload_limit,
             "download_slots": u["download"],
+            "download_slot_limit": download_limit,
             "stuck_slots": u["stuck"],
             "unfinished_uploads": u["unfinished"],
             "stored_bytes": stored.get(u["user_id"], {}).get("used") or 0,

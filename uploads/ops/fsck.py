@@ -66,6 +66,10 @@ class Kind(TextChoices):
     ORPHAN_PART = "orphan_part", "part file without an upload row"
     ORPHAN_FILE = "orphan_file", "finished file without an upload row"
     STRAY = "stray", "entry outside the storage layout"
+    NOT_A_FILE = (
+        "not_a_file",
+        "something other than a regular file (a symlink, a folder, a device) where an upload's bytes belong",
+    )
 
 
 @dataclass
@@ -319,6 +323,9 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
     except storage.PartLocked:
         report.held_files += 1  # a writer process has it open: it judges the file itself when it resumes
         return
+    except storage.NotAFile as error:
+        _add_not_a_file(report, upload, path, error)
+        return
     except FileNotFoundError:
         if upload.offset > 0 and not _finished_in_place(upload):
             report.add(
@@ -346,7 +353,11 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
 
 def _find_complete(report: FsckReport, upload: Upload, verify: bool) -> None:
     path = _file(upload)
-    on_disk = storage.backend().entry_size(path)
+    try:
+        on_disk = storage.backend().entry_size(path)
+    except storage.NotAFile as error:
+        _add_not_a_file(report, upload, path, error)
+        return
     if on_disk is None:
         report.add(Kind.MISSING_FILE, f"complete upload of {upload.size} bytes has no file", **_about(upload, path))
         return
@@ -371,7 +382,11 @@ def _find_complete(report: FsckReport, upload: Upload, verify: bool) -> None:
 def _find_leftover(report: FsckReport, upload: Upload, area: str) -> None:
     """Bytes an ended upload no longer needs: its ending stopped between the commit and the delete."""
     path = _part(upload) if area == Area.PARTIAL else _file(upload)
-    if not _is_unheld_file(report, path):
+    try:
+        if not _is_unheld_file(report, path):
+            return
+    except storage.NotAFile as error:
+        _add_not_a_file(report, upload, path, error)
         return
     kind = Kind.LEFTOVER_PART if area == Area.PARTIAL else Kind.LEFTOVER_FILE
     what = "a part file" if area == Area.PARTIAL else "a file"
@@ -383,8 +398,16 @@ def _find_leftover(report: FsckReport, upload: Upload, area: str) -> None:
     )
 
 
+def _add_not_a_file(report: FsckReport, upload: Upload, name: str, error: storage.NotAFile) -> None:
+    """Never followed, opened or deleted: reported, and moved aside by --repair (as a stray is)."""
+    report.add(Kind.NOT_A_FILE, f"{error.what} where the upload's bytes belong", **_about(upload, name))
+
+
 def _is_unheld_file(report: FsckReport, name: str) -> bool:
-    """Whether the entry ``name`` exists and no writer holds it (a held one is counted and left alone)."""
+    """Whether the entry ``name`` exists and no writer holds it (a held one is counted and left alone).
+
+    NotAFile: something other than a regular file is there.
+    """
     try:
         with storage.backend().hold(name):
             return True
@@ -401,16 +424,20 @@ def _find_files(report: FsckReport) -> None:
     # is missing after the scan is an orphan, not a file being born.
     entries = list(storage.backend().scan())
     report.checked["files"] = len(entries)
+    reported = {finding.path for finding in report.findings if finding.path}
     for start in range(0, len(entries), PAGE):
         batch = entries[start : start + PAGE]
         keys = {entry.key for entry in batch if entry.key}
         known = set(Upload.objects.filter(storage_key__in=keys).values_list("storage_key", flat=True))
         for entry in batch:
-            if entry.key in known:
+            if entry.key in known or entry.name in reported:
                 continue  # the row checks judged it
             if entry.key and STORAGE_KEY.fullmatch(entry.key):
-                if not _is_unheld_file(report, entry.name):
-                    continue
+                try:
+                    if not _is_unheld_file(report, entry.name):
+                        continue
+                except storage.NotAFile:
+                    continue  # replaced since the scan: the next run judges what is there
                 kind = Kind.ORPHAN_PART if entry.area == Area.PARTIAL else Kind.ORPHAN_FILE
                 detail = f"no upload has the storage key {entry.key}"
             else:
@@ -439,7 +466,7 @@ def fsck_repair(report: FsckReport) -> None:
                     _repair_stuck(report, stuck)
             else:
                 REPAIRS[finding.kind](finding, batch)
-        except (OSError, DatabaseError) as exc:
+        except (OSError, DatabaseError, storage.StorageError) as exc:
             log.exception("fsck repair failed kind=%s upload=%s path=%s", finding.kind, finding.upload, finding.path)
             finding.done(f"repair failed: {exc}", repaired=False)
 
@@ -659,4 +686,5 @@ REPAIRS = {
     Kind.ORPHAN_PART: _repair_unowned,
     Kind.ORPHAN_FILE: _repair_unowned,
     Kind.STRAY: _repair_stray,
+    Kind.NOT_A_FILE: _repair_stray,
 }

@@ -168,7 +168,9 @@ def reaper_run(
 
     The first pass prunes, later ones every ``prune_interval``. A pass that
     meets a database error (down, restarted, out of connections) is logged and
-    retried with a doubling back-off; the loop never dies of it. Connections
+    retried with a doubling back-off; the loop never dies of it, nor of a
+    disk error (uploads_expire logs an upload whose bytes it could not
+    delete and goes on; anything else of the disk fails the pass). Connections
     are checked before and handed back after every pass, as Django does around
     a request, so a restarted PostgreSQL costs a failed pass, not a dead
     process.
@@ -188,7 +190,9 @@ def reaper_run(
             close_old_connections()
             result = reaper_pass(number, prune=prune, stop=stop)
             close_old_connections()
-        except DatabaseError as exc:
+        except (DatabaseError, OSError) as exc:
+            # The database, or a disk the services delete from (read-only, an I/O error):
+            # a failed pass, retried with back-off; a reaper that exits would restart into the same error.
             failures += 1
             delay = backoff(interval, failures)
             result = ReaperPass(number, time.monotonic() - started, error=_one_line(exc), retry_in=delay)

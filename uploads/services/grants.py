@@ -41,37 +41,38 @@ class WriterGrant:
     lease_expires_at: datetime
 
 
-def writer_admit(user, upload_id, holder_channel: str, *, dead_holder: str = "", now=None) -> WriterGrant:
+def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGrant:
     """Admit a connection as the upload's single writer, or raise the named refusal.
 
-    ``dead_holder``: the channel of a previous writer found dead by the caller;
-    its slot is taken over at once instead of waiting for its lease to run out.
     The grant is a compare-and-swap on ``status = uploading`` and the
     generation read here, so it can never succeed on an upload that a cancel,
-    expiry or delete ended meanwhile. The upload's idle clock is not touched:
-    only bytes that land count as activity.
+    expiry or delete ended meanwhile. The resume offset is read after that
+    swap, in the same transaction: a commit of the previous writer that landed
+    between our first read and our lock is in it (no earlier writer can move
+    it any more), so the new writer never resumes before a durable byte. The
+    upload's idle clock is not touched: only bytes that land count as activity.
     """
     now = now or timezone.now()
     with transaction.atomic():
         upload = upload_for(user, upload_id)
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
-        slot = slot_claim_writer(upload, holder_channel, dead_holder=dead_holder, now=now)
+        slot = slot_claim_writer(upload, holder_channel, now=now)
+        offset = Upload.objects.values_list("offset", flat=True).get(pk=upload.pk)
     record(
         Event.WRITER_ADMITTED,
         upload=upload.pk,
         user=user.pk,
         slot=slot.pk,
         generation=slot.generation,
-        offset=upload.offset,
-        taken_over=dead_holder or None,
+        offset=offset,
     )
     return WriterGrant(
         upload_id=upload.pk,
         user_id=user.pk,
         slot_id=slot.pk,
         generation=slot.generation,
-        offset=upload.offset,
+        offset=offset,
         size=upload.size,
         sha256=upload.sha256,
         storage_key=upload.storage_key,

@@ -10,8 +10,12 @@ Concurrency rules (see docs/slots.md):
   offset commits compare-and-swap on it (uploads.services.grants).
 * Lock order is always slot rows, then upload rows, so that the reaper, a
   reset, a cancel and an offset commit cannot deadlock one another.
+* Whether a slot's holder is alive has one answer, its lease
+  (``slot_claim_writer`` says how it is used); notices sent to holders through
+  the channel layer (``notify_holders``) only hurry a connection along.
 """
 
+import asyncio
 import logging
 import math
 import os
@@ -34,6 +38,7 @@ from uploads.exceptions import (
     LeaseLost,
     NotUploading,
     UploadBusy,
+    UserDownloadSlotsExhausted,
     UserSlotsExhausted,
 )
 from uploads.models import Slot, Upload
@@ -44,6 +49,14 @@ log = logging.getLogger(__name__)
 # Each retry means another process took the index we picked; with random
 # picks among free indexes a handful of attempts is plenty.
 ADMIT_ATTEMPTS = 10
+# A busy upload's writer may be a connection of the same client that is still
+# ending (it frees the slot within a second or two) as well as one that will
+# write for hours: ask again soon rather than after the whole lease.
+BUSY_RETRY_SECONDS = 2
+# Longest a service waits for the channel layer to take its notices to holders
+# (all of them together): a stalled Redis must not stall a DELETE, an admin
+# action, a reaper pass or an admission. The fence stops the holders anyway.
+NOTICE_SECONDS = 2.0
 
 
 def holder_process() -> str:
@@ -63,7 +76,7 @@ class Limits:
 def slot_limits(kind: str) -> Limits:
     if kind == Slot.Kind.UPLOAD:
         return Limits(settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS, settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS)
-    return Limits(settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS, None)
+    return Limits(settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS, settings.DIRECTDRIVEX_USER_DOWNLOAD_SLOTS)
 
 
 def lease_duration() -> timedelta:
@@ -80,6 +93,11 @@ def _retry_after(slots, now: datetime) -> int:
         return 1
     earliest = min(row[-1] for row in slots)
     return max(1, min(lease, math.ceil((earliest - now).total_seconds())))
+
+
+def _busy_retry_after(holders, now: datetime) -> int:
+    """A busy upload: soon (BUSY_RETRY_SECONDS), or when the holder's lease runs out if that is sooner."""
+    return min(BUSY_RETRY_SECONDS, _retry_after(list(holders), now))
 
 
 def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel: str = "", now=None) -> Slot:
@@ -119,7 +137,8 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
             taken = {row[2] for row in mine}
             free = [i for i in range(limits.user_limit) if i not in taken]
             if not free:
-                raise UserSlotsExhausted(retry_after=_retry_after(mine, now))
+                refusal = UserSlotsExhausted if kind == Slot.Kind.UPLOAD else UserDownloadSlotsExhausted
+                raise refusal(retry_after=_retry_after(mine, now))
             user_index = free[0]
         taken = {row[0] for row in active}
         free = [i for i in range(limits.global_limit) if i not in taken]
@@ -149,9 +168,12 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
             else:
                 slot = Slot.objects.create(**fields)  # one statement, atomic by itself
         except IntegrityError:
-            holder = Slot.objects.active().filter(upload=upload, kind=kind) if upload is not None else None
+            # Which constraint refused us? Only an upload has one writer
+            # (slot_one_writer_per_upload); a download of a file that others
+            # download too lost a race for an index like any other slot.
+            holder = Slot.objects.active().filter(upload=upload, kind=kind) if kind == Slot.Kind.UPLOAD else None
             if holder is not None and holder.exists():
-                raise UploadBusy(retry_after=_retry_after(list(holder.values_list("lease_expires_at")), now)) from None
+                raise UploadBusy(retry_after=_busy_retry_after(holder.values_list("lease_expires_at"), now)) from None
             continue  # another process took that index between our read and our insert
         record(
             Event.SLOT_ADMITTED,
@@ -291,32 +313,71 @@ def slots_summary(now=None) -> dict:
 
 
 def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
-    """Tell live consumers, through the channel layer, to close with ``error``'s code."""
+    """Tell the holders of revoked slots, through the channel layer, to stop with ``error``'s code.
+
+    A courtesy that makes a connection close at once instead of at its next
+    commit or renewal: the revocation itself is the generation bump (the
+    fence), which needs no message to arrive. So the notices go out together
+    and the caller (a DELETE, an admin action, a reaper pass, an admission
+    that reaps) waits at most NOTICE_SECONDS for all of them, however stalled
+    the channel layer is.
+    """
     layer = get_channel_layer()
-    if layer is None:
+    if layer is None or not channels:
         return
     message = {"type": "upload.revoke", **error.as_dict(ws=True), "close_code": error.close_code}
-    for channel in channels:
-        try:
-            async_to_sync(layer.send)(channel, message)
-        except Exception:  # the holder may be long gone; the fence stops it anyway
-            log.warning("could not notify holder=%s", channel, exc_info=True)
+    try:
+        async_to_sync(_send_all)(layer, channels, message)
+    except Exception:  # the holders may be long gone, the layer down: the fence stops them anyway
+        log.warning("could not notify holders=%s", ",".join(channels), exc_info=True)
 
 
-def slot_claim_writer(upload: Upload, holder_channel: str, *, dead_holder: str = "", now=None) -> Slot:
+async def _send_all(layer, channels: list[str], message: dict) -> None:
+    sends = [asyncio.ensure_future(layer.send(channel, message)) for channel in channels]
+    _done, pending = await asyncio.wait(sends, timeout=NOTICE_SECONDS)
+    for send in pending:
+        send.cancel()
+    failed = [channel for channel, send in zip(channels, sends, strict=True) if send in pending or send.exception()]
+    if failed:
+        log.warning("holders not notified within %ss: %s", NOTICE_SECONDS, ",".join(failed))
+
+
+def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
     """Make ``holder_channel`` the upload's only writer, with a fresh fencing generation.
 
+    Runs inside the caller's transaction. Is the upload's current holder
+    alive? One answer, the lease, and nothing else:
+
+    1. A holder is alive while its slot's lease has not run out. Its writer
+       renews the lease with every durable commit and, while idle, every
+       quarter lease, from the writer's own task through its own database
+       threads (uploads.services.calls), never through the process's shared
+       sync thread, so a busy process does not make a live writer look dead.
+    2. A writer stops writing a fifth of a lease before the lease it last
+       renewed runs out, unless a renewal extends it (uploads.writer): a
+       process that froze wakes up unable to write until it asks again.
+    3. A live holder is never taken over: the newcomer is refused UploadBusy
+       (409 / 4409 ``busy``) with a short ``retry_after``.
+    4. A holder whose lease ran out is taken over at once: its slot is
+       released as ``expired`` and the upload's generation bumped, which is the
+       fence: every later commit, renewal, completion or failure of the old
+       holder is a compare-and-swap on the old generation and changes nothing.
+       A crashed holder therefore blocks its upload for at most one lease.
+    5. The old holder is told through the channel layer (notify_holders, after
+       commit, with a deadline) so that its connection closes now; nothing
+       depends on that notice arriving.
+    6. The part file's lock (the local backend's flock) is not a liveness
+       verdict: it only keeps a frozen process's open file from being shared,
+       and a newcomer that meets it is told ``busy`` too.
+
     Takes over the slot reserved by POST /api/uploads/ if it is unclaimed,
-    reclaims one whose holder's lease ran out (or whose holder is
-    ``dead_holder``, found unresponsive by the caller), or admits a new one. A
-    live holder means UploadBusy. Runs inside the caller's transaction.
+    reclaims one whose lease ran out, or admits a new one.
     """
     now = now or timezone.now()
     current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
     if current is not None and current.holder_channel:
-        if current.lease_expires_at > now and current.holder_channel != dead_holder:
-            retry_after = _retry_after([(current.lease_expires_at,)], now)
-            raise UploadBusy(retry_after=retry_after, holder_channel=current.holder_channel)
+        if current.lease_expires_at > now:
+            raise UploadBusy(retry_after=_busy_retry_after([(current.lease_expires_at,)], now))
         _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
         upload.writer_generation += 1  # _revoke bumped it, under the row lock we now hold
         current = None

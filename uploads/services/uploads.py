@@ -108,6 +108,9 @@ def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now
     With ``idle_since``, only if the upload has seen no activity since then.
     Returns False, changing nothing, if the upload had already left `uploading`
     (someone else ended or completed it) or was active after ``idle_since``.
+    OSError if the storage refused to delete the bytes (read-only, an I/O
+    error, a folder in the way): the upload has ended all the same, and
+    `uploads fsck --repair` removes what is left (a leftover).
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -119,12 +122,23 @@ def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now
             # Not ours to end: undo the revocation too (and the notification queued with it).
             transaction.set_rollback(True)
             return False
-    # After commit: no file I/O inside the transaction. A writer still holding
-    # the file open writes into an unlinked inode and is fenced at its next commit.
-    storage.backend().delete(upload.storage_key)
     record(Event(f"upload.{status}"), upload=upload.pk, user=upload.owner_id, reason=reason, size=upload.size)
     publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status=status))
+    # After commit: no file I/O inside the transaction. A writer still holding
+    # the file open writes into an unlinked inode and is fenced at its next commit.
+    _delete_bytes(upload)
     return True
+
+
+def _delete_bytes(upload: Upload) -> None:
+    try:
+        storage.backend().delete(upload.storage_key)
+    except OSError:
+        log.error(
+            "bytes not deleted upload=%s user=%s; `uploads fsck --repair` removes them",
+            upload.pk, upload.owner_id, exc_info=True,
+        )  # fmt: skip
+        raise
 
 
 def uploads_expire(*, dry_run: bool = False, now=None) -> list[Upload]:
@@ -138,18 +152,26 @@ def uploads_expire(*, dry_run: bool = False, now=None) -> list[Upload]:
     idle = list(Upload.objects.idle_since(cutoff).order_by("last_activity_at"))
     if dry_run:
         return idle
-    return [
-        upload
-        for upload in idle
-        if upload_end(upload, Upload.Status.EXPIRED, Slot.ReleaseReason.EXPIRED, idle_since=cutoff, now=now)
-    ]
+    expired = []
+    for upload in idle:
+        try:
+            if upload_end(upload, Upload.Status.EXPIRED, Slot.ReleaseReason.EXPIRED, idle_since=cutoff, now=now):
+                expired.append(upload)
+        except OSError:
+            # Expired all the same (logged, and left for fsck): one bad file must not stop the rest.
+            expired.append(upload)
+    return expired
 
 
 def upload_delete(user, upload_id, *, now=None) -> None:
     """DELETE /api/uploads/<id>/: cancel an unfinished upload, delete anything else. Afterwards the bytes are gone.
 
     An upload that completes while we cancel it is then deleted as a finished
-    one: a 204 always means no bytes are left.
+    one: a 204 always means no bytes are left. So the bytes go before the row:
+    if the storage refuses (OSError, answered 500), the row stays for the
+    client to DELETE again, and no file is left that no row accounts for.
+    Downloads of the file stop at their next block (their slots are revoked,
+    and the file they read is gone).
     """
     upload = upload_for(user, upload_id)
     if upload.status == Upload.Status.UPLOADING and upload_end(
@@ -158,8 +180,8 @@ def upload_delete(user, upload_id, *, now=None) -> None:
         return
     with transaction.atomic():
         slots_revoke_for_upload(upload, Slot.ReleaseReason.CANCELLED, NotUploading("The file was deleted."), now=now)
-        Upload.objects.filter(pk=upload.pk).delete()
-    storage.backend().delete(upload.storage_key)
+    _delete_bytes(upload)
+    Upload.objects.filter(pk=upload.pk).delete()
     record(Event.UPLOAD_DELETED, upload=upload.pk, user=user.pk, size=upload.size, status=upload.status)
     publish_now(user.pk, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="deleted"))
 

@@ -14,6 +14,11 @@ A part file's one writer holds an exclusive, non-blocking ``flock`` on it from
 open to close: a second writer in any process is refused at once
 (PartLocked), and a frozen writer keeps the lock, so nobody else can write
 under it. fsck takes the same lock before it touches a file.
+
+Nothing here follows a symbolic link or opens anything but a regular file at
+a layout path (``O_NOFOLLOW``, then a check of what was opened): a link
+planted in the folder would otherwise let a writer truncate, or a download
+serve, a file anywhere on the host. What is found instead is NotAFile.
 """
 
 import contextlib
@@ -23,6 +28,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,9 +37,11 @@ from django.conf import settings
 from uploads.storage.base import (
     Area,
     Capacity,
+    FileGone,
     FinishedReader,
     Held,
     Interrupted,
+    NotAFile,
     PartLocked,
     PartShort,
     PartWriter,
@@ -86,6 +94,36 @@ def _check(interrupt) -> None:
         raise Interrupted()
 
 
+def _open_regular(path: Path, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that neither follows a symlink at ``path`` nor opens anything but a regular file (NotAFile).
+
+    O_NONBLOCK so that a FIFO planted there cannot hang the open; it makes no
+    difference to a regular file, and is cleared again for one.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotAFile(str(path), "a symbolic link") from exc
+        if exc.errno == errno.EISDIR:
+            raise NotAFile(str(path), "a folder") from exc
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        raise NotAFile(str(path), _what(kind))
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _what(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file (a device, FIFO or socket)"
+
+
 def _lock(fd: int, name) -> None:
     """Take the writer's exclusive flock on ``fd`` without waiting, or close it and raise PartLocked."""
     try:
@@ -104,7 +142,13 @@ class LocalPart(PartWriter):
         LocalStorage().prepare()
         self.key = key
         self.path = part_path(key)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Made anew only for a resume from zero: a missing part at a later
+        # offset must be reported (PartShort), not replaced by an empty one
+        # while its bytes may have just become the finished file.
+        try:
+            self.fd = _open_regular(self.path, os.O_RDWR | (os.O_CREAT if offset == 0 else 0))
+        except FileNotFoundError:
+            raise PartShort(str(self.path), 0, offset) from None
         _lock(self.fd, self.path)
         try:
             on_disk = os.fstat(self.fd).st_size
@@ -184,14 +228,34 @@ class LocalPart(PartWriter):
 
 
 class LocalFinished(FinishedReader):
+    """A finished file opened for a download, which ends (FileGone) once the file is deleted.
+
+    An open descriptor reads an unlinked file to its end, so every read checks
+    that the name still leads to the inode it opened: a DELETE answered 204
+    (its bytes gone) stops every download of the file at the next block.
+    """
+
     def __init__(self, key: str):
-        self.handle = open(final_path(key), "rb")  # noqa: SIM115 - closed by close()
+        self.path = final_path(key)
+        self.fd = _open_regular(self.path, os.O_RDONLY)
+        opened = os.fstat(self.fd)
+        self.identity = (opened.st_dev, opened.st_ino)
 
     def read(self, position: int, length: int) -> bytes:
-        return os.pread(self.handle.fileno(), length, position)
+        block = os.pread(self.fd, length, position)
+        # After the read: a block read before a delete is not sent after it either.
+        try:
+            named = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileGone(str(self.path)) from None
+        if (named.st_dev, named.st_ino) != self.identity:
+            raise FileGone(str(self.path))
+        return block
 
     def close(self) -> None:
-        self.handle.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class LocalHeld(Held):
@@ -257,14 +321,14 @@ class LocalStorage(Storage):
         return LocalPart(key, offset, interrupt)
 
     def finished_digest(self, key, size, interrupt=None) -> str | None:
-        path = final_path(key)
         try:
-            if path.stat().st_size != size:
-                return None
+            fd = _open_regular(final_path(key), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
+        with open(fd, "rb") as handle:
+            if os.fstat(fd).st_size != size:
+                return None
+            digest = hashlib.sha256()
             while block := handle.read(READ_BLOCK):
                 _check(interrupt)
                 digest.update(block)
@@ -306,9 +370,12 @@ class LocalStorage(Storage):
 
     def entry_size(self, name) -> int | None:
         try:
-            return (root() / name).stat().st_size
+            found = os.stat(root() / name, follow_symlinks=False)
         except FileNotFoundError:
             return None
+        if not stat.S_ISREG(found.st_mode):
+            raise NotAFile(name, _what(found.st_mode))
+        return found.st_size
 
     def scan(self) -> Iterator[StoredEntry]:
         base = root()
@@ -333,7 +400,10 @@ class LocalStorage(Storage):
         A finished file keeps its writer's lock too: the rename moves the locked inode.
         """
         path = root() / name
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = _open_regular(path, os.O_RDWR)
+        except NotAFile as not_a_file:
+            raise NotAFile(name, not_a_file.what) from None
         _lock(fd, path)  # closes fd if it raises
         try:
             mine, named = os.fstat(fd), os.stat(path, follow_symlinks=False)

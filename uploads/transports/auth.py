@@ -7,22 +7,27 @@
   never a session cookie alone (cookies without Origin could be replayed).
 * A valid ticket sets the user and the one upload it admits
   (``scope["ticket_upload_id"]``); the consumer checks that id.
+* The user is looked up in the service threads, with a deadline; a database
+  outage becomes ``scope["auth_error"]``, answered by the consumer after it
+  accepts (4503), never an HTTP 500 at the handshake.
 """
 
 import io
 import logging
 from urllib.parse import parse_qs, urlsplit
 
-from channels.auth import AuthMiddlewareStack
-from channels.db import database_sync_to_async
 from channels.middleware import BaseMiddleware
+from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_user, get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
+from django.http import HttpRequest
 from django.utils.http import is_same_domain
 
+from uploads.exceptions import Unavailable, refusal_for
+from uploads.services.calls import db_call
 from uploads.transports.tickets import ticket_read
 
 log = logging.getLogger(__name__)
@@ -71,24 +76,47 @@ def origin_allowed(scope, origin: str) -> bool:
     )
 
 
-@database_sync_to_async
-def _active_user(user_id: int):
+def _ticket_user(user_id: int):
     return get_user_model().objects.filter(pk=user_id, is_active=True).first()
 
 
-class TicketAuthMiddleware(BaseMiddleware):
+def _session_user(session):
+    """The session's user as Django's own auth sees it (backend, session hash), or AnonymousUser."""
+    request = HttpRequest()
+    request.session = session
+    return get_user(request)
+
+
+class ConnectionAuth(BaseMiddleware):
+    """Who is connecting: a ticket's user, or the session's (only with an Origin), or nobody.
+
+    The lookups run through uploads.services.calls (threads of their own, a
+    deadline), not on the process's shared sync thread. A database that is
+    down or saturated does not fail the handshake (Daphne would answer a bare
+    HTTP 500 and log a traceback per attempt): ``scope["auth_error"]`` then
+    holds the refusal, which the consumer sends after accepting, as the
+    protocol's error message and close code (4503 with retry_after).
+    """
+
     async def __call__(self, scope, receive, send):
-        scope = dict(scope, ticket_upload_id=None, auth_method=None)
+        scope = dict(scope, ticket_upload_id=None, auth_method=None, auth_error=None, user=AnonymousUser())
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         ticket = (query.get("ticket") or [None])[0]
         claims = ticket_read(ticket) if ticket else None
-        user = await _active_user(claims[0]) if claims else None
-        if user is not None:
-            scope["user"], scope["ticket_upload_id"], scope["auth_method"] = user, claims[1], "ticket"
-        elif _has_origin(scope) and getattr(scope.get("user"), "is_authenticated", False):
-            scope["auth_method"] = "session"
-        else:
-            scope["user"] = AnonymousUser()
+        try:
+            user = await db_call(_ticket_user, claims[0]) if claims else None
+            if user is not None:
+                scope["user"], scope["ticket_upload_id"], scope["auth_method"] = user, claims[1], "ticket"
+            elif _has_origin(scope) and scope.get("cookies", {}).get(settings.SESSION_COOKIE_NAME):
+                session_user = await db_call(_session_user, scope["session"])
+                if session_user.is_authenticated:
+                    scope["user"], scope["auth_method"] = session_user, "session"
+        except Exception as error:
+            refusal = refusal_for(error)
+            if not isinstance(refusal, Unavailable):
+                raise
+            log.warning("websocket auth: database unavailable for %s: %r", scope.get("path", "")[:200], error)
+            scope["auth_error"] = refusal
         return await super().__call__(scope, receive, send)
 
 
@@ -118,4 +146,6 @@ class OriginCheck:
 
 
 def websocket_auth_stack(inner):
-    return OriginCheck(AuthMiddlewareStack(TicketAuthMiddleware(inner)))
+    # Channels' cookie and (lazy) session middleware, then our own lookup instead of its AuthMiddleware,
+    # whose thread-sensitive, unguarded database call is what the handshake must not depend on.
+    return OriginCheck(CookieMiddleware(SessionMiddleware(ConnectionAuth(inner))))

@@ -12,11 +12,12 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from uploads.exceptions import DirectDriveXError, Unauthenticated, Unavailable
 from uploads.services.progress import user_group
+from uploads.transports.dispatch import DirectDispatch
 
 log = logging.getLogger(__name__)
 
 
-class ProgressConsumer(AsyncWebsocketConsumer):
+class ProgressConsumer(DirectDispatch, AsyncWebsocketConsumer):
     """Live progress of the signed-in user's uploads, for the pages: ``{"type": "progress", ...}`` messages.
 
     Session only (a page on an allowed origin); whichever process writes an
@@ -28,6 +29,9 @@ class ProgressConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         await self.accept()
+        if self.scope.get("auth_error") is not None:  # the database could not say who is connecting
+            await self._refuse(self.scope["auth_error"])
+            return
         user = self.scope.get("user")
         if not getattr(user, "is_authenticated", False) or self.scope.get("auth_method") != "session":
             await self._refuse(Unauthenticated("Sign in: live progress is for pages with a session."))

@@ -1,16 +1,15 @@
 """The WebSocket upload protocol (docs/protocol.md): binary frames in, acks out.
 
-Only the protocol lives here: check each frame (binary, within chunk_size,
-the credit window and the declared size), hand its bytes to the upload's
-writer (uploads.writer), send ``ready`` / ``ack`` / ``complete``, and turn
-every refusal into an error message followed by its close code. Admission,
-commits, finalization and release belong to the writer.
+Only the protocol lives here: check each frame (binary, not empty, within
+chunk_size, the credit window and the declared size), hand its bytes to the
+upload's writer (uploads.writer), send ``ready`` / ``ack`` / ``complete``,
+and turn every refusal into an error message followed by its close code.
+Admission, commits, finalization and release belong to the writer.
 
 Each connection runs one session task: open the writer, send ready, run the
 writer, close with the outcome. The consumer's message loop never waits for
-it, so frames keep arriving and a liveness ping from another connection is
-answered at once, even while this one re-hashes a resumed prefix or
-finalizes.
+it, so frames keep arriving and a revocation is acted on at once, even while
+the session re-hashes a resumed prefix or finalizes.
 """
 
 import asyncio
@@ -19,11 +18,11 @@ import logging
 
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
-from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 
-from uploads import logs
+from uploads import budgets, logs
 from uploads.exceptions import (
     DirectDriveXError,
     IdleTimeout,
@@ -36,33 +35,24 @@ from uploads.exceptions import (
     refusal_for,
 )
 from uploads.ops import metrics
+from uploads.transports.dispatch import DirectDispatch
 from uploads.writer import ClientGone, Reason, UploadWriter
 
 log = logging.getLogger(__name__)
 
-# A writer on another process (Redis layer) that does not answer a ping within
-# this is taken to be dead: the new connection takes over without waiting for
-# its lease. Taking over from a writer that is merely frozen is still safe: it
-# keeps the part file's lock (new writers get `busy`) and is fenced when it wakes.
-HOLDER_PING_SECONDS = 2.0
-# How long the end of a connection may take: the writer's own close is bounded
-# by uploads.writer.CLOSE_SECONDS; this also covers writing what was received.
-SESSION_END_SECONDS = 15.0
 # Backoff while the channel layer is unreachable: the upload goes on meanwhile.
 LAYER_RETRY_SECONDS = (0.5, 10.0)
-
-# Writers alive in this process, by channel name: a holder found here is alive
-# without asking the channel layer.
-LIVE_CONSUMERS: dict[str, "UploadConsumer"] = {}
 
 # Revocations sent through the channel layer (uploads.services.slots.notify_holders), by code.
 REVOCATIONS = {LeaseLost.code: LeaseLost, NotUploading.code: NotUploading}
 
 
-class UploadConsumer(AsyncWebsocketConsumer):
+class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
     writer: UploadWriter | None = None
     session: asyncio.Task | None = None
     client_gone = False
+    # The event loop's time by which everything after a disconnect must be done (budgets).
+    end_by: float | None = None
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -70,14 +60,13 @@ class UploadConsumer(AsyncWebsocketConsumer):
         # AsyncConsumer.__call__, with two changes: the channel-layer receive
         # survives a layer outage (the upload does not need the layer to go on),
         # and every exit — disconnect, refusal, server shutdown — ends the
-        # session within SESSION_END_SECONDS.
+        # session within budgets.AFTER_DISCONNECT_SECONDS.
         self.scope = scope
         # Every line logged for this connection, here and in the services it calls, says who and which connection.
         logs.bind_connection(scope)
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
         self.base_send = send
-        LIVE_CONSUMERS[self.channel_name] = self
         metrics.CONNECTIONS_OPEN.labels("upload").inc()
         try:
             await await_many_dispatch([receive, self._layer_receive], self.dispatch)
@@ -87,9 +76,6 @@ class UploadConsumer(AsyncWebsocketConsumer):
             try:
                 await self._end_session()
             finally:
-                # Only now: while the session still holds the upload, a new
-                # connection must find this writer alive, not take it over.
-                LIVE_CONSUMERS.pop(self.channel_name, None)
                 metrics.CONNECTIONS_OPEN.labels("upload").dec()
 
     async def _layer_receive(self):
@@ -104,7 +90,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         # Accept first: a refusal must reach the client as an error message and
-        # a close code, not as a bare HTTP 403 at the handshake.
+        # a close code, not as a bare HTTP 403 (or 500) at the handshake.
         await self.accept()
         upload_id = self.scope["url_route"]["kwargs"]["upload_id"]
         self.writer = UploadWriter(self.scope.get("user"), upload_id, self.channel_name)
@@ -112,28 +98,34 @@ class UploadConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code):
         self.client_gone = True
+        self._end_within_budget()
         if self.writer is not None:
             # Write what was received; the session then makes it durable and frees the slot.
-            self.writer.stop(ClientGone(), keep_pending=True)
+            self.writer.stop(ClientGone())
+
+    def _end_within_budget(self) -> None:
+        if self.end_by is None:
+            self.end_by = asyncio.get_running_loop().time() + budgets.AFTER_DISCONNECT_SECONDS
 
     async def _end_session(self):
-        """Wait for the session to end; give it until SESSION_END_SECONDS, then cancel it.
+        """Wait for the session to end, at most until ``end_by``; then cancel it.
 
-        A first cancellation (server shutdown) still lets the session finish
-        its cleanup; a second one gives up at once. Never swallowed.
+        Daphne's own cancellation comes later (uploads.budgets). A cancellation
+        of ours (server shutdown) still lets the session finish its cleanup
+        within the budget; a second one gives up at once. Never swallowed.
         """
         session = self.session
         if session is None:
             return
+        self._end_within_budget()
         if self.writer is not None and not session.done():
-            self.writer.stop(ClientGone(), keep_pending=True)
+            self.writer.stop(ClientGone())
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SESSION_END_SECONDS
         cancelled = False
         while not session.done():
-            remaining = deadline - loop.time()
+            remaining = self.end_by - loop.time()
             if remaining <= 0:
-                log.error("upload session did not end in %ss; cancelling it", SESSION_END_SECONDS)
+                log.error("upload session did not end in %ss; cancelling it", budgets.AFTER_DISCONNECT_SECONDS)
                 session.cancel()
                 break
             try:
@@ -153,7 +145,7 @@ class UploadConsumer(AsyncWebsocketConsumer):
         reason = Reason.ERROR
         try:
             self._authorize()
-            offset = await writer.open(holder_alive=self._holder_alive)
+            offset = await writer.open()
             await self._send_json(
                 {
                     "type": "ready",
@@ -179,18 +171,18 @@ class UploadConsumer(AsyncWebsocketConsumer):
                 log.exception("upload session failed upload=%s", writer.upload_id)
             await self._refuse(refusal)
         finally:
-            await writer.close(reason)
+            await writer.close(reason, deadline=self.end_by)
 
     async def _refuse(self, refusal: DirectDriveXError):
         reason = Reason.IDLE if isinstance(refusal, IdleTimeout) else Reason.ERROR
         if self.client_gone:
-            await self.writer.close(reason)
+            await self.writer.close(reason, deadline=self.end_by)
             return
         metrics.refusal_counted("websocket", refusal.code)  # answered, so counted: a client that left hears none
         await self._send_json({"type": "error", **refusal.as_dict(ws=True)})
         # Durable offset and slot are settled before the close code goes out, so
         # a client that reconnects at once finds the resume point and a free slot.
-        await self.writer.close(reason)
+        await self.writer.close(reason, deadline=self.end_by)
         await self.close(code=refusal.close_code)
 
     async def close(self, code=None, reason=None):
@@ -198,36 +190,20 @@ class UploadConsumer(AsyncWebsocketConsumer):
         await super().close(code=code, reason=reason)
 
     def _authorize(self):
+        # The database could not say who is connecting (uploads.transports.auth).
+        if self.scope.get("auth_error") is not None:
+            raise self.scope["auth_error"]
         user = self.scope.get("user")
         if not getattr(user, "is_authenticated", False):
             raise Unauthenticated()
         if self.scope.get("auth_method") == "ticket" and self.scope.get("ticket_upload_id") != self.writer.upload_id:
             raise Unauthenticated("This ticket is for another upload.")
 
-    async def _holder_alive(self, holder: str) -> bool:
-        """Whether the writer that holds the upload is alive (else it is taken over at once)."""
-        if holder in LIVE_CONSUMERS:
-            return True
-        if isinstance(self.channel_layer, InMemoryChannelLayer):
-            # The in-memory layer reaches only this process: a holder not here is gone.
-            # (Several processes need the Redis layer: docs/deployment.md.)
-            return False
-        try:
-            reply_to = await self.channel_layer.new_channel()
-            await self.channel_layer.send(holder, {"type": "upload.ping", "reply_to": reply_to})
-            await asyncio.wait_for(self.channel_layer.receive(reply_to), HOLDER_PING_SECONDS)
-        except TimeoutError:
-            return False
-        except Exception as error:
-            raise Unavailable("The channel layer is unreachable; cannot tell whether the upload is in use.") from error
-        return True
-
     # --- messages ---------------------------------------------------------------------
 
     async def dispatch(self, message):
         if message["type"] == "websocket.receive":
-            # The hot path, once per frame: no database hop (Channels' dispatch
-            # would first close stale connections in the DB thread).
+            # The hot path, once per frame.
             self._frame(message.get("bytes"), message.get("text"))
             return
         await super().dispatch(message)
@@ -243,6 +219,9 @@ class UploadConsumer(AsyncWebsocketConsumer):
         chunk_size, window = settings.DIRECTDRIVEX_CHUNK_SIZE, settings.DIRECTDRIVEX_WINDOW
         if not writer.ready:
             self._refuse_frame(ProtocolError("A binary frame arrived before the server sent ready."))
+        elif not size:
+            # Carries nothing and costs a message: a flood of them is the only use.
+            self._refuse_frame(ProtocolError("Empty binary frame: every frame must carry bytes of the file."))
         elif size > chunk_size:
             self._refuse_frame(ProtocolError(f"Frame of {size} bytes is larger than chunk_size {chunk_size}."))
         elif writer.received + size - writer.acked > window:
@@ -251,12 +230,12 @@ class UploadConsumer(AsyncWebsocketConsumer):
         elif writer.received + size > writer.size:
             end = writer.received + size
             self._refuse_frame(SizeExceeded(f"Frame would end at byte {end}; the upload is {writer.size}."))
-        elif size:
+        else:
             writer.feed(data)
 
     def _refuse_frame(self, refusal: DirectDriveXError):
         """The client broke the protocol: keep the valid frames it sent before this one, then refuse."""
-        self.writer.stop(refusal, keep_pending=True)
+        self.writer.stop(refusal)
 
     async def _send_ack(self, offset: int):
         await self._send_json({"type": "ack", "offset": offset})
@@ -265,16 +244,8 @@ class UploadConsumer(AsyncWebsocketConsumer):
         if not self.client_gone:
             await self.send(text_data=json.dumps(message))
 
-    async def upload_ping(self, event):
-        """Another connection asks whether we are alive (see _holder_alive)."""
-        try:
-            await self.channel_layer.send(event["reply_to"], {"type": "upload.pong"})
-        except Exception:
-            log.warning("could not answer a liveness ping", exc_info=True)
-
     async def upload_revoke(self, event):
         """A reap, reset, cancel or delete elsewhere took our slot (uploads.services.slots.notify_holders)."""
         if self.writer is None:
             return
-        refusal = REVOCATIONS.get(event["code"], LeaseLost)(event["detail"])
-        self.writer.stop(refusal, keep_pending=False)
+        self.writer.revoke(REVOCATIONS.get(event["code"], LeaseLost)(event["detail"]))

@@ -1,0 +1,30 @@
+"""How long a connection's cleanup may take, derived from what Daphne does once a client has gone.
+
+Daphne (daphne.server.Server.application_checker) looks at every connection
+once a second. When the client of a connection left more than
+``APPLICATION_CLOSE_TIMEOUT`` seconds ago and its application is still
+running, it cancels the application, logs "took too long to shut down and was
+killed", and does so again at every later tick: the first cancellation lands
+between APPLICATION_CLOSE_TIMEOUT and APPLICATION_CLOSE_TIMEOUT + 1 s after
+the disconnect, the second one a second later. The server passes
+``APPLICATION_CLOSE_TIMEOUT`` to Daphne explicitly (directdrivex.server), so
+the numbers here and Daphne's cannot drift apart.
+
+Everything a transport still does after its client left (write what arrived,
+make it durable, free the slot) therefore has ``AFTER_DISCONNECT_SECONDS``:
+up to one checker tick before the first cancellation. A connection that ends
+on the server's initiative (a refusal, a completion) closes its writer before
+it sends the close, so Daphne's clock has not started then; it gets
+``CLOSE_SECONDS`` and would still be inside Daphne's budget if the client left
+at that moment.
+"""
+
+# Passed to Daphne as --application-close-timeout (its default too).
+APPLICATION_CLOSE_TIMEOUT = 10
+# Daphne's application checker runs once a second.
+DAPHNE_CHECK_SECONDS = 1
+# From the moment a transport learns its client left until its session has ended.
+AFTER_DISCONNECT_SECONDS = APPLICATION_CLOSE_TIMEOUT - DAPHNE_CHECK_SECONDS
+# The writer's close (final commit, release) when no disconnect deadline is running:
+# inside AFTER_DISCONNECT_SECONDS, with a second left for the transport's own close.
+CLOSE_SECONDS = AFTER_DISCONNECT_SECONDS - 1
