@@ -74,8 +74,9 @@ def daphne_arguments(*, bind: str, port: int | None, fd: int | None = None) -> l
         "--websocket-max-frame-size", limit,
         # Uploads of tens of GB may take longer than Daphne's default 24 h per connection.
         "--websocket_timeout", "-1",
-        # Daphne's default, stated: the cleanup budgets of uploads.budgets are derived from it.
+        # Daphne's defaults, stated: the budgets of uploads.budgets are derived from them.
         "--application-close-timeout", str(budgets.APPLICATION_CLOSE_TIMEOUT),
+        "--websocket_connect_timeout", str(budgets.HANDSHAKE_SECONDS),
         "directdrivex.asgi:application",
     ]  # fmt: skip
 

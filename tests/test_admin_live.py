@@ -28,6 +28,7 @@ import pytest
 from tests.support.live_backend import live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
+from tests.test_downloads_live import RawDownload, download_slots, finished_upload
 
 MiB = 1024 * 1024
 SIZE = 24 * MiB
@@ -228,3 +229,35 @@ def test_releasing_a_live_uploads_slot_in_the_admin_closes_it_with_4410_and_the_
     assert history[-1] == (slot_id, "reset")
     assert history[0][1] == "completed" and len(history) == 2, history
     assert list((server.storage / "partial").glob("*")) == []
+
+
+def test_releasing_a_downloads_slot_in_the_admin_ends_its_stream_at_once(server, backend):
+    # Before, the stream noticed only at its next lease renewal (a third of a lease away),
+    # and went on sending the file until then.
+    operator = AdminSession(server)
+    operator.log_in()
+    upload_id, _sha256 = finished_upload(server, 256 * MiB, "released.bin")
+    reader = RawDownload(server, backend.alice_token, upload_id)
+    try:
+        while reader.received < 4 * MiB:
+            assert reader.read(256 * 1024)
+        out = server.manage("shell", "-c", ACTIVE_DOWNLOAD_SLOT.format(upload_id=upload_id))
+        slot_id = next(line.split()[1] for line in out.splitlines() if line.startswith("SLOT "))
+        status, _landed, _page = operator.post(
+            "/admin/uploads/slot/", [("action", "release_selected"), ("_selected_action", slot_id)]
+        )
+        assert status == 200
+        at_release = reader.received
+        reader.read_to_end()  # the body ends short and the connection closes
+    finally:
+        reader.close()
+    after = (reader.received - at_release) / MiB
+    assert after <= 8, f"{after:.1f} MiB were sent after the operator released the slot"
+    assert reader.received < 256 * MiB
+    assert [slot["reason"] for slot in download_slots(server, upload_id)] == ["reset"]
+
+
+ACTIVE_DOWNLOAD_SLOT = """
+from uploads.models import Slot
+print("SLOT", Slot.objects.active().get(kind="download", upload_id={upload_id!r}).pk)
+"""

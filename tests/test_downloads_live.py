@@ -13,11 +13,12 @@ import hashlib
 import json
 import logging
 import socket
+import threading
 import time
 
 import pytest
 
-from tests.support.live_backend import http_call, live_backend
+from tests.support.live_backend import http_call, live_backend, slot_inserts_blocked
 from tests.support.live_server import LiveServer
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,11 @@ finally:
     part.close()
 writer_complete(grant)
 print("UPLOAD", upload.pk, digest.hexdigest())
+"""
+
+ACTIVE_DOWNLOAD_SLOTS = """
+from uploads.models import Slot
+print("ACTIVE", Slot.objects.active().filter(kind="download").count())
 """
 
 DOWNLOAD_SLOTS = """
@@ -98,6 +104,11 @@ def download_slots(server: LiveServer, upload_id: str) -> list[dict]:
     return json.loads(next(line for line in out.splitlines() if line.startswith("SLOTS ")).removeprefix("SLOTS "))
 
 
+def active_download_slots(server: LiveServer) -> int:
+    out = server.manage("shell", "-c", ACTIVE_DOWNLOAD_SLOTS)
+    return int(next(line for line in out.splitlines() if line.startswith("ACTIVE ")).split()[1])
+
+
 def wait_for(condition, what: str, timeout: float = 30, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,12 +142,22 @@ class RawDownload:
         self.status = int(lines[0].split()[1])
         self.headers = {name.lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
         self.received = len(self.pending)
+        self.digest = hashlib.sha256(self.pending)
 
     def read(self, count: int) -> int:
-        """Read up to ``count`` body bytes (dropping them); how many came."""
+        """Read up to ``count`` body bytes (hashed, then dropped); how many came (0: the server closed it)."""
         data = self.sock.recv(count)
         self.received += len(data)
+        self.digest.update(data)
         return len(data)
+
+    def read_to_end(self) -> int:
+        """Read until the server closes the connection (a body that ended short) or sends all it declared."""
+        declared = int(self.headers["content-length"])
+        with contextlib.suppress(ConnectionResetError):
+            while self.received < declared and self.read(1024 * 1024):
+                pass
+        return self.received
 
     def close(self):
         self.sock.close()
@@ -215,6 +236,113 @@ def test_a_client_that_stops_reading_is_disconnected_after_the_idle_time_and_its
         assert stalled.received < 64 * MiB
     finally:
         stalled.close()
+
+
+# --- many readers, slow readers ---------------------------------------------------------
+
+
+def test_eight_parallel_ranged_downloads_of_one_file_all_succeed(backend, start_server):
+    # What a download manager does: several ranges of one file at once. Before, a lost race
+    # for a slot index was taken for "another connection is writing" (409 busy, final).
+    server = start_server(DIRECTDRIVEX_USER_DOWNLOAD_SLOTS=8)
+    size = 8 * MiB
+    upload_id, _sha256 = finished_upload(server, size, "parallel.bin")
+    path = f"/api/uploads/{upload_id}/content"
+    whole = http_call(server, "GET", path, token=backend.alice_token).body
+    part = size // 8
+    answers: list = []
+
+    def fetch(index: int, barrier: threading.Barrier):
+        first = index * part
+        barrier.wait()
+        answer = http_call(
+            server, "GET", path, token=backend.alice_token, headers={"Range": f"bytes={first}-{first + part - 1}"}
+        )
+        answers.append((first, answer))
+
+    for _round in range(12):
+        barrier = threading.Barrier(8, timeout=30)
+        threads = [threading.Thread(target=fetch, args=(index, barrier)) for index in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+
+    statuses = sorted({answer.status for _first, answer in answers})
+    assert statuses == [206], [(a.status, a.body[:200]) for _f, a in answers if a.status != 206]
+    assert len(answers) == 96
+    assert all(answer.body == whole[first : first + part] for first, answer in answers)
+    assert active_download_slots(server) == 0
+
+
+def test_a_reader_that_pauses_longer_than_a_lease_still_gets_the_whole_file(backend, start_server):
+    # Its body waits on the socket for 15 s, three leases; meanwhile other downloads are
+    # admitted (each admission reclaims expired leases). Before, the lease was renewed only
+    # between blocks: it was reclaimed while the block waited, and the body ended there.
+    server = start_server(DIRECTDRIVEX_SLOT_LEASE_SECONDS=5)
+    upload_id, sha256 = finished_upload(server, 96 * MiB, "pausing.bin")
+    other_id, _ = finished_upload(server, MiB, "other.bin")
+    reader = RawDownload(server, backend.alice_token, upload_id)
+    try:
+        while reader.received < 5 * MiB:
+            assert reader.read(256 * 1024)
+        paused_until = time.monotonic() + 15
+        while time.monotonic() < paused_until:
+            other = http_call(server, "GET", f"/api/uploads/{other_id}/content", token=backend.alice_token)
+            assert other.status == 200
+            time.sleep(1)
+        assert reader.read_to_end() == 96 * MiB
+    finally:
+        reader.close()
+    assert reader.digest.hexdigest() == sha256
+
+
+# --- a download whose file or slot is taken away -----------------------------------------------
+
+
+def test_a_delete_answered_204_ends_every_download_of_the_file_at_once(backend, start_server):
+    server = start_server()
+    upload_id, _sha256 = finished_upload(server, 256 * MiB, "deleted.bin")
+    reader = RawDownload(server, backend.alice_token, upload_id)
+    try:
+        while reader.received < 4 * MiB:
+            assert reader.read(256 * 1024)
+        deleted = http_call(server, "DELETE", f"/api/uploads/{upload_id}/", token=backend.alice_token)
+        assert deleted.status == 204
+        at_204 = reader.received
+        # The body ends short and the connection closes (a hang here times the test out).
+        reader.read_to_end()
+    finally:
+        reader.close()
+    after = (reader.received - at_204) / MiB
+    # Only what was already on its way: the socket buffers and the block in flight.
+    # (Before: the rest of the file, from the unlinked inode.)
+    assert after <= 8, f"{after:.1f} MiB of a deleted file were sent after the 204"
+    assert reader.received < 256 * MiB
+    wait_for(lambda: active_download_slots(server) == 0, "no download slot held")
+
+
+def test_a_download_abandoned_while_its_view_waits_for_the_database_frees_its_slot_at_once(backend, start_server):
+    # The client leaves while the view waits to admit its slot; the view then admits it and
+    # returns a response nobody sends. Before, nothing closed that response: the slot was
+    # held until its lease ran out (60 s here).
+    server = start_server()
+    upload_id, _sha256 = finished_upload(server, 8 * MiB, "abandoned.bin")
+    with slot_inserts_blocked(backend.database_url):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=SOCKET_TIMEOUT)
+        sock.sendall(
+            f"GET /api/uploads/{upload_id}/content HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Token {backend.alice_token}\r\n\r\n".encode()
+        )
+        time.sleep(1)  # the view is waiting on the database now
+        sock.close()
+        time.sleep(1)  # Django has cancelled the request
+    released = wait_for(
+        lambda: (found := download_slots(server, upload_id)) and not found[0]["active"] and found,
+        "the abandoned download's slot to be released",
+        timeout=15,
+    )
+    assert released == [{"active": False, "reason": "disconnected"}]
 
 
 # --- memory ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ on disk can be found by listing it.
 """
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -19,9 +20,11 @@ import logging
 import os
 import random
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +35,7 @@ import pytest
 import websockets
 
 from tests.support.files import file_sha256, write_random
-from tests.support.live_backend import live_backend
+from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 
 pytestmark = pytest.mark.slow
@@ -536,3 +539,85 @@ async def test_client_that_ignores_acks_is_refused_and_the_server_stays_small(ba
         assert all(error["code"] == "protocol_error" for error in errors), errors
         assert detail["status"] == "uploading"
         assert detail["offset"] < size
+
+
+def _ws_handshake(server: LiveServer, ws_url: str) -> socket.socket:
+    """A WebSocket opened by hand over a plain socket, so that the test writes raw frames as fast as it can."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=WS_TIMEOUT)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {ws_url} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def _masked_binary_frames(payload: bytes, count: int) -> bytes:
+    """``count`` client frames (FIN, binary, masked) each carrying ``payload`` (under 126 bytes)."""
+    mask = os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return (bytes([0x82, 0x80 | len(payload)]) + mask + masked) * count
+
+
+async def test_a_flood_of_tiny_frames_keeps_the_server_small_and_answering_others(backend, start_server):
+    """A client that sends 1-byte frames as fast as it can (within the window's bytes, far past any sane
+    frame count). Before, the transport counted payload bytes only: the process grew by 117-393 MiB
+    and stalled every other request for 12-13 s. Empty frames are refused outright (4400)."""
+    token = backend.alice_token
+    server = start_server()
+    status, upload = api(server, token, "POST", "/api/uploads/", {"filename": "tiny.bin", "size": 64 * MiB})
+    assert status == 201, upload
+    # One request first, so that code and threads are in place before we measure.
+    assert api(server, token, "GET", f"/api/uploads/{upload['id']}/")[0] == 200
+    before = server.rss()["VmRSS"]
+    sock = _ws_handshake(server, upload["ws_url"])
+    ready = json.loads(sock.recv(4096)[2:])  # one small text frame: 0x81, length, JSON
+    assert ready["type"] == "ready", ready
+    burst = _masked_binary_frames(b"x", 64 * 1024)  # 448 KiB of frames, one byte of the file each
+    stop, sent = threading.Event(), [0]
+
+    def flood():
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                sock.sendall(burst)
+                sent[0] += 64 * 1024
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    latencies, peak = [], before
+    until = time.monotonic() + 20
+    while time.monotonic() < until:
+        started = time.monotonic()
+        answer = await asyncio.to_thread(http_call, server, "GET", f"/api/uploads/{upload['id']}/", token=token)
+        latencies.append(time.monotonic() - started)
+        assert answer.status == 200
+        peak = max(peak, server.rss()["VmRSS"])
+        await asyncio.sleep(0.25)
+    stop.set()
+    sock.close()
+    flooder.join(10)
+
+    growth = (peak - before) / MiB
+    log.info(
+        "tiny-frame flood: %d frames sent, growth %.1f MiB, slowest answer %.2f s", sent[0], growth, max(latencies)
+    )
+    assert sent[0] >= 100_000, sent[0]  # it did flood
+    assert growth <= 64, f"the server grew by {growth:.1f} MiB under a flood of tiny frames"
+    # Answered throughout (the bound is generous: a loaded 2-core machine, not a benchmark).
+    assert max(latencies) < 5, latencies
+
+
+async def test_an_empty_frame_is_a_protocol_error(backend, start_server):
+    server = start_server()
+    status, upload = api(server, backend.alice_token, "POST", "/api/uploads/", {"filename": "e.bin", "size": 10})
+    assert status == 201, upload
+    async with ws_connect(server, upload["ws_url"]) as ws:
+        assert (await receive(ws))["type"] == "ready"
+        await ws.send(b"")
+        message, close_code = await refusal(ws)
+    assert (message["code"], close_code) == ("protocol_error", 4400)
+    assert "Empty binary frame" in message["detail"]

@@ -17,6 +17,12 @@ on the server's initiative (a refusal, a completion) closes its writer before
 it sends the close, so Daphne's clock has not started then; it gets
 ``CLOSE_SECONDS`` and would still be inside Daphne's budget if the client left
 at that moment.
+
+Daphne also drops a WebSocket whose application has not accepted it within
+``HANDSHAKE_SECONDS`` (its --websocket_connect_timeout): the lookups that
+decide who is connecting (uploads.transports.auth) get ``AUTH_SECONDS``, so a
+database that does not answer is told to the client as 4503 after the accept,
+not as a connection dropped mid-handshake.
 """
 
 # Passed to Daphne as --application-close-timeout (its default too).
@@ -28,3 +34,7 @@ AFTER_DISCONNECT_SECONDS = APPLICATION_CLOSE_TIMEOUT - DAPHNE_CHECK_SECONDS
 # The writer's close (final commit, release) when no disconnect deadline is running:
 # inside AFTER_DISCONNECT_SECONDS, with a second left for the transport's own close.
 CLOSE_SECONDS = AFTER_DISCONNECT_SECONDS - 1
+# Passed to Daphne as --websocket_connect_timeout (its default too).
+HANDSHAKE_SECONDS = 5
+# Who is connecting, looked up before the accept: well inside HANDSHAKE_SECONDS.
+AUTH_SECONDS = 2.0

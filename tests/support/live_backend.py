@@ -82,3 +82,30 @@ def http_call(
         return Answer(response.status, response.headers, response.read())
     finally:
         connection.close()
+
+
+@contextlib.contextmanager
+def slot_inserts_blocked(database_url: str):
+    """While the block runs, no new slot row can be inserted (admissions wait): a database that is slow to admit.
+
+    SQLite: a write transaction held open (every other writer waits its busy
+    timeout). PostgreSQL: the slot table locked against inserts and updates,
+    reads still allowed, from a connection of the test's own.
+    """
+    if database_url.startswith("sqlite:"):
+        import sqlite3
+
+        holder = sqlite3.connect(database_url.removeprefix("sqlite:///"), timeout=10, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            yield
+            holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        return
+    import psycopg
+
+    with psycopg.connect(database_url, connect_timeout=5) as holder:
+        holder.execute("LOCK TABLE uploads_slot IN SHARE ROW EXCLUSIVE MODE")
+        yield
+        holder.rollback()

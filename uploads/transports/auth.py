@@ -26,6 +26,7 @@ from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 from django.utils.http import is_same_domain
 
+from uploads import budgets
 from uploads.exceptions import Unavailable, refusal_for
 from uploads.services.calls import db_call
 from uploads.transports.tickets import ticket_read
@@ -104,11 +105,11 @@ class ConnectionAuth(BaseMiddleware):
         ticket = (query.get("ticket") or [None])[0]
         claims = ticket_read(ticket) if ticket else None
         try:
-            user = await db_call(_ticket_user, claims[0]) if claims else None
+            user = await db_call(_ticket_user, claims[0], timeout=budgets.AUTH_SECONDS) if claims else None
             if user is not None:
                 scope["user"], scope["ticket_upload_id"], scope["auth_method"] = user, claims[1], "ticket"
             elif _has_origin(scope) and scope.get("cookies", {}).get(settings.SESSION_COOKIE_NAME):
-                session_user = await db_call(_session_user, scope["session"])
+                session_user = await db_call(_session_user, scope["session"], timeout=budgets.AUTH_SECONDS)
                 if session_user.is_authenticated:
                     scope["user"], scope["auth_method"] = session_user, "session"
         except Exception as error:
