@@ -2,7 +2,7 @@
 #
 #   make run    venv + install + migrate + storage folder + local admin, then Daphne on 127.0.0.1:8000
 #   make test   the test suite (the same command CI runs); extra pytest arguments in PYTEST_ARGS
-#   make lint   ruff check, ruff format --check, makemigrations --check
+#   make lint   ruff check, ruff format --check, lint-imports (the app's layers), makemigrations --check
 #   make ci     what CI runs (.ci/run): lint, deploy checks, tests on SQLite and on PostgreSQL + Redis
 
 SHELL := /bin/bash
@@ -56,6 +56,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	DEBUG=1 $(PY) manage.py makemigrations --check --dry-run
 
 format: $(STAMP)

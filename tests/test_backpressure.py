@@ -1,4 +1,4 @@
-"""Transport backpressure: the server stops reading a connection while its unprocessed frames cost more than a window."""
+"""Transport backpressure: the server stops reading a connection while its unprocessed frames cost over a window."""
 
 import asyncio
 

@@ -1,4 +1,4 @@
-"""GET /metrics (uploads.ops.metrics, uploads.metrics_views): who may read it, what it says, and that it is true.
+"""GET /metrics (uploads.metrics, uploads.metrics_views): who may read it, what it says, and that it is true.
 
 In-process: the endpoint's refusals and the database-backed gauges. Against
 real servers (``manage.py serve`` in subprocesses, multiprocess mode on one

@@ -27,8 +27,8 @@ from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 from rest_framework.views import set_rollback
 
+from uploads import metrics
 from uploads.exceptions import InternalError, InvalidRequest, RequestTooLarge, Unavailable, refusal_for
-from uploads.ops import metrics
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,9 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResponse
 
-from uploads import ranges, storage
+from uploads import metrics, ranges, storage
 from uploads.exceptions import LeaseLost, NotComplete, RangeNotSatisfiable
 from uploads.models import Slot, Upload
-from uploads.ops import metrics
 from uploads.services.calls import db_call
 from uploads.services.slots import slot_admit, slot_release, slot_renew
 from uploads.services.uploads import upload_for

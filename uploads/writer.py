@@ -43,10 +43,9 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from uploads import budgets, storage
+from uploads import budgets, metrics, storage
 from uploads.exceptions import ChecksumMismatch, IdleTimeout, LeaseLost, NotUploading, UploadBusy
 from uploads.models import Slot
-from uploads.ops import metrics
 from uploads.services.calls import db_call
 from uploads.services.grants import (
     WriterGrant,

@@ -2,7 +2,7 @@
 
 Two kinds of metrics (docs/operations.md, "Metrics"):
 
-* Counted by the process where things happen: uploads.ops.metrics, the leaf
+* Counted by the process where things happen: uploads.metrics, the leaf
   the rest of the app increments.
 * Deployment state kept in the database (slots active and stuck, the last
   fsck's findings): ``DatabaseCollector`` queries it at each scrape, so it is

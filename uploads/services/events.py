@@ -12,7 +12,7 @@ Lines go to the ``uploads.services.events`` logger, one per transition, with
 ``reason`` and whatever else the service knows; uploads.logs adds the
 ``request_id`` and ``remote`` address of the entry point. Not called per
 frame or per commit: the writer's hot path counts its bytes itself, once per
-commit (uploads.ops.metrics).
+commit (uploads.metrics).
 """
 
 import enum
@@ -21,9 +21,8 @@ import logging
 
 from django.db import transaction
 
-from uploads import signals
+from uploads import metrics, signals
 from uploads.models import Upload
-from uploads.ops import metrics
 
 # Named for what operators filter on (docs/operations.md, "Logs"), not for the module: a stable interface.
 log = logging.getLogger("uploads.events")

@@ -22,7 +22,7 @@ from channels.layers import get_channel_layer
 from channels.utils import await_many_dispatch
 from django.conf import settings
 
-from uploads import budgets, logs
+from uploads import budgets, logs, metrics
 from uploads.exceptions import (
     DirectDriveXError,
     IdleTimeout,
@@ -34,7 +34,6 @@ from uploads.exceptions import (
     Unavailable,
     refusal_for,
 )
-from uploads.ops import metrics
 from uploads.transports.dispatch import DirectDispatch
 from uploads.writer import ClientGone, Reason, UploadWriter
 

@@ -33,7 +33,7 @@ class Command(BaseCommand):
             return
         storage.backend().prepare()
         # Multiprocess metrics (PROMETHEUS_MULTIPROC_DIR): clean up after processes that stopped or crashed,
-        # and let this one's open-connection gauges go when it stops (uploads.ops.metrics).
+        # and let this one's open-connection gauges go when it stops (uploads.metrics).
         collector.tidy()
         log.info("starting daphne %s", shlex.join(arguments))
         try:

@@ -2,7 +2,10 @@
 
 A leaf: it imports nothing of the app, so the services (uploads.services.events),
 the writer, the transports and downloads can count without importing the
-scrape-time side (uploads.ops.collector, which reads the database). With
+scrape-time side (uploads.ops.collector, which reads the database through the
+services). Not in uploads/ops with the collector for that reason: the services
+count, and ops calls the services, so a counters module in ops would make the
+two packages import each other. With
 several server processes on a host the values are summed through
 prometheus_client's multiprocess mode: every process that has
 ``PROMETHEUS_MULTIPROC_DIR`` in its environment writes its values to files
