@@ -39,6 +39,10 @@ INSTALLED_APPS = [
     "drf_spectacular",
     # django-csp: its system checks catch settings of its old (3.x) format.
     "csp",
+    # Not "django_ratelimit": the throttles only call it (uploads.views). Its app adds nothing but
+    # checks of CACHES, chosen below on purpose, and one of them (E003, "not a shared cache") would
+    # refuse the single-host default's local memory; directdrivex/asgi.py stops the server on any
+    # error check, even one listed in SILENCED_SYSTEM_CHECKS.
     "uploads",
 ]
 
@@ -93,8 +97,23 @@ if REDIS_URL:
             "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
         }
     }
+    # The sign-in and sign-up throttles count here (uploads.views), so every process shares one count:
+    # add() and incr() are Redis' atomic SET NX and INCR. Short timeouts: a sign-in must not hang on
+    # an unreachable Redis.
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "directdrivex",
+            "OPTIONS": {"socket_connect_timeout": 5, "socket_timeout": 5},
+        }
+    }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # Without Redis (the single-host default) each process counts in its own memory: exact for one
+    # process; with several, a client gets up to the limit times the processes (docs/configuration.md,
+    # "Throttling"). Production runs several processes, and Redis.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -198,12 +217,22 @@ DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
 DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
 DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
 DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
+# Throttles (uploads.views): failed sign-ins per client address per minute and per username per
+# hour, sign-up forms per client address per hour.
+DIRECTDRIVEX_LOGIN_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_ATTEMPTS", 10)
+DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", 20)
+DIRECTDRIVEX_SIGNUP_ATTEMPTS = env.int("DIRECTDRIVEX_SIGNUP_ATTEMPTS", 10)
+# Addresses or networks of the reverse proxies in front: from them, the client's address is taken
+# from X-Forwarded-For (uploads.views.client_address; uploads.E013 rejects what is not an address).
+DIRECTDRIVEX_TRUSTED_PROXIES = env.list("DIRECTDRIVEX_TRUSTED_PROXIES")
+# django-ratelimit's "ip" key: the client's address as above, IPv6 grouped by /64 (its default).
+RATELIMIT_IP_META_KEY = "uploads.views.client_address"
 # An nginx `internal` location prefix (e.g. /_protected/, ending in a slash): downloads are then
 # answered with X-Accel-Redirect and nginx sends the bytes; empty, the server streams them itself.
 DIRECTDRIVEX_ACCEL_REDIRECT = env.str("DIRECTDRIVEX_ACCEL_REDIRECT")
 # Bearer token for GET /metrics; empty, only staff sessions may read it (uploads.metrics_views).
 DIRECTDRIVEX_METRICS_TOKEN = env.str("DIRECTDRIVEX_METRICS_TOKEN")
-# prometheus_client's own variable, which it reads from the environment itself (uploads.ops.metrics;
+# prometheus_client's own variable, which it reads from the environment itself (uploads.metrics;
 # uploads.E012): where every process of the host keeps its metrics, so that GET /metrics of any one
 # reports them all. Unset, each process reports only itself (fine for one process). Here so that
 # this file names every variable the service reads.

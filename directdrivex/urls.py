@@ -1,13 +1,19 @@
 """Root URLconf: admin, sign-in pages, the API and its schema, the app's pages, and the error handlers."""
 
 from django.contrib import admin
+from django.contrib.auth.views import LoginView
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from uploads.metrics_views import metrics
+from uploads.views import throttled_sign_in
 
 urlpatterns = [
+    # Both sign-in forms, Django's own views, throttled alike (uploads.views): matched before the
+    # admin's and django.contrib.auth's own patterns, which keep their names for reverse().
+    path("admin/login/", throttled_sign_in(admin.site.login)),
     path("admin/", admin.site.urls),
+    path("accounts/login/", throttled_sign_in(LoginView.as_view()), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     # Prometheus' default metrics_path, without a slash (docs/operations.md, "Metrics").

@@ -281,6 +281,9 @@ def test_one_slot_more_than_the_check_allows_fails_at_admission_on_postgresql(al
         ("DIRECTDRIVEX_MAX_FILE_SIZE", 2**63, 2**63 - 1),
         ("DIRECTDRIVEX_MAX_FILE_SIZE", 0, 1),
         ("DIRECTDRIVEX_USER_QUOTA", -1, 0),
+        ("DIRECTDRIVEX_LOGIN_ATTEMPTS", 0, 1),
+        ("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", 0, 1),
+        ("DIRECTDRIVEX_SIGNUP_ATTEMPTS", 0, 1),
     ],
 )
 def test_e007_a_setting_outside_its_working_range(good_settings, name, bad, good):
@@ -389,11 +392,11 @@ def test_w001_a_chunk_above_4_mib_is_a_warning_not_an_error(good_settings):
 # --- manage.py check, end to end ------------------------------------------------
 
 
-def manage_check(**environ) -> subprocess.CompletedProcess:
+def manage_check(*options: str, **environ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIRECTDRIVEX_") and k != "DEBUG"}
     env.update({"DEBUG": "1", "DJANGO_SETTINGS_MODULE": "directdrivex.settings", **environ})
     return subprocess.run(
-        [sys.executable, "manage.py", "check"],
+        [sys.executable, "manage.py", "check", *options],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -416,6 +419,9 @@ def test_manage_check_passes_with_a_good_environment():
         ("DIRECTDRIVEX_CHUNK_SIZE", "abc"),
         ("DIRECTDRIVEX_USER_UPLOAD_SLOTS", "-1"),
         ("DIRECTDRIVEX_SLOT_LEASE_SECONDS", "1.5"),
+        ("DIRECTDRIVEX_LOGIN_ATTEMPTS", "0"),
+        ("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", "many"),
+        ("DIRECTDRIVEX_SIGNUP_ATTEMPTS", "-5"),
     ],
 )
 def test_manage_check_fails_on_a_bad_value_and_names_e001(name, raw):
@@ -455,6 +461,28 @@ def test_manage_check_fails_on_a_slot_limit_the_column_cannot_hold():
     assert "DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS: (uploads.E006)" in result.stderr
 
 
+@pytest.mark.parametrize("redis_url", ["", "redis://127.0.0.1:6379/0"], ids=["local-memory", "redis"])
+def test_manage_check_deploy_accepts_the_throttles_cache_with_or_without_redis(redis_url):
+    # The CI's production-like check fails on any warning, and the ASGI entry point on any error,
+    # silenced or not: neither cache may draw one (docs/configuration.md, "Throttling").
+    result = manage_check(
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        REDIS_URL=redis_url,
+        DEBUG="0",
+        SECRET_KEY="a-real-secret-key-" + "x" * 40,
+        ALLOWED_HOSTS="files.example.com",
+        SECURE_SSL_REDIRECT="1",
+        SECURE_HSTS_SECONDS="31536000",
+        SECURE_HSTS_INCLUDE_SUBDOMAINS="1",
+        SECURE_HSTS_PRELOAD="1",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout
+
+
 def test_manage_check_starts_with_a_large_chunk_and_warns():
     result = manage_check(DIRECTDRIVEX_CHUNK_SIZE=str(8 * 1024 * 1024), DIRECTDRIVEX_WINDOW=str(64 * 1024 * 1024))
 
@@ -477,3 +505,20 @@ def test_e010_accepts_no_prefix_or_a_location_prefix(good_settings, prefix):
     good_settings.DIRECTDRIVEX_ACCEL_REDIRECT = prefix
 
     assert found(check_configuration(None), "uploads.E010") == []
+
+
+# --- uploads.E013: trusted proxies that are not addresses ----------------------------------------
+
+
+@pytest.mark.parametrize("entries", [["localhost"], ["127.0.0.1", "nginx"], ["10.0.0.0/33"], ["127.0.0.1:8000"]])
+def test_e013_a_trusted_proxy_that_is_not_an_address_or_network(good_settings, entries):
+    good_settings.DIRECTDRIVEX_TRUSTED_PROXIES = entries
+
+    assert found(check_configuration(None), "uploads.E013") == ["DIRECTDRIVEX_TRUSTED_PROXIES"]
+
+
+@pytest.mark.parametrize("entries", [[], ["127.0.0.1", "::1"], ["10.0.0.0/8", "fd00::/8"], ["10.1.2.3/8"]])
+def test_e013_accepts_addresses_and_networks(good_settings, entries):
+    good_settings.DIRECTDRIVEX_TRUSTED_PROXIES = entries
+
+    assert check_configuration(None) == []

@@ -5,24 +5,31 @@ inline <script> or <style>, no style= and no on*= attributes.
 """
 
 import hashlib
+import os
+import random
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from html.parser import HTMLParser
 
+import django_ratelimit.core
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
-from django.test import Client
+from django.test import Client, RequestFactory
 from django.urls import include, path
 from django.utils import timezone
 
 from tests.conftest import PASSWORD, finish_upload, write_part
+from tests.support.live_backend import http_call, live_backend
+from tests.support.live_server import LiveServer
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit, writer_commit
 from uploads.services.quota import QuotaSummary, quota_summary
 from uploads.services.uploads import upload_create, upload_delete
 from uploads.storage import local
+from uploads.views import client_address
 
 FILES = "/files/"
 LOGIN = "/accounts/login/"
@@ -436,6 +443,223 @@ def test_sign_up_with_a_taken_name_or_mismatched_passwords_shows_why_and_creates
     assert "_auth_user_id" not in client.session
 
 
+# --- throttling of sign-in and sign-up -------------------------------------------------------------
+
+# Documentation addresses (RFC 5737, RFC 3849): two clients, and one more.
+HERE, ELSEWHERE, THIRD = "203.0.113.7", "198.51.100.9", "192.0.2.4"
+ADMIN_LOGIN = "/admin/login/"
+
+
+@pytest.fixture(autouse=True)
+def throttle_counters(settings):
+    """Every test counts sign-in and sign-up attempts from zero, under a cache key prefix of its own.
+
+    Not by clearing the cache: with REDIS_URL set it is the suite's Redis, and clearing it would
+    flush the channel layer's database with it.
+    """
+    settings.RATELIMIT_CACHE_PREFIX = f"rl:test-{uuid.uuid4().hex}:"
+
+
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def throttle_clock(monkeypatch) -> Clock:
+    """django-ratelimit's clock, held still: a fixed window can end at any second, and one that ended
+    between a test's attempts would start its count anew. Only the library's own reference to the
+    time module is replaced; nothing else in the process stands still."""
+    clock = Clock()
+    monkeypatch.setattr(django_ratelimit.core, "time", clock)
+    return clock
+
+
+def sign_in_from(address: str, username: str, password: str, where: str = LOGIN, **extra):
+    return Client().post(where, {"username": username, "password": password}, REMOTE_ADDR=address, **extra)
+
+
+def sign_up_from(address: str, username: str):
+    form = {"username": username, "password1": PASSWORD, "password2": PASSWORD}
+    return Client().post(SIGNUP, form, REMOTE_ADDR=address)
+
+
+def throttled(response, longest_wait: int) -> tuple[int, str]:
+    """Retry-After of a 429 answer (1 to ``longest_wait`` s) and the sentence of its page, which says the same wait."""
+    parsed = page(response, 429)
+    wait = int(response["Retry-After"])
+    assert 1 <= wait <= longest_wait
+    assert parsed.one("h1").text == "Too many attempts"
+    sentence = parsed.one("p", cls="throttled").text
+    in_words = f"{wait} second" if wait < 120 else f"{-(-wait // 60)} minutes"
+    assert f"Please wait {in_words}" in sentence
+    return wait, sentence
+
+
+def test_failed_sign_ins_past_the_limit_from_one_address_are_refused_with_429_and_retry_after(
+    alice, settings, throttle_clock
+):
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 3
+    for _ in range(3):
+        assert page(sign_in_from(HERE, "alice", "wrong")).all(cls="form-errors")
+
+    refused = sign_in_from(HERE, "alice", PASSWORD)  # the right password too: the address waits
+
+    wait, sentence = throttled(refused, 60)
+    assert sentence.startswith("Too many sign-ins from your network address failed.")
+    assert "_auth_user_id" not in refused.client.session
+    throttle_clock.advance(wait - 1)
+    assert sign_in_from(HERE, "alice", PASSWORD).status_code == 429
+    throttle_clock.advance(1)  # as long as Retry-After said
+    assert sign_in_from(HERE, "alice", PASSWORD)["Location"] == "/"
+
+
+def test_a_throttled_address_does_not_hold_up_another_one(alice, settings):
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 2
+    for _ in range(2):
+        sign_in_from(HERE, "alice", "wrong")
+    assert sign_in_from(HERE, "alice", PASSWORD).status_code == 429
+
+    assert sign_in_from(ELSEWHERE, "alice", PASSWORD)["Location"] == "/"
+
+
+def test_a_few_failures_do_not_hold_up_a_sign_in_and_successful_ones_are_not_counted(alice, settings):
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 3
+    for _ in range(2):
+        sign_in_from(HERE, "alice", "wrong")
+
+    for _ in range(5):
+        assert sign_in_from(HERE, "alice", PASSWORD)["Location"] == "/"
+    page(sign_in_from(HERE, "alice", "wrong"))  # the third failure: still answered
+    assert sign_in_from(HERE, "alice", PASSWORD).status_code == 429
+
+
+def test_failed_sign_ins_at_one_username_from_many_addresses_are_refused_past_the_username_limit(alice, bob, settings):
+    settings.DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS = 3
+    for n in range(3):
+        sign_in_from(f"203.0.113.{10 + n}", "alice", "wrong")
+
+    # The same username however it is written, from an address that never failed.
+    refused = sign_in_from(THIRD, " ALICE ", PASSWORD)
+
+    _wait, sentence = throttled(refused, 3600)
+    assert sentence.startswith("Too many sign-ins with this username failed.")
+    assert sign_in_from(THIRD, "bob", PASSWORD)["Location"] == "/"
+
+
+def test_the_admins_sign_in_counts_and_is_refused_alike(staff, settings):
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 2
+    assert sign_in_from(HERE, "staff", "wrong").status_code == 200
+    assert sign_in_from(HERE, "staff", "wrong", ADMIN_LOGIN).status_code == 200
+
+    throttled(sign_in_from(HERE, "staff", PASSWORD, ADMIN_LOGIN), 60)
+    throttled(sign_in_from(HERE, "staff", PASSWORD), 60)
+    assert sign_in_from(ELSEWHERE, "staff", PASSWORD, ADMIN_LOGIN).status_code == 302
+
+
+def test_sign_up_is_throttled_per_address_whatever_became_of_the_forms(db, settings):
+    settings.DIRECTDRIVEX_SIGNUP = True
+    settings.DIRECTDRIVEX_SIGNUP_ATTEMPTS = 2
+    assert sign_up_from(HERE, "carol")["Location"] == FILES
+    assert page(sign_up_from(HERE, "carol")).one("ul", id="id_username_error")  # taken: counted all the same
+
+    _wait, sentence = throttled(sign_up_from(HERE, "dave"), 3600)
+
+    assert sentence.startswith("Too many accounts were asked for from your network address.")
+    assert sign_up_from(ELSEWHERE, "erin")["Location"] == FILES
+    assert sorted(get_user_model().objects.values_list("username", flat=True)) == ["carol", "erin"]
+    assert page(Client().get(SIGNUP, REMOTE_ADDR=HERE)).one("input", name="username")  # the form still shows
+
+
+def test_behind_a_trusted_proxy_each_forwarded_address_is_counted_apart(alice, settings):
+    settings.DIRECTDRIVEX_TRUSTED_PROXIES = ["127.0.0.1"]
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 2
+    for _ in range(2):
+        sign_in_from("127.0.0.1", "alice", "wrong", HTTP_X_FORWARDED_FOR=HERE)
+
+    assert sign_in_from("127.0.0.1", "alice", PASSWORD, HTTP_X_FORWARDED_FOR=HERE).status_code == 429
+    # Whatever a client writes into the header itself stays left of what the proxy appends.
+    spoofed = f"{ELSEWHERE}, {HERE}"
+    assert sign_in_from("127.0.0.1", "alice", PASSWORD, HTTP_X_FORWARDED_FOR=spoofed).status_code == 429
+    assert sign_in_from("127.0.0.1", "alice", PASSWORD, HTTP_X_FORWARDED_FOR=ELSEWHERE)["Location"] == "/"
+
+
+@pytest.mark.parametrize(
+    ("proxies", "peer", "forwarded", "address"),
+    [
+        ([], HERE, ELSEWHERE, HERE),  # no proxy trusted: the header is anyone's
+        (["127.0.0.1"], "127.0.0.1", ELSEWHERE, ELSEWHERE),
+        (["127.0.0.1"], "127.0.0.1", f"{THIRD}, {ELSEWHERE}", ELSEWHERE),
+        (["127.0.0.1", "10.0.0.0/8"], "127.0.0.1", f"{THIRD}, {ELSEWHERE}, 10.1.2.3", ELSEWHERE),
+        (["127.0.0.1"], HERE, ELSEWHERE, HERE),  # not from the proxy
+        (["127.0.0.1"], "127.0.0.1", None, "127.0.0.1"),
+        (["127.0.0.1"], "127.0.0.1", "unknown", "127.0.0.1"),
+        (["::1"], "::1", "2001:db8::7", "2001:db8::7"),
+    ],
+)
+def test_the_client_address_is_the_last_forwarded_one_that_is_not_a_trusted_proxy(
+    settings, proxies, peer, forwarded, address
+):
+    settings.DIRECTDRIVEX_TRUSTED_PROXIES = proxies
+    headers = {"HTTP_X_FORWARDED_FOR": forwarded} if forwarded else {}
+    request = RequestFactory().post(LOGIN, REMOTE_ADDR=peer, **headers)
+
+    assert client_address(request) == address
+
+
+def csrf_form(server, path: str) -> tuple[str, str]:
+    """The CSRF cookie and form token of the page at ``path``, as a browser would get them."""
+    answer = http_call(server, "GET", path)
+    cookie = answer.headers["Set-Cookie"].split(";")[0]
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', answer.body.decode()).group(1)
+    return cookie, token
+
+
+def sign_in_through(server, address: str, username: str):
+    cookie, token = csrf_form(server, LOGIN)
+    body = f"csrfmiddlewaretoken={token}&username={username}&password=wrong".encode()
+    headers = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": address}
+    return http_call(server, "POST", LOGIN, body=body, headers=headers)
+
+
+@pytest.mark.slow
+def test_failed_sign_ins_counted_by_one_server_process_are_refused_by_another(tmp_path_factory):
+    if not os.environ.get("REDIS_URL"):
+        pytest.skip("needs REDIS_URL: without Redis each process counts by itself, as docs/configuration.md says")
+    # Real clocks here: counted per username, in hour-long windows (a minute's could end between the
+    # attempts). Addresses and a username of this run alone: the suite's Redis keeps counts an hour.
+    username = f"nobody-{uuid.uuid4().hex[:8]}"
+    prefix = f"2001:db8:{random.getrandbits(16):x}"
+    with live_backend(tmp_path_factory, "throttle") as backend:
+        first = LiveServer(
+            tmp_path_factory.mktemp("throttle-first"),
+            database_url=backend.database_url,
+            redis_url=backend.redis_url,
+            DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS=2,
+            DIRECTDRIVEX_TRUSTED_PROXIES="127.0.0.1",
+        )
+        second = first.sibling(tmp_path_factory.mktemp("throttle-second"))
+        with first, second:
+            first.start()
+            second.start()
+            failed = [sign_in_through(first, f"{prefix}:{n}::1", username).status for n in range(2)]
+            assert failed == [200, 200]
+
+            refused = sign_in_through(second, f"{prefix}:2::1", username)
+
+            assert refused.status == 429
+            assert 1 <= int(refused.headers["Retry-After"]) <= 3600
+            assert b"Too many sign-ins with this username failed." in refused.body
+
+
 # --- layout and error pages -------------------------------------------------------------------
 
 
@@ -492,6 +716,8 @@ def policy(response) -> dict[str, list[str]]:
 
 def test_pages_error_pages_and_the_admin_carry_the_strict_content_security_policy(alice, settings):
     settings.DIRECTDRIVEX_SIGNUP = True
+    settings.DIRECTDRIVEX_LOGIN_ATTEMPTS = 1
+    sign_in_from(HERE, "alice", "wrong")
     operator = get_user_model().objects.create_superuser("operator", password=PASSWORD)
     visitor, client, admin = Client(), signed_in(alice), signed_in(operator)
     answers = {
@@ -506,12 +732,14 @@ def test_pages_error_pages_and_the_admin_carry_the_strict_content_security_polic
         "/admin/": admin.get("/admin/"),
         "dashboard": admin.get("/admin/uploads/slot/dashboard/"),
         "user form": admin.get(f"/admin/auth/user/{alice.pk}/change/"),
+        "429": sign_in_from(HERE, "alice", PASSWORD),
     }
 
     assert {name: answer.status_code for name, answer in answers.items()} == {
         **dict.fromkeys(answers, 200),
         "404": 404,
         "403 csrf": 403,
+        "429": 429,
     }
     assert {name: policy(answer) for name, answer in answers.items()} == dict.fromkeys(answers, STRICT_POLICY)
 

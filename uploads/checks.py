@@ -7,6 +7,7 @@ Daphne does not run system checks by itself: directdrivex/asgi.py runs them
 before serving, and every manage.py command that serves or migrates does too.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -17,8 +18,8 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.db.backends.base.operations import BaseDatabaseOperations
 
+from uploads import metrics
 from uploads.models import Slot
-from uploads.ops import metrics
 from uploads.serializers import MAX_FILENAME_CHARS, MAX_FINGERPRINT_CHARS
 
 KiB = 1024
@@ -59,6 +60,9 @@ BOUNDS = {
     "DIRECTDRIVEX_USER_QUOTA": Bound(0),
     "DIRECTDRIVEX_CHUNK_SIZE": Bound(1),
     "DIRECTDRIVEX_WINDOW": Bound(1),
+    "DIRECTDRIVEX_LOGIN_ATTEMPTS": Bound(1, why="With no failed sign-in allowed, nobody could sign in."),
+    "DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS": Bound(1, why="With no failed sign-in allowed, nobody could sign in."),
+    "DIRECTDRIVEX_SIGNUP_ATTEMPTS": Bound(1, why="With no sign-up allowed, the sign-up page could never succeed."),
 }
 
 
@@ -161,7 +165,32 @@ def check_configuration(app_configs, **kwargs):
     errors += _check_chunk_size()
     errors += _check_accel_redirect()
     errors += _check_metrics()
+    errors += _check_trusted_proxies()
     return errors
+
+
+def _is_network(entry: str) -> bool:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_trusted_proxies() -> list[Error]:
+    # uploads.views.client_address parses each entry on every sign-in: a bad one would fail there.
+    bad = [entry for entry in settings.DIRECTDRIVEX_TRUSTED_PROXIES if not _is_network(entry)]
+    if not bad:
+        return []
+    return [
+        Error(
+            f"DIRECTDRIVEX_TRUSTED_PROXIES has entries that are not IP addresses or networks: {', '.join(bad)}.",
+            hint="List the proxies in front of the server by address, e.g. 127.0.0.1,::1 for nginx on the same "
+            "host, or by network, e.g. 10.0.0.0/8 (host names are not resolved).",
+            id="uploads.E013",
+            obj="DIRECTDRIVEX_TRUSTED_PROXIES",
+        )
+    ]
 
 
 def _check_accel_redirect() -> list[Error]:
