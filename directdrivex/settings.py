@@ -223,10 +223,10 @@ DIRECTDRIVEX_LOGIN_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_ATTEMPTS", 10)
 DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", 20)
 DIRECTDRIVEX_SIGNUP_ATTEMPTS = env.int("DIRECTDRIVEX_SIGNUP_ATTEMPTS", 10)
 # Addresses or networks of the reverse proxies in front: from them, the client's address is taken
-# from X-Forwarded-For (uploads.views.client_address; uploads.E013 rejects what is not an address).
+# from X-Forwarded-For (uploads.throttles.client_address; uploads.E013 rejects what is not an address).
 DIRECTDRIVEX_TRUSTED_PROXIES = env.list("DIRECTDRIVEX_TRUSTED_PROXIES")
 # django-ratelimit's "ip" key: the client's address as above, IPv6 grouped by /64 (its default).
-RATELIMIT_IP_META_KEY = "uploads.views.client_address"
+RATELIMIT_IP_META_KEY = "uploads.throttles.client_address"
 # An nginx `internal` location prefix (e.g. /_protected/, ending in a slash): downloads are then
 # answered with X-Accel-Redirect and nginx sends the bytes; empty, the server streams them itself.
 DIRECTDRIVEX_ACCEL_REDIRECT = env.str("DIRECTDRIVEX_ACCEL_REDIRECT")

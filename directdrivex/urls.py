@@ -6,7 +6,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from uploads.metrics_views import metrics
-from uploads.views import throttled_sign_in
+from uploads.throttles import throttled_sign_in
 
 urlpatterns = [
     # Both sign-in forms, Django's own views, throttled alike (uploads.views): matched before the

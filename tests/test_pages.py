@@ -29,7 +29,7 @@ from uploads.services.grants import writer_admit, writer_commit
 from uploads.services.quota import QuotaSummary, quota_summary
 from uploads.services.uploads import upload_create, upload_delete
 from uploads.storage import local
-from uploads.views import client_address
+from uploads.throttles import client_address
 
 FILES = "/files/"
 LOGIN = "/accounts/login/"
@@ -502,6 +502,27 @@ def throttled(response, longest_wait: int) -> tuple[int, str]:
     in_words = f"{wait} second" if wait < 120 else f"{-(-wait // 60)} minutes"
     assert f"Please wait {in_words}" in sentence
     return wait, sentence
+
+
+def test_sign_in_and_sign_up_work_uncounted_while_the_throttles_cache_is_unreachable(alice, settings, caplog):
+    # Redis down (here: nothing listens on its port). Before, every sign-in and sign-up answered 500.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:9/0",
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+        }
+    }
+    settings.DIRECTDRIVEX_SIGNUP = True
+
+    signed_in = sign_in_from(HERE, "alice", PASSWORD)
+    failed = sign_in_from(HERE, "alice", "wrong")
+    signed_up = sign_up_from(HERE, "carol")
+
+    assert signed_in.status_code == 302 and "_auth_user_id" in signed_in.client.session
+    assert failed.status_code == 200  # the form again, with its error
+    assert signed_up.status_code == 302
+    assert any("attempt let through uncounted" in r.getMessage() for r in caplog.records)
 
 
 def test_failed_sign_ins_past_the_limit_from_one_address_are_refused_with_429_and_retry_after(

@@ -46,6 +46,7 @@ BOUNDS = {
     "DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS": Bound(1, why="With no slot every upload would be refused."),
     "DIRECTDRIVEX_USER_UPLOAD_SLOTS": Bound(1, why="With no slot every upload would be refused."),
     "DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS": Bound(1, why="With no slot every download would be refused."),
+    "DIRECTDRIVEX_USER_DOWNLOAD_SLOTS": Bound(1, why="With no slot every download would be refused."),
     "DIRECTDRIVEX_SLOT_LEASE_SECONDS": Bound(
         5,
         MAX_SECONDS,
@@ -135,14 +136,17 @@ def check_configuration(app_configs, **kwargs):
                 id="uploads.E002",
             )
         )
-    if settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS > settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS:
-        errors.append(
-            Error(
-                "DIRECTDRIVEX_USER_UPLOAD_SLOTS is larger than DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS.",
-                hint="The per-user limit cannot exceed the global one.",
-                id="uploads.E003",
+    for kind in ("UPLOAD", "DOWNLOAD"):
+        user, everyone = f"DIRECTDRIVEX_USER_{kind}_SLOTS", f"DIRECTDRIVEX_GLOBAL_{kind}_SLOTS"
+        if getattr(settings, user) > getattr(settings, everyone):
+            errors.append(
+                Error(
+                    f"{user} is larger than {everyone}.",
+                    hint="The per-user limit cannot exceed the global one.",
+                    id="uploads.E003",
+                    obj=user,
+                )
             )
-        )
     if not settings.DEBUG and settings.SECRET_KEY in ("", settings.INSECURE_DEV_SECRET_KEY):
         errors.append(
             Error(
@@ -178,7 +182,7 @@ def _is_network(entry: str) -> bool:
 
 
 def _check_trusted_proxies() -> list[Error]:
-    # uploads.views.client_address parses each entry on every sign-in: a bad one would fail there.
+    # uploads.throttles.client_address parses each entry on every sign-in: a bad one would fail there.
     bad = [entry for entry in settings.DIRECTDRIVEX_TRUSTED_PROXIES if not _is_network(entry)]
     if not bad:
         return []
@@ -240,6 +244,7 @@ def _check_slot_columns() -> list[Error]:
             "DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS",
             "DIRECTDRIVEX_USER_UPLOAD_SLOTS",
             "DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS",
+            "DIRECTDRIVEX_USER_DOWNLOAD_SLOTS",
         )
         if getattr(settings, name) > capacity
     ]

@@ -58,7 +58,10 @@ export function describe(message, item, limits) {
     case "lease_lost":
       return "The server reclaimed this upload's slot; reconnecting.";
     case "busy":
-      return `Another tab or script is uploading this file right now; retrying${inSeconds}.`;
+      return (
+        "Another connection still holds this upload (another tab, a script, or one the server lost " +
+        `in a restart, which it lets go of within a minute); retrying${inSeconds}.`
+      );
     case "network":
       return "Connection lost; reconnecting.";
     case "offline":

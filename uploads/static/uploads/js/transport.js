@@ -21,9 +21,13 @@ export class Refusal extends Error {
     this.status = status;
   }
 
-  /** Slot exhaustion is a wait, not a failure: it does not use up retry attempts. */
+  /**
+   * Waits, not failures: they do not use up retry attempts. No slot is free; or the upload is busy,
+   * held by a previous connection until it lets go or its lease runs out (after a server restart,
+   * up to a lease: the server's one answer to "is that connection alive?").
+   */
   get waitsForSlot() {
-    return ["user_slots_exhausted", "global_slots_exhausted", "slots_exhausted"].includes(this.code);
+    return ["user_slots_exhausted", "global_slots_exhausted", "slots_exhausted", "busy"].includes(this.code);
   }
 }
 
