@@ -164,14 +164,18 @@ def test_e002_a_chunk_larger_than_the_window(good_settings):
     assert check_configuration(None) == []
 
 
-@pytest.mark.parametrize("kind", ["UPLOAD", "DOWNLOAD"])
-def test_e003_a_per_user_limit_above_the_global_limit(good_settings, kind):
-    everyone = getattr(good_settings, f"DIRECTDRIVEX_GLOBAL_{kind}_SLOTS")
-    setattr(good_settings, f"DIRECTDRIVEX_USER_{kind}_SLOTS", everyone + 1)
+def test_e003_a_per_user_upload_limit_above_the_global_limit(good_settings):
+    good_settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS = 21
 
-    assert found(check_configuration(None), "uploads.E003") == [f"DIRECTDRIVEX_USER_{kind}_SLOTS"]
+    assert found(check_configuration(None), "uploads.E003") == ["DIRECTDRIVEX_USER_UPLOAD_SLOTS"]
 
-    setattr(good_settings, f"DIRECTDRIVEX_USER_{kind}_SLOTS", everyone)
+    good_settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS = 20
+    assert check_configuration(None) == []
+
+
+def test_a_per_user_download_limit_above_the_global_one_is_simply_never_reached(good_settings):
+    good_settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = 4  # the per-user default stays 10
+
     assert check_configuration(None) == []
 
 
@@ -240,8 +244,7 @@ def test_the_slot_limit_capacity_is_the_smallint_range_plus_one():
     ],
 )
 def test_e006_a_slot_limit_above_32768(good_settings, name):
-    good_settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = 32768  # room for the per-user limits (E003)
-    good_settings.DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = 32768
+    good_settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = 32768  # room for the per-user limit (E003)
     setattr(good_settings, name, 32768)
     assert check_configuration(None) == []
 
@@ -285,7 +288,7 @@ def test_one_slot_more_than_the_check_allows_fails_at_admission_on_postgresql(al
         ("DIRECTDRIVEX_SLOT_HISTORY_DAYS", 0, 1),
         ("DIRECTDRIVEX_SLOT_HISTORY_DAYS", MAX_DAYS + 1, MAX_DAYS),
         ("DIRECTDRIVEX_DB_POOL_SIZE", 0, 1),
-        ("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 0, 10),  # 10: the per-user limit, which it must hold (E003)
+        ("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 0, 1),
         ("DIRECTDRIVEX_USER_UPLOAD_SLOTS", 0, 1),
         ("DIRECTDRIVEX_USER_DOWNLOAD_SLOTS", 0, 1),
         ("DIRECTDRIVEX_MAX_FILE_SIZE", 2**63, 2**63 - 1),

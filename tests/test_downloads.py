@@ -357,6 +357,21 @@ def test_a_complete_upload_whose_file_is_missing_is_a_500_and_takes_no_slot(alic
     assert download_slots() == []
 
 
+def test_a_symlink_planted_at_a_finished_path_is_never_followed(alice, finished, tmp_path):
+    # Before, the download opened the link and served its target: any file the server could read.
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for download " * 100)
+    path = local.final_path(finished.storage_key)
+    path.unlink()
+    path.symlink_to(secret)
+
+    answer = fetch(alice, finished.pk)
+
+    assert_refused(answer, 500, "internal_error")
+    assert b"not for download" not in answer.body
+    assert download_slots() == []
+
+
 # --- the slot while streaming -----------------------------------------------------------
 
 

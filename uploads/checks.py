@@ -136,17 +136,17 @@ def check_configuration(app_configs, **kwargs):
                 id="uploads.E002",
             )
         )
-    for kind in ("UPLOAD", "DOWNLOAD"):
-        user, everyone = f"DIRECTDRIVEX_USER_{kind}_SLOTS", f"DIRECTDRIVEX_GLOBAL_{kind}_SLOTS"
-        if getattr(settings, user) > getattr(settings, everyone):
-            errors.append(
-                Error(
-                    f"{user} is larger than {everyone}.",
-                    hint="The per-user limit cannot exceed the global one.",
-                    id="uploads.E003",
-                    obj=user,
-                )
+    # Uploads only: a per-user download limit above the global one is merely never reached, and
+    # lowering the global number of downloads must not also require lowering the per-user one.
+    if settings.DIRECTDRIVEX_USER_UPLOAD_SLOTS > settings.DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS:
+        errors.append(
+            Error(
+                "DIRECTDRIVEX_USER_UPLOAD_SLOTS is larger than DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS.",
+                hint="The per-user limit cannot exceed the global one.",
+                id="uploads.E003",
+                obj="DIRECTDRIVEX_USER_UPLOAD_SLOTS",
             )
+        )
     if not settings.DEBUG and settings.SECRET_KEY in ("", settings.INSECURE_DEV_SECRET_KEY):
         errors.append(
             Error(

@@ -191,14 +191,13 @@ class DownloadHold:
 
     async def keep(self) -> None:
         """Renew the lease every renew_interval() and listen for a revocation, until cancelled or revoked."""
-        notice = asyncio.ensure_future(self._notice()) if self.channel else None
+        notice = asyncio.ensure_future(self._notice()) if self.channel else asyncio.Future()
         try:
             while not self.revoked:
-                sleep = asyncio.ensure_future(asyncio.sleep(renew_interval()))
-                await asyncio.wait({sleep, notice} - {None}, return_when=asyncio.FIRST_COMPLETED)
-                if not sleep.done():
-                    sleep.cancel()
-                    return  # the notice ended the hold
+                # The notice's task, or the next renewal, whichever comes first.
+                await asyncio.wait({notice}, timeout=renew_interval())
+                if notice.done():
+                    return
                 try:
                     # No deadline: a renewal waits for a slow database as long as it takes.
                     await db_call(slot_renew, self.slot.pk, self.slot.generation, timeout=None)
@@ -210,8 +209,7 @@ class DownloadHold:
                         "download lease not renewed upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True
                     )
         finally:
-            if notice is not None:
-                notice.cancel()
+            notice.cancel()
 
     async def _notice(self) -> None:
         layer = get_channel_layer()

@@ -119,7 +119,7 @@ class Slot(models.Model):
     # Position among the kind's slots, 0 <= global_index < global limit, unique
     # among active slots: this is what makes the global limit a DB constraint.
     global_index = models.PositiveSmallIntegerField()
-    # Likewise per user; NULL for kinds without a per-user limit (downloads).
+    # Likewise per user, for both kinds (NULL only in download rows older than the per-user download limit).
     user_index = models.PositiveSmallIntegerField(null=True, blank=True)
     acquired_at = models.DateTimeField()
     lease_expires_at = models.DateTimeField()

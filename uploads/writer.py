@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from uploads import budgets, metrics, storage
-from uploads.exceptions import ChecksumMismatch, IdleTimeout, LeaseLost, NotUploading, UploadBusy
+from uploads.exceptions import ChecksumMismatch, IdleTimeout, LeaseLost, NotUploading, Unavailable, UploadBusy
 from uploads.models import Slot
 from uploads.services.calls import db_call
 from uploads.services.grants import (
@@ -280,6 +280,8 @@ class UploadWriter:
             await asyncio.wait_for(self._settle(reason, deadline), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.error("writer close ran out of time upload=%s; the slot expires with its lease", self.upload_id)
+        except Unavailable as outage:
+            log.warning("writer close: %s upload=%s; the slot expires with its lease", outage.detail, self.upload_id)
         except Exception:
             log.exception("writer close failed upload=%s; the slot expires with its lease", self.upload_id)
         finally:

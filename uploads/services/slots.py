@@ -70,7 +70,14 @@ def holder_process() -> str:
 @dataclass(frozen=True)
 class Limits:
     global_limit: int
-    user_limit: int | None
+    user_limit: int
+
+
+# The refusal when the user's own slots, or everyone's, are taken: per kind.
+EXHAUSTED = {
+    Slot.Kind.UPLOAD: (UserSlotsExhausted, GlobalSlotsExhausted),
+    Slot.Kind.DOWNLOAD: (UserDownloadSlotsExhausted, DownloadSlotsExhausted),
+}
 
 
 def slot_limits(kind: str) -> Limits:
@@ -131,20 +138,16 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
                 _reap(kind=kind, now=now)
             reaped = True
             continue
-        user_index = None
-        if limits.user_limit is not None:
-            mine = [row for row in active if row[1] == user.pk]
-            taken = {row[2] for row in mine}
-            free = [i for i in range(limits.user_limit) if i not in taken]
-            if not free:
-                refusal = UserSlotsExhausted if kind == Slot.Kind.UPLOAD else UserDownloadSlotsExhausted
-                raise refusal(retry_after=_retry_after(mine, now))
-            user_index = free[0]
+        mine = [row for row in active if row[1] == user.pk]
+        taken = {row[2] for row in mine}
+        free = [i for i in range(limits.user_limit) if i not in taken]
+        if not free:
+            raise EXHAUSTED[kind][0](retry_after=_retry_after(mine, now))
+        user_index = free[0]
         taken = {row[0] for row in active}
         free = [i for i in range(limits.global_limit) if i not in taken]
         if not free:
-            refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
-            raise refusal(retry_after=_retry_after(active, now))
+            raise EXHAUSTED[kind][1](retry_after=_retry_after(active, now))
         fields = {
             "kind": kind,
             "user": user,
@@ -186,8 +189,7 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
         )
         return slot
     # Every attempt lost a race: the slots are churning; ask the caller to come back at once.
-    refusal = GlobalSlotsExhausted if kind == Slot.Kind.UPLOAD else DownloadSlotsExhausted
-    raise refusal(retry_after=1)
+    raise EXHAUSTED[kind][1](retry_after=1)
 
 
 def slot_renew(slot_id: int, generation: int, *, now=None) -> datetime:
