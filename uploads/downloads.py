@@ -311,11 +311,14 @@ async def _body(reader: storage.FinishedReader, hold: DownloadHold, first: int, 
                 log.error("download file short upload=%s user=%s at=%s", hold.upload_id, hold.user_id, position)
                 reason = Slot.ReleaseReason.ERROR
                 return
-            yield block
-            metrics.BYTES_SERVED.inc(len(block))  # per 1 MiB block, not per byte
             position += len(block)
             remaining -= len(block)
-        reason = Slot.ReleaseReason.COMPLETED
+            if not remaining:
+                # Set before the last block is handed over: a client that has every byte may close
+                # the connection while that send still waits, and Django then closes this body there.
+                reason = Slot.ReleaseReason.COMPLETED
+            yield block
+            metrics.BYTES_SERVED.inc(len(block))  # per 1 MiB block, not per byte
     except Exception:
         # A read or database fault: Django logs it and drops the connection; the client sees a short body.
         reason = Slot.ReleaseReason.ERROR
