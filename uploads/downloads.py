@@ -19,6 +19,7 @@ body; nginx then sends the bytes and answers Range itself (docs/api.md,
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -154,8 +155,8 @@ def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, 
     log.info(
         "download started upload=%s user=%s slot=%s first=%s length=%s", upload.pk, user.pk, slot.pk, first, length
     )
-    hold = DownloadHold(slot, channel, upload_id=upload.pk, user_id=user.pk)
-    return DownloadResponse(hold, _body(reader, hold, first, length), status=decision.status, headers=headers)
+    hold = DownloadHold(slot, channel, reader, upload_id=upload.pk, user_id=user.pk)
+    return DownloadResponse(hold, _body(hold, first, length), status=decision.status, headers=headers)
 
 
 def _new_channel() -> str:
@@ -180,9 +181,12 @@ class DownloadHold:
     slot's channel; the body stops at its next block.
     """
 
-    def __init__(self, slot: Slot, channel: str, *, upload_id, user_id):
+    def __init__(self, slot: Slot, channel: str, reader: storage.FinishedReader, *, upload_id, user_id):
         self.slot = slot
         self.channel = channel
+        self.reader = reader
+        # How the download ends, as far as it got: what the slot is released with.
+        self.outcome = Slot.ReleaseReason.DISCONNECTED
         self.upload_id = upload_id
         self.user_id = user_id
         self.revoked = ""  # why, once revoked
@@ -231,37 +235,48 @@ class DownloadHold:
             first, self._released = not self._released, True
             return first
 
-    async def release(self, reason: str, *, sent: int) -> None:
-        """From the body, however it ended; a second cancellation does not stop the release half-way."""
+    async def release(self, *, sent: int) -> None:
+        """From the body, however it ended (``outcome`` says how); a cancellation does not stop the release."""
         if not self._first_release():
             return
+        self.reader.close()  # a descriptor: closing it does not block
         release = asyncio.ensure_future(
-            db_call(slot_release, self.slot.pk, reason, generation=self.slot.generation, timeout=None)
+            db_call(slot_release, self.slot.pk, self.outcome, generation=self.slot.generation, timeout=None)
         )
-        try:
+        release.add_done_callback(lambda done: self._log_release(done, sent))
+        # Shielded: a client that leaves as the body ends cancels this task here, and the release
+        # must still happen (it goes on in its thread either way; the callback says how it went).
+        with contextlib.suppress(Exception):  # the database is down: logged by the callback
             await asyncio.shield(release)
-        except asyncio.CancelledError:
-            log.warning("download cancelled while releasing upload=%s slot=%s", self.upload_id, self.slot.pk)
-            raise
-        except Exception:
+
+    def _log_release(self, release: asyncio.Future, sent: int) -> None:
+        if release.cancelled() or release.exception() is not None:
             # The database is down: the slot is freed when its lease runs out.
-            log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
+            error = "cancelled" if release.cancelled() else repr(release.exception())
+            log.warning("download slot not released upload=%s slot=%s: %s", self.upload_id, self.slot.pk, error)
             return
         log.info(
             "download ended upload=%s user=%s slot=%s reason=%s sent=%s",
-            self.upload_id, self.user_id, self.slot.pk, reason, sent,
+            self.upload_id, self.user_id, self.slot.pk, self.outcome, sent,
         )  # fmt: skip
 
-    def release_unstarted(self) -> None:
-        """From the response's close() (a thread) when the body never ran: the client left before it began."""
+    def release_on_close(self) -> None:
+        """From the response's close() (a thread), for a body that never ran or never reached its end.
+
+        The client left before the body began (the view's response was dropped:
+        directdrivex.handler closes it), or Django stopped the body where no
+        cleanup of its own could run: the slot goes with the last outcome the
+        body recorded.
+        """
         if not self._first_release():
             return
+        self.reader.close()
         try:
-            slot_release(self.slot.pk, Slot.ReleaseReason.DISCONNECTED, generation=self.slot.generation)
+            slot_release(self.slot.pk, self.outcome, generation=self.slot.generation)
         except Exception:
             log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
             return
-        log.info("download dropped before its body upload=%s slot=%s", self.upload_id, self.slot.pk)
+        log.info("download closed upload=%s slot=%s reason=%s", self.upload_id, self.slot.pk, self.outcome)
 
 
 class DownloadResponse(StreamingHttpResponse):
@@ -274,15 +289,22 @@ class DownloadResponse(StreamingHttpResponse):
     def __init__(self, hold: DownloadHold, body, **kwargs):
         super().__init__(body, **kwargs)
         self.hold = hold
+        self.body = body
+
+    def __aiter__(self):
+        # The body itself, not Django's two wrapping generators: Django closes what __aiter__ gives
+        # it when the client leaves (aclosing), and closing a wrapper would leave the body suspended
+        # until the garbage collector finalizes it, and its slot and file held until then.
+        return self.body
 
     def close(self):
         try:
-            self.hold.release_unstarted()
+            self.hold.release_on_close()
         finally:
             super().close()
 
 
-async def _body(reader: storage.FinishedReader, hold: DownloadHold, first: int, length: int) -> AsyncIterator[bytes]:
+async def _body(hold: DownloadHold, first: int, length: int) -> AsyncIterator[bytes]:
     """The file's bytes ``first`` .. ``first + length - 1`` in blocks, holding the download slot until it ends.
 
     It ends short (the server then closes the connection: directdrivex.server)
@@ -290,41 +312,41 @@ async def _body(reader: storage.FinishedReader, hold: DownloadHold, first: int, 
     more of the file goes out, beyond the block already on its way.
     """
     position, remaining = first, length
-    reason = Slot.ReleaseReason.DISCONNECTED
     keeper = asyncio.ensure_future(hold.keep())
     # Inside the body, so that a body never started (the client left first) is never counted.
     metrics.CONNECTIONS_OPEN.labels("download").inc()
     try:
         while remaining:
             if hold.revoked:
-                reason = Slot.ReleaseReason.RESET
+                hold.outcome = Slot.ReleaseReason.RESET
                 return
             try:
                 # Disk reads block: never on the event loop.
-                block = await asyncio.to_thread(reader.read, position, min(BLOCK_BYTES, remaining))
+                block = await asyncio.to_thread(hold.reader.read, position, min(BLOCK_BYTES, remaining))
             except storage.FileGone:
                 log.warning("download file deleted upload=%s slot=%s at=%s", hold.upload_id, hold.slot.pk, position)
-                reason = Slot.ReleaseReason.CANCELLED
+                hold.outcome = Slot.ReleaseReason.CANCELLED
                 return
             if not block:
                 # Shorter than its row says (lost or cut by hand): the client sees a short body.
                 log.error("download file short upload=%s user=%s at=%s", hold.upload_id, hold.user_id, position)
-                reason = Slot.ReleaseReason.ERROR
+                hold.outcome = Slot.ReleaseReason.ERROR
                 return
             position += len(block)
             remaining -= len(block)
             if not remaining:
-                # Set before the last block is handed over: a client that has every byte may close
-                # the connection while that send still waits, and Django then closes this body there.
-                reason = Slot.ReleaseReason.COMPLETED
+                # Before the last block is handed over: a client that has every byte may close the
+                # connection while that send still waits, and Django then closes this body there.
+                hold.outcome = Slot.ReleaseReason.COMPLETED
             yield block
             metrics.BYTES_SERVED.inc(len(block))  # per 1 MiB block, not per byte
     except Exception:
         # A read or database fault: Django logs it and drops the connection; the client sees a short body.
-        reason = Slot.ReleaseReason.ERROR
+        hold.outcome = Slot.ReleaseReason.ERROR
         raise
     finally:
+        # Nothing awaited before the release is claimed: a cancellation arriving here (the client
+        # left as the body ended) must not skip it.
         keeper.cancel()
-        await asyncio.to_thread(reader.close)
         metrics.CONNECTIONS_OPEN.labels("download").dec()
-        await hold.release(reason, sent=position - first)
+        await hold.release(sent=position - first)
