@@ -221,6 +221,25 @@ def test_a_client_that_disconnects_mid_stream_frees_its_download_slot(backend, s
     assert again.status == 206
 
 
+def test_short_downloads_whose_clients_leave_at_once_all_give_their_slots_back(backend, start_server):
+    # A client with every byte of its range closes at once, often while the server is still ending
+    # the body. Before, one such download in five kept its slot until the lease ran out (60 s): the
+    # body's cleanup was left to the garbage collector, or cancelled before it released the slot.
+    server = start_server(DIRECTDRIVEX_USER_DOWNLOAD_SLOTS=30)
+    upload_id, _sha256 = finished_upload(server, 4 * MiB, "short.bin")
+    path = f"/api/uploads/{upload_id}/content"
+    for _ in range(20):
+        answer = http_call(server, "GET", path, token=backend.alice_token, headers={"Range": "bytes=0-1048575"})
+        assert (answer.status, len(answer.body)) == (206, MiB)
+
+    slots = wait_for(
+        lambda: (found := download_slots(server, upload_id)) and not any(slot["active"] for slot in found) and found,
+        "every slot released",
+        timeout=10,
+    )
+    assert {slot["reason"] for slot in slots} == {"completed"}
+
+
 def test_a_client_that_stops_reading_is_disconnected_after_the_idle_time_and_its_slot_freed(backend, start_server):
     server = start_server(DIRECTDRIVEX_IDLE_SECONDS=2)
     upload_id, _sha256 = finished_upload(server, 64 * MiB, "stalled.bin")
