@@ -16,9 +16,9 @@ Rules every repair keeps:
 * Lock order is the writer's: the file's flock first, then a short transaction
   (slot rows, then the upload row). No hashing or other slow file I/O inside a
   transaction.
-* Repairs go through the existing services where there is one (slots_reap,
-  slots_reset, upload_end); the two new state changes (``upload_rewind``,
-  ``upload_fail_lost``) live here.
+* Every repair is a service call (slots_reap, slots_reset, upload_end, and
+  fsck's own two, upload_rewind and upload_fail_lost, in
+  uploads.services.uploads): fsck owns no transaction.
 """
 
 import logging
@@ -663,7 +663,7 @@ def _repair_unowned(finding: Finding, batch: str) -> None:
 
 
 def _repair_stray(finding: Finding, batch: str) -> None:
-    """stray: never deleted (we do not know what it is): moved aside for an operator to look at."""
+    """stray, not_a_file: never deleted, never followed: moved aside, as it is, for an operator to look at."""
     try:
         moved = storage.backend().move_aside(finding.path, batch)
     except FileNotFoundError:

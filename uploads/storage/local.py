@@ -81,6 +81,11 @@ def lost_and_found() -> Path:
     return root() / LOST_AND_FOUND
 
 
+def _make_layout() -> None:
+    for area in Area:
+        (root() / area).mkdir(parents=True, exist_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -139,7 +144,7 @@ class LocalPart(PartWriter):
     """A part file under partial/, flocked by its one writer (see the module docstring)."""
 
     def __init__(self, key: str, offset: int, interrupt=None):
-        LocalStorage().prepare()
+        _make_layout()
         self.key = key
         self.path = part_path(key)
         # Made anew only for a resume from zero: a missing part at a later
@@ -352,8 +357,7 @@ class LocalStorage(Storage):
         return removed
 
     def prepare(self) -> None:
-        for area in Area:
-            (root() / area).mkdir(parents=True, exist_ok=True)
+        _make_layout()
 
     def describe(self) -> str:
         return str(root())
