@@ -1,4 +1,4 @@
-"""The ASGI application: HTTP through Django, WebSockets through Channels.
+"""The ASGI application: HTTP through Django (tus through its consumer), WebSockets through Channels.
 
 Tests import it from here; servers import directdrivex.asgi, which runs the
 system checks first.
@@ -21,7 +21,7 @@ if settings.DEBUG:
     # In production a proxy serves STATIC_ROOT (manage.py collectstatic; docs/deployment.md).
     django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
-from uploads.routing import websocket_urlpatterns  # noqa: E402
+from uploads.routing import http_urlpatterns, websocket_urlpatterns  # noqa: E402
 from uploads.transports.auth import refuse_handshake, websocket_auth_stack  # noqa: E402
 
 # Any other WebSocket path is refused at the handshake (Daphne answers 403);
@@ -30,7 +30,8 @@ unknown_websocket_path = re_path(r"", refuse_handshake)
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # tus bodies stream into their consumer (uploads.transports.tus); every other request is Django's.
+        "http": URLRouter([*http_urlpatterns, re_path(r"", django_asgi_app)]),
         "websocket": websocket_auth_stack(URLRouter([*websocket_urlpatterns, unknown_websocket_path])),
     }
 )

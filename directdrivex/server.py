@@ -15,7 +15,15 @@ of it, and then queues all of it in memory. ``BoundedRequest`` holds every body
 to ``DIRECTDRIVEX_MAX_REQUEST_BYTES`` while it arrives: a larger Content-Length
 is answered ``413 request_too_large`` before a byte of the body is read, a
 chunked body as soon as it passes the limit; the rest is discarded unstored.
-``streams_request_body`` is where a streaming transport (tus) will exempt its paths.
+
+The tus paths (``streams_request_body``) are the exception: their bodies are
+files. ``BoundedRequest`` starts the application as soon as such a request's
+headers are in and hands it each piece of the body as an ``http.request``
+message the moment it arrives, through a ``TransportBackpressureQueue`` that
+stops reading the socket while the application is about a window behind, the
+same push-back as for WebSocket frames. A client that leaves mid-body is an
+``http.disconnect``; a response sent before the body ended closes the
+connection once the client had time to read it (``LINGER_SECONDS``).
 
 Daphne writes every ``http.response.body`` message into the socket's
 user-space buffer at once, without bound, so a download to a slow reader would
@@ -53,6 +61,8 @@ from uploads.exceptions import RequestTooLarge  # noqa: E402
 log = logging.getLogger(__name__)
 
 WEBSOCKET_READ_BYTES = 256 * 1024
+# The same for a streamed (tus) request body: fewer, larger http.request messages.
+STREAM_READ_BYTES = 256 * 1024
 # What one queued WebSocket message costs the process besides its payload: the
 # message dict, the bytes object's header, the queue's slot, with the
 # allocator's rounding (measured near 300 bytes; counted generously).
@@ -87,11 +97,18 @@ def _message_cost(message: dict) -> int:
 
 
 class TransportBackpressureQueue(asyncio.Queue):
-    """An application input queue that pauses the socket while its messages cost too much (see FRAME_COST)."""
+    """An application input queue that pauses the socket while its messages cost too much (see FRAME_COST).
 
-    def __init__(self, protocol: WebSocketProtocol, high_water: int):
+    ``transport`` is what reads the socket (a Twisted ITransport, or anything
+    with pauseProducing/resumeProducing). While over the high-water mark every
+    new message pauses it again: for an HTTP body, Twisted's HTTPChannel may
+    resume its transport on its own (its response drained), and that must not
+    let the body run ahead of the application.
+    """
+
+    def __init__(self, transport, high_water: int):
         super().__init__()
-        self.protocol = protocol
+        self.transport = transport
         self.high_water = high_water
         self.low_water = high_water // 2
         self.queued_bytes = 0
@@ -100,16 +117,16 @@ class TransportBackpressureQueue(asyncio.Queue):
     def _put(self, item):
         super()._put(item)
         self.queued_bytes += _message_cost(item)
-        if not self.paused and self.queued_bytes > self.high_water:
+        if self.queued_bytes > self.high_water:
             self.paused = True
-            self.protocol.transport.pauseProducing()
+            self.transport.pauseProducing()
 
     def _get(self):
         item = super()._get()
         self.queued_bytes -= _message_cost(item)
         if self.paused and self.queued_bytes <= self.low_water:
             self.paused = False
-            self.protocol.transport.resumeProducing()
+            self.transport.resumeProducing()
         return item
 
 
@@ -120,18 +137,38 @@ class TransportBackpressureQueue(asyncio.Queue):
 LINGER_SECONDS = 5
 
 
-def streams_request_body(method: bytes, path: bytes) -> bool:
-    """Whether a request's body is exempt from DIRECTDRIVEX_MAX_REQUEST_BYTES (``path`` without its query).
+# Where tus bodies stream (uploads.transports.tus): the creation POST and the PATCHes.
+TUS_PREFIX = b"/api/tus/"
+STREAMED_METHODS = frozenset({b"POST", b"PATCH"})
 
-    The hook for a streaming HTTP transport such as tus (PATCH requests whose
-    bodies are many MiB). No path streams today, so every body is bounded.
-    Returning True for a path lifts the limit for it and nothing else: Daphne
-    would then still buffer that whole body. A streaming path therefore also
-    needs ``BoundedRequest`` to hand its body to the application as it
-    arrives, pausing the socket while the application's queue holds about a
-    window (as ``TransportBackpressureQueue`` does for WebSocket frames).
+
+def streams_request_body(method: bytes, path: bytes) -> bool:
+    """Whether a request's body streams to the application as it arrives, unbounded (``path`` without its query).
+
+    Only tus bodies do: they are the file. Every other body is held to
+    DIRECTDRIVEX_MAX_REQUEST_BYTES and handed over whole, as Daphne does.
     """
-    return False
+    return method in STREAMED_METHODS and path.startswith(TUS_PREFIX)
+
+
+class _StreamedContent:
+    """What Daphne's ``process()`` finds as the request's stored body when the body streams instead.
+
+    ``process()`` rewinds the stored body, starts the application, and stops
+    there when the body is closed: so nothing is read from here, and each
+    piece of the body goes to the application from handleContentChunk.
+    """
+
+    closed = True
+
+    def seek(self, *_args) -> int:
+        return 0
+
+    def read(self, *_args) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
 
 
 def _refusal_bytes(limit: int) -> bytes:
@@ -158,25 +195,48 @@ class BoundedRequest(WebRequest):
     body_limit: int | None = None
     body_received = 0
     refused = False
+    # The body goes to the application piece by piece (a tus upload), not whole.
+    streaming = False
+    body_complete = False
     _linger = None
 
     def gotLength(self, length):
         # Twisted gives the request its method and path only once the body is in;
         # the channel has parsed the request line already.
         method, target = self.channel._command, self.channel._path
-        if not streams_request_body(method, target.split(b"?", 1)[0]):
-            self.body_limit = settings.DIRECTDRIVEX_MAX_REQUEST_BYTES
-        if self.body_limit is not None and length is not None and length > self.body_limit:
+        if streams_request_body(method, target.split(b"?", 1)[0]):
+            self.start_streaming(method, target, self.channel._version)
+            return
+        self.body_limit = settings.DIRECTDRIVEX_MAX_REQUEST_BYTES
+        if length is not None and length > self.body_limit:
             # No "100 Continue" for a body we will not read (Twisted sends it after gotLength).
             self.requestHeaders.removeHeader(b"Expect")
             self.refuse_too_large(f"Content-Length {length}")
             return
         super().gotLength(length)
 
+    def start_streaming(self, method: bytes, target: bytes, version: bytes) -> None:
+        """Start the application now, with the headers: the body follows as it arrives.
+
+        What requestReceived would set once the body is in is set here, so
+        that Daphne's process() builds the scope and a response can be written
+        before the body ends (a refusal, or a client that lied about its length).
+        """
+        self.streaming = True
+        self.method, self.uri, self.clientproto = method, target, version
+        self.path = target.split(b"?", 1)[0]
+        self.content = _StreamedContent()
+        self.channel.transport.bufferSize = STREAM_READ_BYTES
+        self.process()
+
     def handleContentChunk(self, data):
         if self.refused:
             return
         self.body_received += len(data)
+        if self.streaming:
+            if self.application_queue is not None and not self.finished:
+                self.application_queue.put_nowait({"type": "http.request", "body": data, "more_body": True})
+            return
         if self.body_limit is not None and self.body_received > self.body_limit:
             self.refuse_too_large(f"more than {self.body_limit} bytes of a chunked body")
             return
@@ -185,7 +245,24 @@ class BoundedRequest(WebRequest):
     def requestReceived(self, command, path, version):
         if self.refused:
             return  # answered with 413 already: the application never sees this request
+        if self.streaming:
+            # The application started with the headers; this is the end of the body.
+            self.body_complete = True
+            if self.application_queue is not None and not self.finished:
+                self.application_queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+            return
         super().requestReceived(command, path, version)
+
+    def finish(self):
+        if self.streaming and not self.body_complete and not self._disconnected and self.channel is not None:
+            # Answered before the body ended (a refusal, or the upload's end):
+            # the rest of the body is read and dropped, not parsed as a next request.
+            channel = self.channel
+            channel.persistent = True  # requestDone must not close the socket under the unread body
+            super().finish()
+            self.linger_and_close(channel)
+            return
+        super().finish()
 
     def refuse_too_large(self, what: str) -> None:
         """Answer 413 at once, then drop whatever else the client sends until it goes or the linger ends."""
@@ -198,7 +275,10 @@ class BoundedRequest(WebRequest):
             channel._path.decode("latin-1")[:200], getattr(client, "host", client),
         )  # fmt: skip
         channel.transport.write(_refusal_bytes(self.body_limit))
-        # Reading goes on (into nothing) so the 413 is not lost to a reset; see LINGER_SECONDS.
+        self.linger_and_close(channel)
+
+    def linger_and_close(self, channel) -> None:
+        """Close once what was written is sent, reading (into nothing) meanwhile: see LINGER_SECONDS."""
         channel.dataReceived = _discard
         getattr(channel.transport, "loseWriteConnection", channel.transport.loseConnection)()
         self._linger = channel.callLater(LINGER_SECONDS, channel.transport.abortConnection)
@@ -236,10 +316,17 @@ class ResponseDrain:
         self.drained.set()
 
 
+# Statuses Twisted has no reason phrase for (it would say "Unknown Status").
+REASON_PHRASES = {423: b"Locked", 460: b"Checksum Mismatch"}
+
+
 class BackpressureRequest(BoundedRequest):
     """A bounded request whose response body is written no faster than the client reads it."""
 
     _drain: ResponseDrain | None = None
+
+    def setResponseCode(self, code, message=None):
+        super().setResponseCode(code, message or REASON_PHRASES.get(code))
 
     def handle_reply(self, message):
         if message["type"] == "http.response.start" and self._drain is None and not self.finished:
@@ -331,14 +418,18 @@ class BackpressureServer(Server):
             await protocol.wait_until_drained()
 
     def create_application(self, protocol, scope):
-        if not isinstance(protocol, WebSocketProtocol):
+        if isinstance(protocol, WebSocketProtocol):
+            # Read uploads in 256 KiB instead of Twisted's 64 KiB: a third of the
+            # reads (and Python calls through autobahn) per frame.
+            protocol.transport.bufferSize = WEBSOCKET_READ_BYTES
+            transport = protocol.transport
+        elif getattr(protocol, "streaming", False):
+            transport = protocol.channel.transport
+        else:
             return super().create_application(protocol, scope)
         # Same as Daphne's create_application, with our queue in place of asyncio.Queue().
         assert "application_instance" not in self.connections[protocol]
-        # Read uploads in 256 KiB instead of Twisted's 64 KiB: a third of the
-        # reads (and Python calls through autobahn) per frame.
-        protocol.transport.bufferSize = WEBSOCKET_READ_BYTES
-        input_queue = TransportBackpressureQueue(protocol, settings.DIRECTDRIVEX_WINDOW)
+        input_queue = TransportBackpressureQueue(transport, settings.DIRECTDRIVEX_WINDOW)
         scope.setdefault("asgi", {"version": "3.0"})
         application_instance = self.application(
             scope=scope, receive=input_queue.get, send=partial(self.handle_reply, protocol)

@@ -217,6 +217,8 @@ DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
 DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
 DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
 DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
+# Other sites whose pages may call the tus endpoint from a browser (Uppy on another domain); exact origins.
+DIRECTDRIVEX_CORS_ORIGINS = env.list("DIRECTDRIVEX_CORS_ORIGINS")
 # Throttles (uploads.views): failed sign-ins per client address per minute and per username per
 # hour, sign-up forms per client address per hour.
 DIRECTDRIVEX_LOGIN_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_ATTEMPTS", 10)

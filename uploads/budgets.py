@@ -38,3 +38,9 @@ CLOSE_SECONDS = AFTER_DISCONNECT_SECONDS - 1
 HANDSHAKE_SECONDS = 5
 # Who is connecting, looked up before the accept: well inside HANDSHAKE_SECONDS.
 AUTH_SECONDS = 2.0
+# A tus PATCH or HEAD for an upload that an earlier request still writes asks
+# that writer to let go and waits this long for its final commit and release
+# (a drain of at most a window and one fsync: well under a second on a sound
+# disk) before answering 423 with Retry-After. Short enough for a client's
+# retry, long enough for a disk that is slow for a moment.
+TAKEOVER_SECONDS = 5.0

@@ -11,6 +11,8 @@ class DirectDriveXError(Exception):
     code = "error"
     http_status = 400
     close_code = 4400
+    # The status a tus client is answered with (uploads.transports.tus), where tus 1.0 says another.
+    tus_status: int | None = None
     default_detail = "The request was refused."
 
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None):
@@ -68,7 +70,14 @@ class UploadBusy(DirectDriveXError):
     code = "busy"
     http_status = 409
     close_code = 4409
+    tus_status = 423  # Locked: tus clients retry it after Retry-After
     default_detail = "Another connection is writing this upload."
+
+
+class TakenOver(UploadBusy):
+    """A newer request for the upload (a tus PATCH or HEAD, any process) asked this writer to let go."""
+
+    default_detail = "Another request took over this upload; what arrived here was kept."
 
 
 class NotUploading(DirectDriveXError):
@@ -77,6 +86,7 @@ class NotUploading(DirectDriveXError):
     code = "not_uploading"
     http_status = 409
     close_code = 4409
+    tus_status = 410  # Gone: tus clients start the file anew
     default_detail = "The upload is no longer accepting bytes."
 
 
@@ -122,7 +132,32 @@ class ChecksumMismatch(DirectDriveXError):
     code = "checksum_mismatch"
     http_status = 422
     close_code = 4422
+    tus_status = 460  # tus 1.0's checksum extension says 460
     default_detail = "The uploaded bytes do not match the declared sha256."
+
+
+class OffsetMismatch(DirectDriveXError):
+    """A tus PATCH's Upload-Offset is not the upload's durable offset (the response carries the right one)."""
+
+    code = "offset_mismatch"
+    http_status = 409
+    default_detail = "Upload-Offset does not match the upload's offset."
+
+
+class TusVersionUnsupported(DirectDriveXError):
+    """A tus request without ``Tus-Resumable: 1.0.0``."""
+
+    code = "tus_version_unsupported"
+    http_status = 412
+    default_detail = "This server speaks tus 1.0.0: send Tus-Resumable: 1.0.0."
+
+
+class UnsupportedMediaType(DirectDriveXError):
+    """A tus PATCH whose body is not application/offset+octet-stream."""
+
+    code = "unsupported_media_type"
+    http_status = 415
+    default_detail = "A PATCH body must be Content-Type: application/offset+octet-stream."
 
 
 class SlotsExhausted(DirectDriveXError):

@@ -3,8 +3,8 @@
 An ``UploadWriter`` owns, for the life of one connection: the writer grant
 (slot + fencing generation), the part and its hold, the running sha256, the
 local lease deadline, durable commits, the fenced finalization and the
-release. A transport (the WebSocket consumer today, an HTTP PATCH handler
-later) feeds it bytes with :meth:`feed`, asks it to stop with :meth:`stop`
+release. A transport (uploads.transports: WebSocket frames, tus request
+bodies) feeds it bytes with :meth:`feed`, asks it to stop with :meth:`stop`
 (or :meth:`revoke`, when the upload was taken away), and awaits :meth:`run`,
 the one sequential task that writes a batch, commits when due and finalizes
 when the last byte lands. Nothing here waits for a second task, so no wait
@@ -54,6 +54,7 @@ from uploads.services.grants import (
     writer_commit,
     writer_complete,
     writer_fail,
+    writer_park,
     writer_release,
     writer_rewind,
 )
@@ -156,6 +157,9 @@ class UploadWriter:
         # Set by stop() and revoke(): a long re-hash in a thread checks it between blocks.
         self._interrupt = threading.Event()
         self._wake = asyncio.Event()
+        # Set whenever queued bytes were written (or the writer stops): a transport without a
+        # credit window (tus) reads its body no faster than this (wait_for_room).
+        self._room = asyncio.Event()
         self._inflight: set[asyncio.Future] = set()  # disk operations running in threads on our part
         self._commit_task: asyncio.Future | None = None  # the one commit in flight, collected by run()
         self._commit_started = 0.0
@@ -195,14 +199,34 @@ class UploadWriter:
         self.received += len(data)
         self._wake.set()
 
+    @property
+    def queued(self) -> int:
+        """Bytes received and not yet written."""
+        return self.received - self.written
+
+    async def wait_for_room(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes wait to be written, or the writer is on its way out.
+
+        The flow control of a transport whose client has no credit window (a
+        tus body): it stops reading its client meanwhile, which the server
+        turns into TCP backpressure (directdrivex.server).
+        """
+        while self.queued > limit and not self.closing:
+            self._room.clear()
+            await self._room.wait()
+
     def stop(self, refusal: Exception) -> None:
-        """Ask run() to end with ``refusal`` once what was received is written and durable (the first ask wins)."""
+        """Ask run() to end with ``refusal`` once what was received is written (the first ask wins).
+
+        What was written is made durable by :meth:`make_durable` or :meth:`close`.
+        """
         if self._stop is None:
             self._stop = refusal
         if self.state is State.WRITING:
             self.state = State.DRAINING
         self._interrupt.set()
         self._wake.set()
+        self._room.set()
 
     def revoke(self, refusal: LeaseLost | NotUploading) -> None:
         """The upload was taken away (reset, reap, cancel, delete): end with ``refusal`` at once, keeping nothing."""
@@ -212,6 +236,7 @@ class UploadWriter:
             self.state = State.FENCED
         self._interrupt.set()
         self._wake.set()
+        self._room.set()
 
     async def open(self) -> int:
         """Admit this connection as the upload's writer and open its part; returns the resume offset.
@@ -250,6 +275,7 @@ class UploadWriter:
                 if self.written - self.durable >= ACK_LEAD_BYTES:
                     await self._commit()  # durability must catch up before more is written
                 await self._write(self._take_batch())
+                self._room.set()
                 self._last_byte_at = time.monotonic()
                 if self._commit_task is None and self._commit_due():
                     self._start_commit()
@@ -261,23 +287,39 @@ class UploadWriter:
             await self._ack(send_ack)
             await self._wait_for_bytes_or_timer()
 
-    async def close(self, reason: str, *, deadline: float | None = None) -> None:
+    async def make_durable(self) -> int:
+        """After run() ended on a stop: commit everything written, or raise why not; returns the durable offset.
+
+        For a transport that answers only once the bytes are durable (a tus
+        PATCH's 204). Raises LeaseLost / NotUploading if the upload was taken
+        away meanwhile, Unavailable if the database did not answer.
+        """
+        if self.state in SETTLED or self.part is None:
+            return self.durable
+        if self.written > self.durable or self._commit_task is not None:
+            await self._commit()
+        return self.durable
+
+    async def close(self, reason: str, *, deadline: float | None = None, keep_slot: bool = False) -> None:
         """Make what was written durable if we still may, free the slot, let go of the part. Idempotent.
 
-        Bounded by ``deadline`` (the event loop's clock; the transport's
-        disconnect budget) or else by budgets.CLOSE_SECONDS; the part is let
-        go even if the database is down, and the slot then expires with its lease.
+        With ``keep_slot`` the slot is parked for the client's next request
+        instead of freed (uploads.services.grants.writer_park). Bounded by
+        ``deadline`` (the event loop's clock; the transport's disconnect
+        budget) or else by budgets.CLOSE_SECONDS; the part is let go even if
+        the database is down, and the slot then expires with its lease.
         """
         if self.state in (State.CLOSING, State.CLOSED):
             return
         if self.state not in SETTLED:
             self.state = State.CLOSING
         self._wake.set()
+        self._room.set()
         self._interrupt.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budgets.CLOSE_SECONDS if deadline is None else deadline
         try:
-            await asyncio.wait_for(self._settle(reason, deadline), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(self._settle(reason, deadline, keep_slot), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.error("writer close ran out of time upload=%s; the slot expires with its lease", self.upload_id)
         except Unavailable as outage:
@@ -441,6 +483,7 @@ class UploadWriter:
             self.state = State.FENCED
         if self._stop is None:
             self._stop = refusal
+        self._room.set()
 
     def _publish_progress(self):
         """Tell the owner's pages the new durable offset: at most once a PROGRESS_SECONDS, never waited for."""
@@ -516,7 +559,7 @@ class UploadWriter:
 
     # --- cleanup -------------------------------------------------------------------
 
-    async def _settle(self, reason: str, deadline: float):
+    async def _settle(self, reason: str, deadline: float, keep_slot: bool):
         if self._commit_task is not None:
             await asyncio.wait({self._commit_task})
             with contextlib.suppress(Exception):
@@ -538,7 +581,11 @@ class UploadWriter:
             except Exception:
                 # The resume point stays at the last durable offset; still try to free the slot.
                 log.warning("final commit failed upload=%s", self.upload_id, exc_info=True)
-        if self.state is not State.FENCED:
+        if self.state is State.FENCED:
+            return
+        if keep_slot and self.durable == self.written:
+            await db_call(writer_park, grant, timeout=max(0.0, deadline - loop.time()))
+        else:
             await db_call(writer_release, grant, reason, timeout=max(0.0, deadline - loop.time()))
 
     async def _in_thread(self, function, *args):

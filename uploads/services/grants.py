@@ -16,11 +16,18 @@ from django.db import transaction
 from django.utils import timezone
 
 from uploads import storage
-from uploads.exceptions import LeaseLost, NotUploading
+from uploads.exceptions import LeaseLost, NotUploading, TakenOver
 from uploads.models import Slot, Upload
 from uploads.services.events import Event, record
 from uploads.services.progress import progress_event, publish_now
-from uploads.services.slots import slot_claim_writer, slot_release, slot_renew
+from uploads.services.slots import (
+    ask_holders_to_stop,
+    slot_claim_writer,
+    slot_park,
+    slot_release,
+    slot_renew,
+    slots_revoke_for_upload,
+)
 from uploads.services.uploads import upload_for
 
 log = logging.getLogger(__name__)
@@ -214,3 +221,42 @@ def writer_fail(grant: WriterGrant, *, now=None) -> None:
 def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:
     """The connection ends without finishing: free the slot; the upload stays resumable."""
     return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
+
+
+def writer_park(grant: WriterGrant, *, now=None) -> bool:
+    """The connection ends between two requests of one client (a tus PATCH): keep the slot for its next one.
+
+    See uploads.services.slots.slot_park. False if the slot was taken meanwhile.
+    """
+    return slot_park(grant.slot_id, grant.generation, now=now)
+
+
+def writer_holder(user, upload_id, *, now=None) -> str | None:
+    """The channel of the upload's live writer, or None when nothing can move its offset any more.
+
+    A holder whose lease ran out is fenced off here (its slot reaped, the
+    generation bumped), so that an offset read after this call cannot move
+    under a frozen process that wakes up. Raises UploadNotFound for unknown
+    and other users' uploads.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        upload = upload_for(user, upload_id)
+        current = (
+            Slot.objects.active()
+            .filter(upload=upload, kind=Slot.Kind.UPLOAD)
+            .select_for_update()
+            .order_by("pk")
+            .first()
+        )
+        if current is None or not current.holder_channel:
+            return None
+        if current.lease_expires_at > now:
+            return current.holder_channel
+        slots_revoke_for_upload(upload, Slot.ReleaseReason.EXPIRED, LeaseLost(), now=now)
+    return None
+
+
+async def writer_ask_to_stop(channel: str) -> None:
+    """Ask the upload's live writer to let go (it commits what arrived and frees its slot). From an event loop."""
+    await ask_holders_to_stop([channel], TakenOver())

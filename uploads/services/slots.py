@@ -314,6 +314,43 @@ def slots_summary(now=None) -> dict:
     return summary
 
 
+def slot_park(slot_id: int, generation: int, *, now=None) -> bool:
+    """A writer ends its request but its client will be back (a tus PATCH that ended): keep the slot for it.
+
+    The slot stays active, unclaimed (no holder channel) and leased for one
+    more lease, exactly like the slot POST /api/uploads/ reserves: the next
+    request of the upload claims it without competing for a slot again, and a
+    client that never comes back frees it when the lease runs out. A
+    compare-and-swap on the generation: False if the slot was taken meanwhile.
+    """
+    now = now or timezone.now()
+    parked = (
+        Slot.objects.active()
+        .filter(pk=slot_id, generation=generation)
+        .update(holder_channel="", holder_process="", lease_expires_at=now + lease_duration())
+    )
+    return parked == 1
+
+
+async def ask_holders_to_stop(channels: list[str], error: DirectDriveXError) -> None:
+    """Ask live writers, through the channel layer, to let go: write and commit what arrived, free the slot, end.
+
+    Unlike a revocation nothing is fenced: a holder that never hears this keeps
+    its upload until it ends or its lease runs out. Sent by a request that
+    wants the upload itself (a tus PATCH or HEAD, uploads.transports.tus),
+    from its own event loop (Channels' in-memory layer is not thread-safe), and
+    waits at most NOTICE_SECONDS for the layer.
+    """
+    layer = get_channel_layer()
+    if layer is None or not channels:
+        return
+    message = {"type": "upload.stop", **error.as_dict(ws=True), "close_code": error.close_code}
+    try:
+        await _send_all(layer, channels, message)
+    except Exception:  # the layer is down: the holder keeps the upload until it ends or its lease runs out
+        log.warning("could not ask holders=%s to stop", ",".join(channels), exc_info=True)
+
+
 def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
     """Tell the holders of revoked slots, through the channel layer, to stop with ``error``'s code.
 

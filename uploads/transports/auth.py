@@ -1,4 +1,4 @@
-"""WebSocket authentication: Origin validation, session cookies and ws_url tickets.
+"""Who is connecting: WebSocket handshakes (Origin, session cookies, ws_url tickets) and tus requests.
 
 * A connection with an ``Origin`` header must come from the server's own
   origin or a trusted one, judged as Django's CSRF check judges it; a foreign
@@ -10,10 +10,15 @@
 * The user is looked up in the service threads, with a deadline; a database
   outage becomes ``scope["auth_error"]``, answered by the consumer after it
   accepts (4503), never an HTTP 500 at the handshake.
+* A tus request (``http_request_user``) is authenticated exactly as the JSON
+  API authenticates it: DRF's token and session authentication, the session
+  one with Django's CSRF check (X-CSRFToken, and Origin judged as for any
+  unsafe request).
 """
 
 import io
 import logging
+from importlib import import_module
 from urllib.parse import parse_qs, urlsplit
 
 from channels.middleware import BaseMiddleware
@@ -25,9 +30,11 @@ from django.core.exceptions import DisallowedHost
 from django.core.handlers.asgi import ASGIRequest
 from django.http import HttpRequest
 from django.utils.http import is_same_domain
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.request import Request
 
 from uploads import budgets
-from uploads.exceptions import Unavailable, refusal_for
+from uploads.exceptions import Unauthenticated, Unavailable, refusal_for
 from uploads.services.calls import db_call
 from uploads.transports.tickets import ticket_read
 
@@ -150,3 +157,20 @@ def websocket_auth_stack(inner):
     # Channels' cookie and (lazy) session middleware, then our own lookup instead of its AuthMiddleware,
     # whose thread-sensitive, unguarded database call is what the handshake must not depend on.
     return OriginCheck(CookieMiddleware(SessionMiddleware(ConnectionAuth(inner))))
+
+
+def _http_user(scope):
+    request = ASGIRequest(dict(scope), io.BytesIO())
+    engine = import_module(settings.SESSION_ENGINE)
+    request.session = engine.SessionStore(request.COOKIES.get(settings.SESSION_COOKIE_NAME))
+    request.user = get_user(request)  # what AuthenticationMiddleware would set; DRF's session auth reads it
+    # DRF's refusals (a bad token: 401; the session's CSRF check: 403) are answered as the API answers them.
+    return Request(request, authenticators=[TokenAuthentication(), SessionAuthentication()]).user
+
+
+async def http_request_user(scope):
+    """The user of a tus request (token, or session + CSRF), or raise why not (401, 403, 503)."""
+    user = await db_call(_http_user, scope)
+    if not getattr(user, "is_authenticated", False):
+        raise Unauthenticated("Send Authorization: Token <key>, or sign in and send X-CSRFToken.")
+    return user

@@ -26,24 +26,15 @@ from uploads import budgets, logs, metrics
 from uploads.exceptions import (
     DirectDriveXError,
     IdleTimeout,
-    LeaseLost,
-    NotUploading,
     ProtocolError,
     SizeExceeded,
     Unauthenticated,
-    Unavailable,
-    refusal_for,
 )
 from uploads.transports.dispatch import DirectDispatch
+from uploads.transports.sessions import act_on_notice, end_session, layer_receive, log_refusal
 from uploads.writer import ClientGone, Reason, UploadWriter
 
 log = logging.getLogger(__name__)
-
-# Backoff while the channel layer is unreachable: the upload goes on meanwhile.
-LAYER_RETRY_SECONDS = (0.5, 10.0)
-
-# Revocations sent through the channel layer (uploads.services.slots.notify_holders), by code.
-REVOCATIONS = {LeaseLost.code: LeaseLost, NotUploading.code: NotUploading}
 
 
 class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
@@ -78,14 +69,7 @@ class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
                 metrics.CONNECTIONS_OPEN.labels("upload").dec()
 
     async def _layer_receive(self):
-        delay = LAYER_RETRY_SECONDS[0]
-        while True:
-            try:
-                return await self.channel_layer.receive(self.channel_name)
-            except Exception:
-                log.warning("channel layer receive failed; retrying in %.1fs", delay, exc_info=True)
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, LAYER_RETRY_SECONDS[1])
+        return await layer_receive(self.channel_layer, self.channel_name)
 
     async def connect(self):
         # Accept first: a refusal must reach the client as an error message and
@@ -107,35 +91,13 @@ class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
             self.end_by = asyncio.get_running_loop().time() + budgets.AFTER_DISCONNECT_SECONDS
 
     async def _end_session(self):
-        """Wait for the session to end, at most until ``end_by``; then cancel it.
-
-        Daphne's own cancellation comes later (uploads.budgets). A cancellation
-        of ours (server shutdown) still lets the session finish its cleanup
-        within the budget; a second one gives up at once. Never swallowed.
-        """
-        session = self.session
-        if session is None:
+        """Wait for the session to end within the budget (uploads.transports.sessions.end_session)."""
+        if self.session is None:
             return
         self._end_within_budget()
-        if self.writer is not None and not session.done():
+        if self.writer is not None and not self.session.done():
             self.writer.stop(ClientGone())
-        loop = asyncio.get_running_loop()
-        cancelled = False
-        while not session.done():
-            remaining = self.end_by - loop.time()
-            if remaining <= 0:
-                log.error("upload session did not end in %ss; cancelling it", budgets.AFTER_DISCONNECT_SECONDS)
-                session.cancel()
-                break
-            try:
-                await asyncio.wait({session}, timeout=remaining)
-            except asyncio.CancelledError:
-                if cancelled:
-                    session.cancel()
-                    raise
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
+        await end_session(self.session, self.end_by)
 
     # --- the session ----------------------------------------------------------------
 
@@ -161,14 +123,7 @@ class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
         except ClientGone:
             reason = Reason.DISCONNECTED
         except Exception as error:
-            refusal = refusal_for(error)
-            if isinstance(error, DirectDriveXError):
-                log.info("refused upload=%s code=%s detail=%s", writer.upload_id, refusal.code, refusal.detail)
-            elif isinstance(refusal, Unavailable):
-                log.warning("upload=%s: backing service unavailable: %r", writer.upload_id, error)
-            else:
-                log.exception("upload session failed upload=%s", writer.upload_id)
-            await self._refuse(refusal)
+            await self._refuse(log_refusal(writer.upload_id, error))
         finally:
             await writer.close(reason, deadline=self.end_by)
 
@@ -245,6 +200,8 @@ class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
 
     async def upload_revoke(self, event):
         """A reap, reset, cancel or delete elsewhere took our slot (uploads.services.slots.notify_holders)."""
-        if self.writer is None:
-            return
-        self.writer.revoke(REVOCATIONS.get(event["code"], LeaseLost)(event["detail"]))
+        act_on_notice(self.writer, event)
+
+    async def upload_stop(self, event):
+        """A newer request for the upload asked us to let go (uploads.services.slots.ask_holders_to_stop)."""
+        act_on_notice(self.writer, event)
