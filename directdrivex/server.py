@@ -99,11 +99,10 @@ def _message_cost(message: dict) -> int:
 class TransportBackpressureQueue(asyncio.Queue):
     """An application input queue that pauses the socket while its messages cost too much (see FRAME_COST).
 
-    ``transport`` is what reads the socket (a Twisted ITransport, or anything
-    with pauseProducing/resumeProducing). While over the high-water mark every
-    new message pauses it again: for an HTTP body, Twisted's HTTPChannel may
-    resume its transport on its own (its response drained), and that must not
-    let the body run ahead of the application.
+    ``transport`` is what reads the socket: a WebSocket's, or the HTTP
+    channel's while a tus body streams (Twisted's HTTPChannel resumes its
+    transport only when a response drains or a request is done, neither of
+    which happens while a body is still arriving).
     """
 
     def __init__(self, transport, high_water: int):
@@ -117,7 +116,7 @@ class TransportBackpressureQueue(asyncio.Queue):
     def _put(self, item):
         super()._put(item)
         self.queued_bytes += _message_cost(item)
-        if self.queued_bytes > self.high_water:
+        if not self.paused and self.queued_bytes > self.high_water:
             self.paused = True
             self.transport.pauseProducing()
 

@@ -22,18 +22,13 @@ class RecordingTransport:
         self.calls.append("resume")
 
 
-class Protocol:
-    def __init__(self):
-        self.transport = RecordingTransport()
-
-
 def frame(size: int) -> dict:
     return {"type": "websocket.receive", "bytes": b"x" * size}
 
 
 @pytest.fixture
 def queue():
-    return TransportBackpressureQueue(Protocol(), high_water=WINDOW)
+    return TransportBackpressureQueue(RecordingTransport(), high_water=WINDOW)
 
 
 def cost(payload: int) -> int:
@@ -44,10 +39,10 @@ async def test_reading_pauses_once_queued_frames_cost_more_than_one_window(queue
     per_frame = WINDOW // cost(1024)  # 1 KiB frames: four of them cost one window
     for _ in range(per_frame):
         queue.put_nowait(frame(1024))
-    assert queue.protocol.transport.calls == []  # exactly one window: still reading
+    assert queue.transport.calls == []  # exactly one window: still reading
     queue.put_nowait(frame(1))
     queue.put_nowait(frame(1024))
-    assert queue.protocol.transport.calls == ["pause"]  # paused once, not per frame
+    assert queue.transport.calls == ["pause"]  # paused once, not per frame
     assert queue.queued_bytes == per_frame * cost(1024) + cost(1) + cost(1024)
 
 
@@ -56,24 +51,24 @@ async def test_a_flood_of_empty_frames_pauses_reading_too(queue):
     # flood of them grew the process without bound.
     for _ in range(WINDOW // FRAME_COST + 1):
         queue.put_nowait(frame(0))
-    assert queue.protocol.transport.calls == ["pause"]
+    assert queue.transport.calls == ["pause"]
 
 
 async def test_reading_resumes_when_the_consumer_drains_below_half_a_window(queue):
     for _ in range(6):
         queue.put_nowait(frame(1024))  # 12 KiB of cost
     await queue.get()
-    assert queue.protocol.transport.calls == ["pause"]  # 10 KiB left: above half a window
+    assert queue.transport.calls == ["pause"]  # 10 KiB left: above half a window
     for _ in range(3):
         await queue.get()
-    assert queue.protocol.transport.calls == ["pause", "resume"]
+    assert queue.transport.calls == ["pause", "resume"]
     assert queue.queued_bytes == 2 * cost(1024)
 
 
 async def test_text_and_control_messages_count_by_their_payload_and_their_cost(queue):
     queue.put_nowait({"type": "websocket.receive", "text": "y" * WINDOW})
     queue.put_nowait({"type": "websocket.disconnect", "code": 1000})
-    assert queue.protocol.transport.calls == ["pause"]
+    assert queue.transport.calls == ["pause"]
     assert (await asyncio.wait_for(queue.get(), 1))["text"]
     assert queue.queued_bytes == FRAME_COST
-    assert queue.protocol.transport.calls == ["pause", "resume"]
+    assert queue.transport.calls == ["pause", "resume"]
