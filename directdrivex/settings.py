@@ -39,6 +39,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     # django-csp: its system checks catch settings of its old (3.x) format.
     "csp",
+    # Cross-origin calls to /api/ from DIRECTDRIVEX_CORS_ORIGINS (its checks refuse a malformed origin at start).
+    "corsheaders",
     # Not "django_ratelimit": the throttles only call it (uploads.views). Its app adds nothing but
     # checks of CACHES, chosen below on purpose, and one of them (E003, "not a shared cache") would
     # refuse the single-host default's local memory; directdrivex/asgi.py stops the server on any
@@ -49,6 +51,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # Outermost: every line logged for a request carries its id, refusals of the next one included.
     "uploads.logs.RequestIdMiddleware",
+    # Before anything that may answer: a refusal to an allowed origin must be readable by its page.
+    "corsheaders.middleware.CorsMiddleware",
     # Around every answer, the refusals below included: nosniff, Referrer-Policy, COOP, HSTS. Its
     # request half only redirects to HTTPS (SECURE_SSL_REDIRECT), which an API client should get too.
     "django.middleware.security.SecurityMiddleware",
@@ -217,8 +221,13 @@ DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
 DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
 DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
 DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
-# Other sites whose pages may call the tus endpoint from a browser (Uppy on another domain); exact origins.
+# Other sites whose pages may call the API and the tus endpoint from a browser (Uppy on another domain):
+# exact origins. The tus consumer (uploads.transports.tus) answers its own CORS; django-cors-headers the API.
+# No credentials: a page on another origin authenticates with a token, never with this site's cookies.
 DIRECTDRIVEX_CORS_ORIGINS = env.list("DIRECTDRIVEX_CORS_ORIGINS")
+CORS_ALLOWED_ORIGINS = DIRECTDRIVEX_CORS_ORIGINS
+CORS_URLS_REGEX = r"^/api/.*$"
+CORS_EXPOSE_HEADERS = ["Retry-After", "Link", "Content-Disposition", "Content-Range", "ETag", "X-Request-ID"]
 # Throttles (uploads.views): failed sign-ins per client address per minute and per username per
 # hour, sign-up forms per client address per hour.
 DIRECTDRIVEX_LOGIN_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_ATTEMPTS", 10)
