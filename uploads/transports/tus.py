@@ -133,6 +133,8 @@ class TusConsumer:
         self.headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         self.method = scope["method"]
         self.writer: UploadWriter | None = None
+        # Headers every refusal of this request carries (the upload's Location, its current offset).
+        self.refusal_headers: dict[str, str] = {}
         self.session: asyncio.Future | None = None
         self.client_gone = False
         self.answered = False
@@ -213,16 +215,9 @@ class TusConsumer:
         headers = {"Location": location, "Upload-Expires": http_date(upload_expires_at(upload).timestamp())}
         if body_length == 0:
             return await self._answer(201, headers | {"Upload-Offset": "0"})
-        try:
-            offset = await self._write_body(user, str(upload.pk), 0)
-        except DirectDriveXError as refusal:
-            if refusal.tus_status is None or refusal.tus_status < 460:
-                raise  # told as it is, with the Location (_refuse)
-            offset = 0
-        except Exception as error:
-            # The upload exists; the client learns where it stands from HEAD.
-            log_refusal(str(upload.pk), error)
-            offset = (await db_call(upload_for, user, upload.pk)).offset
+        # creation-with-upload: a refusal of the body still tells the client where its upload is.
+        self.refusal_headers["Location"] = location
+        offset = await self._write_body(user, str(upload.pk), 0)
         await self._answer(201, headers | {"Upload-Offset": str(offset)})
 
     def _creation_fields(self, length: int) -> dict:
@@ -304,7 +299,8 @@ class TusConsumer:
         reason, keep_slot = Reason.ERROR, False
         pump = None
         try:
-            offset = await self._open_taking_over(writer)
+            offset = await self._open_completed_or_taking_over(writer)
+            self.refusal_headers["Upload-Offset"] = str(offset)
             if claimed != offset:
                 raise OffsetMismatch(f"Upload-Offset is {claimed}; the upload's offset is {offset}.")
             body_length = self._body_length()
@@ -327,6 +323,19 @@ class TusConsumer:
             if pump is not None:
                 pump.cancel()
             await writer.close(reason, deadline=self.end_by, keep_slot=keep_slot)
+            if writer.grant is not None and reason != Reason.COMPLETED:
+                self.refusal_headers["Upload-Offset"] = str(writer.durable)  # what close() made durable
+
+    async def _open_completed_or_taking_over(self, writer: UploadWriter) -> int:
+        """The writer's resume offset; for a complete upload its size, with nothing held (any PATCH is then 409)."""
+        try:
+            return await self._open_taking_over(writer)
+        except NotUploading:
+            upload = await db_call(upload_for, writer.user, writer.upload_id)
+            if upload.status != Upload.Status.COMPLETE:
+                raise
+            self.refusal_headers["Upload-Offset"] = str(upload.size)
+            raise OffsetMismatch(f"The upload is complete: all {upload.size} bytes are in.") from None
 
     async def _open_taking_over(self, writer: UploadWriter) -> int:
         """Become the upload's writer, asking an earlier holder to let go; UploadBusy (423) if it does not in time."""
@@ -414,11 +423,9 @@ class TusConsumer:
         status, body, refusal_headers = refusal_parts(error)
         if isinstance(error, DirectDriveXError) and error.tus_status is not None:
             status = error.tus_status
-        headers = {**refusal_headers, **(headers or {})}
+        headers = {**refusal_headers, **self.refusal_headers, **(headers or {})}
         if isinstance(error, TusVersionUnsupported):
             headers["Tus-Version"] = TUS_VERSION
-        if isinstance(error, OffsetMismatch | SizeExceeded) and self.writer is not None and self.writer.ready:
-            headers["Upload-Offset"] = str(self.writer.durable)
         metrics.refusal_counted("tus", body["code"])
         await self._answer(status, headers, json.dumps(body).encode(), "application/json")
 
