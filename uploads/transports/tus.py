@@ -426,6 +426,8 @@ class TusConsumer:
         headers = {**refusal_headers, **self.refusal_headers, **(headers or {})}
         if isinstance(error, TusVersionUnsupported):
             headers["Tus-Version"] = TUS_VERSION
+        if status == 401:
+            headers.setdefault("WWW-Authenticate", "Token")  # as the API says it (docs/api.md)
         metrics.refusal_counted("tus", body["code"])
         await self._answer(status, headers, json.dumps(body).encode(), "application/json")
 
