@@ -126,3 +126,65 @@ def test_shutdown_waits_for_the_applications_through_the_event_trigger_daphne_re
     """
     run = inspect.getsource(daphne_server.Server.run)
     assert 'reactor.addSystemEventTrigger("before", "shutdown", self.kill_all_applications)' in run
+
+
+def test_streamed_bodies_rely_on_process_stopping_at_a_closed_body():
+    """Hook: BoundedRequest.start_streaming calls Daphne's process() with the body not yet in.
+
+    process() must rewind the stored body, start the application with the
+    scope it builds, and stop there when the body is "closed" (_StreamedContent):
+    otherwise it would send an empty, final http.request before the body came.
+    Behaviour: tests/test_tus_conformance.py, tests/test_tus_memory.py.
+    """
+    process = inspect.getsource(WebRequest.process)
+    assert "self.content.seek(0, 0)" in process
+    assert "self.server.create_application" in process
+    assert "if self.application_queue is None or self.content.closed:" in process
+    # What requestReceived would set once the body is in, and process() reads.
+    received = inspect.getsource(http.Request.requestReceived)
+    for name in ("self.method, self.uri = command, path", "self.clientproto = version", "self.path"):
+        assert name in received, name
+    for name in ("self.client", "self.host", "self.clientproto", "self.method", "self.path", "self.uri"):
+        assert name in process or name in inspect.getsource(http.Request.__init__), name
+
+
+def test_the_request_line_is_on_the_channel_when_the_length_is_known():
+    """Hook: BoundedRequest.gotLength reads the method, target and version from the channel.
+
+    Twisted parses the request line into _command/_path/_version and calls
+    gotLength from allHeadersReceived, before any body byte and before the
+    request gets its own method and path (requestReceived, once the body is in).
+    """
+    line = inspect.getsource(http.HTTPChannel.lineReceived)
+    for name in ("self._command = command", "self._path = request", "self._version = version"):
+        assert name in line, name
+    headers = inspect.getsource(http.HTTPChannel.allHeadersReceived)
+    assert "req.gotLength(self.length)" in headers
+    content = inspect.getsource(http.HTTPChannel.allContentReceived)
+    assert "req.requestReceived(command, path, version)" in content
+
+
+def test_an_early_answer_keeps_the_channel_reading_into_nothing():
+    """Hook: BoundedRequest.finish for a body still arriving (a tus refusal, or the upload's end).
+
+    requestDone closes the socket unless the channel is persistent (the unread
+    body would make the kernel reset the answer away), and a persistent channel
+    goes back to line mode: linger_and_close then swaps its dataReceived for a
+    sink, so the rest of the body is neither parsed as a request nor stored.
+    """
+    done = inspect.getsource(http.HTTPChannel.requestDone)
+    assert "if self.persistent:" in done
+    assert "self.setLineMode(data)" in done
+    assert "self.loseConnection()" in done
+    # Data reaches the channel through its dataReceived attribute (LineReceiver), looked up per call.
+    assert "dataReceived" in inspect.getsource(http._GenericHTTPChannelProtocol)
+
+
+def test_tus_bodies_stream_and_no_other_body_does():
+    """streams_request_body: only POST and PATCH under /api/tus/ are exempt from the request-body limit."""
+    assert server.streams_request_body(b"PATCH", b"/api/tus/abc")
+    assert server.streams_request_body(b"POST", b"/api/tus/")
+    assert not server.streams_request_body(b"HEAD", b"/api/tus/abc")
+    assert not server.streams_request_body(b"DELETE", b"/api/tus/abc")
+    assert not server.streams_request_body(b"POST", b"/api/uploads/")
+    assert not server.streams_request_body(b"PATCH", b"/api/tusx")
