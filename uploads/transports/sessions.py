@@ -19,13 +19,14 @@ from rest_framework.exceptions import APIException
 from uploads import budgets
 from uploads.exceptions import (
     DirectDriveXError,
+    IdleTimeout,
     LeaseLost,
     NotUploading,
     TakenOver,
     Unavailable,
     refusal_for,
 )
-from uploads.writer import UploadWriter
+from uploads.writer import Reason, UploadWriter
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,15 @@ def act_on_notice(writer: UploadWriter | None, event: dict) -> None:
         writer.stop(TakenOver(event.get("detail")))
     else:
         writer.revoke(REVOCATIONS.get(event["code"], LeaseLost)(event["detail"]))
+
+
+def release_reason(refusal: BaseException) -> str:
+    """Why a writer that ends on ``refusal`` frees its slot (the slot's release reason)."""
+    if isinstance(refusal, IdleTimeout):
+        return Reason.IDLE
+    if isinstance(refusal, TakenOver):
+        return Reason.DISCONNECTED  # its client's newer request has the upload: the normal life of a retry
+    return Reason.ERROR
 
 
 def log_refusal(upload_id: str, error: BaseException) -> DirectDriveXError:

@@ -53,7 +53,7 @@ from uploads.services.grants import writer_ask_to_stop, writer_holder
 from uploads.services.slots import BUSY_RETRY_SECONDS
 from uploads.services.uploads import upload_create, upload_delete, upload_expires_at, upload_for
 from uploads.transports.auth import http_request_user
-from uploads.transports.sessions import act_on_notice, end_session, layer_receive, log_refusal
+from uploads.transports.sessions import act_on_notice, end_session, layer_receive, log_refusal, release_reason
 from uploads.writer import ClientGone, Reason, UploadWriter
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,9 @@ class TusConsumer:
                 return offset
         except ClientGone:
             reason = Reason.DISCONNECTED
+            raise
+        except Exception as error:
+            reason = release_reason(error)
             raise
         finally:
             if pump is not None:

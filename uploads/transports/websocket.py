@@ -25,13 +25,12 @@ from django.conf import settings
 from uploads import budgets, logs, metrics
 from uploads.exceptions import (
     DirectDriveXError,
-    IdleTimeout,
     ProtocolError,
     SizeExceeded,
     Unauthenticated,
 )
 from uploads.transports.dispatch import DirectDispatch
-from uploads.transports.sessions import act_on_notice, end_session, layer_receive, log_refusal
+from uploads.transports.sessions import act_on_notice, end_session, layer_receive, log_refusal, release_reason
 from uploads.writer import ClientGone, Reason, UploadWriter
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,7 @@ class UploadConsumer(DirectDispatch, AsyncWebsocketConsumer):
             await writer.close(reason, deadline=self.end_by)
 
     async def _refuse(self, refusal: DirectDriveXError):
-        reason = Reason.IDLE if isinstance(refusal, IdleTimeout) else Reason.ERROR
+        reason = release_reason(refusal)
         if self.client_gone:
             await self.writer.close(reason, deadline=self.end_by)
             return
