@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import re
+import time
 
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -138,6 +139,8 @@ class TusConsumer:
         self.session: asyncio.Future | None = None
         self.client_gone = False
         self.answered = False
+        self.status: int | None = None  # what was answered, for the request's log line
+        self.user_id: int | None = None
         self.channel_name = ""
         # The event loop's time by which everything after the client left must be done (uploads.budgets).
         self.end_by: float | None = None
@@ -145,7 +148,17 @@ class TusConsumer:
     # --- the request ------------------------------------------------------------------
 
     async def handle(self):
-        logs.bind_connection(self.scope)
+        self.request_id = logs.bind_connection(self.scope)  # every line of this request carries it
+        started = time.monotonic()
+        try:
+            await self._handle()
+        finally:
+            # One line per request, as Django's requests get (uploads.logs.RequestIdMiddleware).
+            details = {"method": self.method, "path": self.scope["path"], "status": self.status}
+            details |= {"duration_ms": round((time.monotonic() - started) * 1000), "user": self.user_id}
+            logs.http_log.info("request", extra={"ddx": details})
+
+    async def _handle(self):
         match = PATH.match(self.scope["path"])
         try:
             if match is None:
@@ -209,7 +222,7 @@ class TusConsumer:
         if body_length is not None and body_length > length:
             raise SizeExceeded(f"The body has {body_length} bytes; the upload is {length}.")
         fields = self._creation_fields(length)
-        user = await http_request_user(self.scope)
+        user = await self._user()
         upload, _slot = await db_call(upload_create, user, **fields)
         location = self._location(upload.pk)
         headers = {"Location": location, "Upload-Expires": http_date(upload_expires_at(upload).timestamp())}
@@ -234,7 +247,7 @@ class TusConsumer:
 
     async def _head(self, upload_id: str):
         """The durable offset, once no earlier request can move it (see the module docstring)."""
-        user = await http_request_user(self.scope)
+        user = await self._user()
         await self._wait_until_let_go(user, upload_id, asyncio.get_running_loop().time() + budgets.TAKEOVER_SECONDS)
         upload = await db_call(upload_for, user, upload_id)
         if upload.status not in (Upload.Status.UPLOADING, Upload.Status.COMPLETE):
@@ -252,7 +265,7 @@ class TusConsumer:
 
     async def _delete(self, upload_id: str):
         """DELETE /api/uploads/<id>/: the writer is fenced and told first, the bytes are gone before the 204."""
-        user = await http_request_user(self.scope)
+        user = await self._user()
         await db_call(upload_delete, user, upload_id)
         await self._answer(204)
 
@@ -264,7 +277,7 @@ class TusConsumer:
         claimed = _integer_header("Upload-Offset", self.headers.get("upload-offset"))
         if claimed is None:
             raise InvalidRequest("Upload-Offset is required.")
-        user = await http_request_user(self.scope)
+        user = await self._user()
         offset = await self._write_body(user, upload_id, claimed)
         await self._answer(204, {"Upload-Offset": str(offset)})
 
@@ -404,6 +417,11 @@ class TusConsumer:
 
     # --- answers -------------------------------------------------------------------------
 
+    async def _user(self):
+        user = await http_request_user(self.scope)
+        self.user_id = user.pk
+        return user
+
     def _body_length(self) -> int | None:
         """The body's declared length: 0 for none, None for a chunked body of unknown length."""
         if "content-length" in self.headers:
@@ -437,8 +455,9 @@ class TusConsumer:
     async def _answer(self, status: int, headers: dict | None = None, body: bytes = b"", content_type: str = ""):
         if self.client_gone or self.answered:
             return
-        self.answered = True
+        self.answered, self.status = True, status
         headers = {"Tus-Resumable": TUS_VERSION, **(headers or {}), "Content-Length": str(len(body))}
+        headers[logs.REQUEST_ID_HEADER] = self.request_id
         if content_type:
             headers["Content-Type"] = content_type
         if origin := self._cors_origin():
