@@ -92,7 +92,8 @@ def daphne_arguments(*, bind: str, port: int | None, fd: int | None = None) -> l
 
 
 def _message_cost(message: dict) -> int:
-    payload = message.get("bytes") or message.get("text") or b""
+    # websocket.receive carries "bytes" or "text"; http.request (a streamed tus body) "body".
+    payload = message.get("bytes") or message.get("text") or message.get("body") or b""
     return len(payload) + FRAME_COST
 
 

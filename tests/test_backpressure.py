@@ -72,3 +72,14 @@ async def test_text_and_control_messages_count_by_their_payload_and_their_cost(q
     assert (await asyncio.wait_for(queue.get(), 1))["text"]
     assert queue.queued_bytes == FRAME_COST
     assert queue.transport.calls == ["pause", "resume"]
+
+
+def test_streamed_http_body_pieces_cost_their_bytes_too():
+    """A tus body arrives as http.request messages ("body", not "bytes"): they must fill the window as frames do."""
+    queue = TransportBackpressureQueue(RecordingTransport(), high_water=WINDOW)
+    piece = {"type": "http.request", "body": b"x" * (256 * 1024), "more_body": True}
+    for _ in range(WINDOW // cost(256 * 1024)):
+        queue.put_nowait(piece)
+    assert queue.transport.calls == []
+    queue.put_nowait(piece)
+    assert queue.transport.calls == ["pause"]
