@@ -211,6 +211,7 @@ class TusConsumer:
 
     async def _create(self):
         """POST /api/tus/: POST /api/uploads/ in tus headers; a body with it is written as by a PATCH."""
+        user = await self._user()  # first, as in the API: a stranger learns nothing from the other refusals
         if "upload-defer-length" in self.headers:
             raise InvalidRequest("Upload-Defer-Length is not supported: admission and quota need the size.")
         length = _integer_header("Upload-Length", self.headers.get("upload-length"))
@@ -222,7 +223,6 @@ class TusConsumer:
         if body_length is not None and body_length > length:
             raise SizeExceeded(f"The body has {body_length} bytes; the upload is {length}.")
         fields = self._creation_fields(length)
-        user = await self._user()
         upload, _slot = await db_call(upload_create, user, **fields)
         location = self._location(upload.pk)
         headers = {"Location": location, "Upload-Expires": http_date(upload_expires_at(upload).timestamp())}
@@ -272,12 +272,12 @@ class TusConsumer:
     # --- PATCH ---------------------------------------------------------------------------
 
     async def _patch(self, upload_id: str):
+        user = await self._user()
         if self.headers.get("content-type") != OFFSET_OCTET_STREAM:
             raise UnsupportedMediaType()
         claimed = _integer_header("Upload-Offset", self.headers.get("upload-offset"))
         if claimed is None:
             raise InvalidRequest("Upload-Offset is required.")
-        user = await self._user()
         offset = await self._write_body(user, upload_id, claimed)
         await self._answer(204, {"Upload-Offset": str(offset)})
 
