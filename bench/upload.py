@@ -1,8 +1,9 @@
-"""Upload throughput and memory benchmark: DirectDriveX against three baselines on the same bytes, in one run.
+"""Upload throughput and memory benchmark: DirectDriveX (over WebSocket and over tus) against three baselines.
 
     .venv/bin/python bench/upload.py                      # 1 GiB, SQLite, in-memory channel layer
     .venv/bin/python bench/upload.py --size 3624892618    # the reference 3.38 GB case
-    .venv/bin/python bench/upload.py --no-tus             # without the @tus/server peer (no Node needed)
+    .venv/bin/python bench/upload.py --no-tus             # without the two tus-js-client peers (no Node needed)
+    .venv/bin/python bench/upload.py --only ours_tus --only tus --tus-chunk-size default   # one PATCH per upload
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/ddx REDIS_URL=redis://127.0.0.1:6379/5 \\
         .venv/bin/python bench/upload.py                  # PostgreSQL (scratch database ddx_bench_<pid>) + Redis
 
@@ -12,16 +13,25 @@ Each round measures, on one file of random bytes:
   storage folder and database) receiving the file from the reference client (``python -m ddxclient
   upload``, a subprocess). Throughput is timed by the server's own log lines, from ``writer ready`` to
   ``upload.completed`` (admission, every frame, sha256, the durable commits and the atomic finish).
+* ours_tus: the same server (a fresh one) receiving the file over tus 1.0 at ``/api/tus/`` from
+  tus-js-client in Node (bench/tus/upload.mjs with ``--header 'Authorization: Token …'``, the file's
+  sha256 declared in Upload-Metadata as the reference client declares it), in PATCHes of
+  --tus-chunk-size bytes, the tus peer's client settings. Timed by the server's log from the first
+  ``writer ready … transport=tus`` (the first PATCH's body begins) to ``upload.completed``.
 * bare: bench/bare_consumer.py, a Channels consumer that only appends frames to a file, under the same
   Daphne (same flags, backpressure queue and channel layer), driven by the reference client's own
   sending loop (same frames, same window), timed by its ``bare ready`` / ``bare complete`` log lines.
 * tus: a stock @tus/server 2 with @tus/file-store (bench/tus/server.mjs, Node, 127.0.0.1 only) receiving
-  the file from tus-js-client in PATCHes of --tus-chunk-size bytes (4 MiB; bench/tus/upload.mjs), timed by
+  the file from tus-js-client in PATCHes of --tus-chunk-size bytes (4 MiB, or ``default``: tus-js-client's
+  own chunkSize Infinity, one PATCH whose body is the whole file; bench/tus/upload.mjs), timed by
   its ``tus ready`` (upload created) / ``tus durable`` (last PATCH written, file fsynced once) log lines.
   The npm packages (versions pinned by bench/tus/package-lock.json) are installed with ``npm ci`` into
   --tus-cache (default ~/.cache/directdrivex-bench/tus) on first use and reused while the lock file is
   unchanged.
 * disk: 1 MiB blocks read from the file and written to a new one in the same filesystem, fsync at the end.
+
+Both tus-js-client peers use the same client settings, so ``ours_tus / tus`` compares the two servers
+behind one client.
 
 The server's RSS is sampled from /proc every --sample seconds together with the bytes that have
 landed, so RSS at one third of the upload and at its end can be compared. MB/s are 10^6 bytes/s.
@@ -72,6 +82,13 @@ TARGET_RATIO, STRETCH_RATIO = 1.0, 1.3
 # The project's goal against the peer: at least @tus/server's speed, at most 3 s of server CPU per GiB.
 TARGET_TUS_RATIO = 1.0
 TARGET_CPU_PER_GIB = 3.0
+# Issue 13, ours over tus: tus-js-client (Node) into ours at least as fast as into @tus/server, at most
+# 2 s of server CPU per GiB (sha256 and the durability bound kept).
+TARGET_OURS_TUS_RATIO = 1.0
+TARGET_OURS_TUS_CPU_PER_GIB = 2.0
+# Every peer, in the order each round runs them; "ours" and "ours_tus" are the project's server.
+KINDS = ("ours", "ours_tus", "bare", "tus", "disk")
+NODE_KINDS = ("ours_tus", "tus")
 TARGET_GROWTH = 32 * MiB
 TARGET_LATE_GROWTH = 8 * MiB
 
@@ -164,10 +181,18 @@ def dir_bytes(*folders: Path) -> int:
     return total
 
 
-def log_seconds(log_path: Path, start_marker: str, end_marker: str) -> float:
-    """Seconds between the last ``start_marker`` line and the ``end_marker`` line after it."""
+def log_seconds(log_path: Path, start_marker: str, end_marker: str, *, since: int = 0, first: bool = False) -> float:
+    """Seconds between the last ``start_marker`` line and the ``end_marker`` line after it.
+
+    ``since``: read the log from this byte on (the lines of one round of a log that several rounds
+    append to). ``first``: from the first ``start_marker`` line to the first ``end_marker`` after it
+    (a tus upload in several PATCHes has one ``writer ready`` per PATCH).
+    """
     start = end = None
-    for line in log_path.read_text(errors="replace").splitlines():
+    with open(log_path, "rb") as handle:
+        handle.seek(since)
+        text = handle.read().decode(errors="replace")
+    for line in text.splitlines():
         if match := LOG_TIME.match(line):
             stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
         elif match := LOGFMT_TIME.match(line):
@@ -175,8 +200,12 @@ def log_seconds(log_path: Path, start_marker: str, end_marker: str) -> float:
         else:
             continue
         if start_marker in line:
+            if first and start is not None:
+                continue
             start, end = stamp, None
         elif end_marker in line and start is not None:
+            if first and end is not None:
+                continue
             end = stamp
     if start is None or end is None:
         raise RuntimeError(f"no {start_marker!r} .. {end_marker!r} in {log_path}")
@@ -389,7 +418,7 @@ def measure_tus(args, workdir: Path, source: Path, size: int, tag: str) -> dict:
         client_cpu, started = children_cpu(), time.monotonic()
         done = subprocess.run(
             ["node", "upload.mjs", "--endpoint", f"http://127.0.0.1:{port}/files/",
-             "--chunk-size", str(args.tus_chunk_size), str(source)],
+             "--chunk-size", chunk_argument(args.tus_chunk_size), str(source)],
             cwd=args.tus_home, capture_output=True, text=True, timeout=3600,
         )  # fmt: skip
         client_wall, client_cpu = time.monotonic() - started, children_cpu() - client_cpu
@@ -410,6 +439,78 @@ def measure_tus(args, workdir: Path, source: Path, size: int, tag: str) -> dict:
     finally:
         stop_process(server)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def chunk_argument(chunk_size: int) -> str:
+    """upload.mjs's --chunk-size: 0 is tus-js-client's default (Infinity: one PATCH per attempt)."""
+    return str(chunk_size) if chunk_size else "default"
+
+
+def chunk_label(chunk_size: int) -> str:
+    return f"{mib(chunk_size)} PATCHes" if chunk_size else "one PATCH (chunkSize default)"
+
+
+def parse_chunk_size(text: str) -> int:
+    if text.lower() in ("default", "infinity", "0"):
+        return 0
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a positive number of bytes, or 'default'")
+    return value
+
+
+def measure_ours_tus(args, workdir: Path, source: Path, size: int, database_url: str | None, tag: str) -> dict:
+    """Our server over tus (/api/tus/), from tus-js-client in Node with the tus peer's chunk size."""
+    server = LiveServer(
+        workdir / "ours_tus", database_url=database_url, redis_url=os.environ.get("REDIS_URL"), **args.server_env
+    )
+    server.migrate()
+    token = server.create_user(f"tus{tag}")
+    server.start()
+    try:
+        time.sleep(args.settle)
+        idle, cpu_before = server.rss(), (server.cpu_seconds(), thread_cpu(server.pid))
+        storage = server.storage
+        log_start = server.log_path.stat().st_size
+        sampler = Sampler(server.pid, lambda: dir_bytes(storage / "partial", storage / "files"), args.sample)
+        sampler.start()
+        spy = PySpy(args.py_spy, server.pid, workdir / f"ours_tus{tag}.pyspy.txt", args.py_spy_args)
+        client_cpu, started = children_cpu(), time.monotonic()
+        done = subprocess.run(
+            ["node", "upload.mjs", "--endpoint", f"{server.url}/api/tus/",
+             "--header", f"Authorization: Token {token}", "--metadata", f"sha256={args.source_sha256}",
+             "--chunk-size", chunk_argument(args.tus_chunk_size), str(source)],
+            cwd=args.tus_home, capture_output=True, text=True, timeout=3600,
+        )  # fmt: skip
+        client_wall, client_cpu = time.monotonic() - started, children_cpu() - client_cpu
+        spy.stop()
+        sampler.stop()
+        if done.returncode:
+            raise RuntimeError(f"tus-js-client exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        upload_id = json.loads(done.stdout.strip().splitlines()[-1])["url"].rstrip("/").rsplit("/", 1)[-1]
+        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE, since=log_start, first=True)
+        figures = server_figures(server.pid, idle, cpu_before, sampler, size, seconds)
+        finished = list((storage / "files").iterdir())
+        if [path.stat().st_size for path in finished] != [size]:
+            raise RuntimeError(f"expected one finished file of {size} bytes, found {finished}")
+        # The declared sha256 was verified by the server before it answered the last PATCH (460 otherwise).
+        figures.update(
+            client_wall=client_wall,
+            client_cpu_per_gib=client_cpu / (size / GiB),
+            upload_id=upload_id,
+            chunk_size=args.tus_chunk_size,
+            patches=log_count(server.log_path, "writer ready", since=log_start),
+        )
+        return figures
+    finally:
+        server.stop()
+        shutil.rmtree(server.storage, ignore_errors=True)
+
+
+def log_count(log_path: Path, marker: str, *, since: int = 0) -> int:
+    with open(log_path, "rb") as handle:
+        handle.seek(since)
+        return sum(marker in line for line in handle.read().decode(errors="replace").splitlines())
 
 
 def measure_disk(workdir: Path, source: Path, size: int) -> dict:
@@ -458,19 +559,21 @@ def verdict(ok: bool) -> str:
 
 
 def report(rounds: list[dict], size: int) -> dict:
+    kinds = [kind for kind in KINDS if kind in rounds[0]]
+
     def median(kind, key):
         values = [r[kind][key] for r in rounds if kind in r and key in r[kind]]
         return statistics.median(values) if values else None
 
-    ours = {key: median("ours", key) for key in rounds[0]["ours"] if key != "upload_id"}
-    summary = {"size": size, "rounds": len(rounds), "ours": ours}
+    def ratio(numerator, denominator, key="mb_s"):
+        return statistics.median(r[numerator][key] / max(r[denominator][key], 1e-9) for r in rounds)
+
+    summary = {"size": size, "rounds": len(rounds)}
     out()
     out(f"=== summary: {size} bytes ({size / GiB:.2f} GiB), median of {len(rounds)} round(s) ===")
-    for kind in ("ours", "bare", "tus", "disk"):
-        if kind not in rounds[0]:
-            continue
+    for kind in kinds:
         mb_s, seconds = median(kind, "mb_s"), median(kind, "seconds")
-        line = f"{kind:5} {mb_s:8.1f} MB/s  {seconds:7.2f} s"
+        line = f"{kind:8} {mb_s:8.1f} MB/s  {seconds:7.2f} s"
         if kind != "disk":
             line += (
                 f"  server CPU {median(kind, 'cpu_per_gib'):5.2f} s/GiB"
@@ -481,53 +584,79 @@ def report(rounds: list[dict], size: int) -> dict:
             )
         if kind == "tus":
             line += f"  (without the final fsync {median(kind, 'mb_s_unsynced'):.1f} MB/s)"
+        if kind == "ours_tus":
+            line += f"  ({median(kind, 'patches'):.0f} PATCH(es))"
         out(line)
         summary[kind] = {key: median(kind, key) for key in rounds[0][kind] if key != "upload_id"}
-    for kind in ("bare", "tus", "disk"):
-        if kind in rounds[0]:
-            ratio = statistics.median(r["ours"]["mb_s"] / r[kind]["mb_s"] for r in rounds)
-            summary[f"ratio_{kind}"] = ratio
-            line = f"ours / {kind}: {ratio:.2f}x MB/s"
-            if kind != "disk":
-                cpu = statistics.median(r["ours"]["cpu_per_gib"] / r[kind]["cpu_per_gib"] for r in rounds)
-                growth = statistics.median(r["ours"]["growth"] / max(r[kind]["growth"], 1) for r in rounds)
-                summary[f"cpu_ratio_{kind}"], summary[f"growth_ratio_{kind}"] = cpu, growth
-                line += f", {cpu:.2f}x server CPU per GiB, {growth:.2f}x peak RSS growth"
-            out(line)
-    for kind in ("ours", "bare", "tus"):
-        if kind not in rounds[0]:
+    # (numerator, denominator, summary key of the MB/s ratio; the CPU and growth ratios are prefixed)
+    pairs = [("ours", other, other) for other in ("bare", "tus", "disk")]
+    pairs += [("ours_tus", other, f"ours_tus_{other}") for other in ("tus", "ours", "disk")]
+    for numerator, denominator, key in pairs:
+        if numerator not in kinds or denominator not in kinds:
+            continue
+        summary[f"ratio_{key}"] = mb_ratio = ratio(numerator, denominator)
+        line = f"{numerator} / {denominator}: {mb_ratio:.2f}x MB/s"
+        if denominator != "disk":
+            cpu = ratio(numerator, denominator, "cpu_per_gib")
+            growth = statistics.median(r[numerator]["growth"] / max(r[denominator]["growth"], 1) for r in rounds)
+            summary[f"cpu_ratio_{key}"], summary[f"growth_ratio_{key}"] = cpu, growth
+            line += f", {cpu:.2f}x server CPU per GiB, {growth:.2f}x peak RSS growth"
+        out(line)
+    for kind in kinds:
+        if kind == "disk":
             continue
         s = summary[kind]
         out(
-            f"{kind:5} RSS: idle {mib(s['idle_rss'])}, HWM before upload {mib(s['hwm_before'])}, "
+            f"{kind:8} RSS: idle {mib(s['idle_rss'])}, HWM before upload {mib(s['hwm_before'])}, "
             f"peak (VmHWM) {mib(s['peak_rss'])}, growth {mib(s['growth'])}, after {mib(s['rss_after'])}"
         )
         if "rss_third" in s:
             out(
-                f"{kind:5} RSS at 1/3 of the bytes {mib(s['rss_third'])} (VmHWM {mib(s['hwm_third'])}), "
+                f"{kind:8} RSS at 1/3 of the bytes {mib(s['rss_third'])} (VmHWM {mib(s['hwm_third'])}), "
                 f"max RSS from 1/3 on {mib(s['rss_max_after_third'])}, "
                 f"at the end {mib(s['rss_end'])} (VmHWM {mib(s['hwm_end'])})"
             )
     out()
-    if "ratio_bare" in summary:
-        ratio = summary["ratio_bare"]
-        out(f"target ours >= {TARGET_RATIO:.1f}x bare consumer: {ratio:.2f}x {verdict(ratio >= TARGET_RATIO)}"
-            f" (stretch {STRETCH_RATIO:.1f}x: {verdict(ratio >= STRETCH_RATIO)})")  # fmt: skip
-    if "ratio_tus" in summary:
-        ratio = summary["ratio_tus"]
-        out(f"target ours >= {TARGET_TUS_RATIO:.1f}x @tus/server ({mib(rounds[0]['tus']['chunk_size'])} PATCH): "
-            f"{ratio:.2f}x {verdict(ratio >= TARGET_TUS_RATIO)}")  # fmt: skip
-    cpu = ours["cpu_per_gib"]
-    out(f"target server CPU <= {TARGET_CPU_PER_GIB:.1f} s/GiB: {cpu:.2f} {verdict(cpu <= TARGET_CPU_PER_GIB)}")
-    # The peak itself is not a target: it is the idle size (which grows with what the server imports)
-    # plus the growth, and the spec bounds the growth.
-    out(f"peak server RSS (idle + growth, not a target): {mib(ours['peak_rss'])}")
-    out(f"target RSS growth <= {mib(TARGET_GROWTH)}: {mib(ours['growth'])} {verdict(ours['growth'] <= TARGET_GROWTH)}")
-    if "rss_third" in ours:
-        late = ours["hwm_end"] - ours["hwm_third"]
-        summary["late_growth"] = late
-        out(f"target peak RSS growth from 1/3 of the bytes to the end <= {mib(TARGET_LATE_GROWTH)}: {mib(late)} "
-            f"{verdict(late <= TARGET_LATE_GROWTH)}")  # fmt: skip
+    if "ours" in kinds:
+        ours = summary["ours"]
+        if "ratio_bare" in summary:
+            value = summary["ratio_bare"]
+            out(f"target ours >= {TARGET_RATIO:.1f}x bare consumer: {value:.2f}x {verdict(value >= TARGET_RATIO)}"
+                f" (stretch {STRETCH_RATIO:.1f}x: {verdict(value >= STRETCH_RATIO)})")  # fmt: skip
+        if "ratio_tus" in summary:
+            value = summary["ratio_tus"]
+            out(f"target ours >= {TARGET_TUS_RATIO:.1f}x @tus/server ({chunk_label(rounds[0]['tus']['chunk_size'])}): "
+                f"{value:.2f}x {verdict(value >= TARGET_TUS_RATIO)}")  # fmt: skip
+        cpu = ours["cpu_per_gib"]
+        out(f"target server CPU <= {TARGET_CPU_PER_GIB:.1f} s/GiB: {cpu:.2f} {verdict(cpu <= TARGET_CPU_PER_GIB)}")
+        # The peak itself is not a target: it is the idle size (which grows with what the server imports)
+        # plus the growth, and the spec bounds the growth.
+        out(f"peak server RSS (idle + growth, not a target): {mib(ours['peak_rss'])}")
+        growth = ours["growth"]
+        out(f"target RSS growth <= {mib(TARGET_GROWTH)}: {mib(growth)} {verdict(growth <= TARGET_GROWTH)}")
+        if "rss_third" in ours:
+            late = ours["hwm_end"] - ours["hwm_third"]
+            summary["late_growth"] = late
+            out(f"target peak RSS growth from 1/3 of the bytes to the end <= {mib(TARGET_LATE_GROWTH)}: {mib(late)} "
+                f"{verdict(late <= TARGET_LATE_GROWTH)}")  # fmt: skip
+    if "ours_tus" in kinds:
+        ours_tus = summary["ours_tus"]
+        label = chunk_label(rounds[0]["ours_tus"]["chunk_size"])
+        if "ratio_ours_tus_tus" in summary:
+            value = summary["ratio_ours_tus_tus"]
+            out(f"target tus-js-client (Node, {label}) -> ours over tus >= {TARGET_OURS_TUS_RATIO:.1f}x "
+                f"-> @tus/server: {value:.2f}x {verdict(value >= TARGET_OURS_TUS_RATIO)}")  # fmt: skip
+        cpu = ours_tus["cpu_per_gib"]
+        out(f"target ours over tus server CPU <= {TARGET_OURS_TUS_CPU_PER_GIB:.1f} s/GiB (sha256, durability): "
+            f"{cpu:.2f} {verdict(cpu <= TARGET_OURS_TUS_CPU_PER_GIB)}")  # fmt: skip
+        growth = ours_tus["growth"]
+        out(f"target ours over tus RSS growth <= {mib(TARGET_GROWTH)}: {mib(growth)} "
+            f"{verdict(growth <= TARGET_GROWTH)}")  # fmt: skip
+        if "rss_third" in ours_tus:
+            late = ours_tus["hwm_end"] - ours_tus["hwm_third"]
+            summary["ours_tus_late_growth"] = late
+            out(f"target ours over tus peak RSS growth from 1/3 of the bytes to the end <= {mib(TARGET_LATE_GROWTH)}: "
+                f"{mib(late)} {verdict(late <= TARGET_LATE_GROWTH)}")  # fmt: skip
     return summary
 
 
@@ -552,21 +681,29 @@ def main() -> int:
     parser.add_argument("--keep-file", action="store_true", help="keep the generated file for the next run")
     parser.add_argument("--workdir", type=Path, help="where servers keep their storage (default: a temporary folder)")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="repeat ours/bare/tus/disk this many times, interleaved; medians reported"
+        "--rounds", type=int, default=1, help="repeat every peer this many times, interleaved; medians reported"
     )
     parser.add_argument(
-        "--only", choices=["ours", "bare", "tus", "disk"], action="append", help="run only these (repeatable)"
+        "--only", choices=KINDS, action="append", help=f"run only these peers (repeatable; all: {', '.join(KINDS)})"
     )
-    parser.add_argument("--no-tus", action="store_true", help="leave out the @tus/server peer (no Node needed)")
-    parser.add_argument("--tus-chunk-size", type=int, default=TUS_CHUNK, help="tus-js-client PATCH size (4 MiB)")
+    parser.add_argument(
+        "--no-tus", action="store_true", help="leave out the tus-js-client peers, ours_tus and tus (no Node needed)"
+    )
+    parser.add_argument(
+        "--tus-chunk-size", type=parse_chunk_size, default=TUS_CHUNK, metavar="BYTES|default",
+        help="tus-js-client's PATCH size for ours_tus and tus (4 MiB); 'default' is its own chunkSize Infinity: "
+        "one PATCH whose body is the whole file",
+    )  # fmt: skip
     parser.add_argument(
         "--tus-cache", type=Path, default=DEFAULT_TUS_CACHE, help=f"where bench/tus is installed ({DEFAULT_TUS_CACHE})"
     )
     parser.add_argument(
         "--tus-no-fsync", action="store_true", help="the tus server skips its one fsync at the end (stock file store)"
     )
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra environment for ours and bare (not tus), e.g. MALLOC_ARENA_MAX=2")  # fmt: skip
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE",
+        help="extra environment for ours, ours_tus and bare (not tus), e.g. MALLOC_ARENA_MAX=2",
+    )  # fmt: skip
     parser.add_argument("--sample", type=float, default=0.2, help="RSS sampling interval in seconds (default 0.2)")
     parser.add_argument("--settle", type=float, default=1.0, help="idle seconds before measuring idle RSS")
     parser.add_argument(
@@ -579,20 +716,24 @@ def main() -> int:
     args = parser.parse_args()
     args.server_env = parse_env(args.server_env)
     args.py_spy_args = tuple(shlex.split(args.py_spy_args))
-    kinds = [kind for kind in args.only or ["ours", "bare", "tus", "disk"] if not (args.no_tus and kind == "tus")]
+    kinds = [kind for kind in KINDS if kind in (args.only or KINDS) and not (args.no_tus and kind in NODE_KINDS)]
 
     out(f"DirectDriveX upload benchmark, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
         f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     database = "PostgreSQL" if (os.environ.get("DATABASE_URL") or "").startswith("postgres") else "SQLite"
     layer = "Redis" if os.environ.get("REDIS_URL") else "in-memory"
     out(f"database: {database}, channel layer: {layer}, server env: {args.server_env}")
-    if "tus" in kinds and not (shutil.which("node") and shutil.which("npm")):
+    node_kinds = [kind for kind in kinds if kind in NODE_KINDS]
+    if node_kinds and not (shutil.which("node") and shutil.which("npm")):
         if args.only:
-            raise SystemExit("--only tus needs node and npm on PATH")
-        out("node or npm not found: the tus peer is left out (--no-tus says so explicitly)")
-        kinds.remove("tus")
-    if "tus" in kinds:
+            raise SystemExit(f"--only {' / '.join(node_kinds)} needs node and npm on PATH")
+        out("node or npm not found: the tus-js-client peers are left out (--no-tus says so explicitly)")
+        kinds = [kind for kind in kinds if kind not in NODE_KINDS]
+    if not kinds:
+        raise SystemExit("no peer left to run")
+    if any(kind in NODE_KINDS for kind in kinds):
         args.tus_home = tus_install(args.tus_cache)
+        out(f"tus-js-client: {chunk_label(args.tus_chunk_size)}")
 
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ddx-bench-")))
@@ -606,6 +747,10 @@ def main() -> int:
             make_file(source, args.size)
             if not args.keep_file:  # only a file this run made is deleted
                 stack.callback(source.unlink, missing_ok=True)
+        if "ours_tus" in kinds:
+            # Declared in Upload-Metadata as the reference client declares it; the server verifies it.
+            with open(source, "rb") as handle:
+                args.source_sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
         database_url = stack.enter_context(scratch_database(os.environ.get("DATABASE_URL")))
         rounds = []
         for number in range(1, args.rounds + 1):
@@ -615,6 +760,8 @@ def main() -> int:
                 tag = str(number)
                 if kind == "ours":
                     figures[kind] = measure_ours(args, workdir, source, args.size, database_url, tag)
+                elif kind == "ours_tus":
+                    figures[kind] = measure_ours_tus(args, workdir, source, args.size, database_url, tag)
                 elif kind == "bare":
                     figures[kind] = measure_bare(args, workdir, source, args.size, tag)
                 elif kind == "tus":
@@ -623,11 +770,6 @@ def main() -> int:
                     figures[kind] = measure_disk(workdir, source, args.size)
                 out(f"round {number}: {kind} {figures[kind]['mb_s']:.1f} MB/s in {figures[kind]['seconds']:.2f} s")
             rounds.append(figures)
-        if "ours" not in kinds:
-            for kind in kinds:
-                values = [r[kind]["mb_s"] for r in rounds]
-                out(f"{kind}: median {statistics.median(values):.1f} MB/s")
-            return 0
         summary = report(rounds, args.size)
         summary["server_env"] = args.server_env
         summary["all_rounds"] = rounds
