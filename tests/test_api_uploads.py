@@ -15,7 +15,7 @@ from uploads.services.grants import writer_admit, writer_commit, writer_fail
 from uploads.services.slots import slots_reap
 from uploads.services.uploads import upload_create, upload_end
 from uploads.storage import local
-from uploads.transports.tickets import ticket_read
+from uploads.tickets import ticket_read
 
 LIST = "/api/uploads/"
 GiB = 1024**3

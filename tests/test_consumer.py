@@ -26,7 +26,7 @@ from uploads.services.grants import writer_admit
 from uploads.services.slots import slot_release, slots_reset
 from uploads.services.uploads import upload_create, upload_delete
 from uploads.storage import local
-from uploads.transports.tickets import ticket_issue, ws_url
+from uploads.tickets import ticket_issue, ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

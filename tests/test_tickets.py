@@ -1,4 +1,4 @@
-"""ws_url tickets (uploads.transports.tickets): signed, bound to one user and one upload, short-lived."""
+"""ws_url tickets (uploads.tickets): signed, bound to one user and one upload, short-lived."""
 
 import time
 import uuid
@@ -7,7 +7,7 @@ import pytest
 from django.core import signing
 
 from uploads.services.uploads import upload_create
-from uploads.transports.tickets import SALT, ticket_issue, ticket_read, ws_url
+from uploads.tickets import SALT, ticket_issue, ticket_read, ws_url
 
 
 @pytest.fixture

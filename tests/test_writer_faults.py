@@ -45,7 +45,7 @@ from uploads.services import grants, uploads
 from uploads.services.slots import slots_reset
 from uploads.services.uploads import upload_delete, uploads_expire
 from uploads.storage import local
-from uploads.transports.tickets import ws_url
+from uploads.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -30,7 +30,7 @@ from uploads.models import Slot, Upload
 from uploads.services.slots import slots_reset
 from uploads.services.uploads import upload_create, upload_delete
 from uploads.storage import local
-from uploads.transports.tickets import ws_url
+from uploads.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -22,7 +22,7 @@ from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import LiveServer
 from uploads.models import Slot
 from uploads.services.uploads import upload_create
-from uploads.transports.tickets import ws_url
+from uploads.tickets import ws_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

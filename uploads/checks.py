@@ -21,6 +21,7 @@ from django.db.backends.base.operations import BaseDatabaseOperations
 from uploads import metrics
 from uploads.models import Slot
 from uploads.serializers import MAX_FILENAME_CHARS, MAX_FINGERPRINT_CHARS
+from uploads.storage import sha256state
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -167,6 +168,7 @@ def check_configuration(app_configs, **kwargs):
     errors += _check_request_limit()
     errors += _check_storage()
     errors += _check_chunk_size()
+    errors += _check_resumable_sha256()
     errors += _check_accel_redirect()
     errors += _check_metrics()
     errors += _check_trusted_proxies()
@@ -296,6 +298,20 @@ def _check_chunk_size() -> list[Warning]:
             ),
             id="uploads.W001",
             obj="DIRECTDRIVEX_CHUNK_SIZE",
+        )
+    ]
+
+
+def _check_resumable_sha256() -> list[Warning]:
+    if sha256state.available():
+        return []
+    return [
+        Warning(
+            "libcrypto's SHA256 functions are missing or failed their self-test: the sha256 state cannot be saved "
+            "with the durable offset, so every resumed upload (every tus PATCH after the first) reads its bytes "
+            "back to hash them again.",
+            hint="Uploads stay correct, only slower to resume. Install OpenSSL's libcrypto (Debian: libssl3).",
+            id="uploads.W002",
         )
     ]
 

@@ -51,6 +51,10 @@ class Upload(models.Model):
     # Opaque to the server, returned as sent: lets a client tell its own file again before resuming.
     fingerprint = models.CharField(max_length=256, blank=True, default="", help_text="Client's opaque file tag.")
     offset = models.BigIntegerField(default=0, help_text="Durable resume point: bytes fsynced and committed.")
+    # The sha256 state after the first ``offset`` bytes (uploads.storage.sha256state), committed with
+    # the offset under the same fence: the next writer, on any host, resumes hashing without re-reading.
+    # It names the byte count it covers, so an offset moved by a rewind or repair simply ignores it.
+    hash_state = models.BinaryField(null=True, blank=True, editable=False)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.UPLOADING)
     storage_key = models.CharField(max_length=64, unique=True, default=new_storage_key, editable=False)
     # Fencing token: bumped whenever a writer is granted or revoked. Offset

@@ -15,7 +15,7 @@ from rest_framework import serializers
 
 from uploads.models import Upload
 from uploads.services.uploads import upload_expires_at
-from uploads.transports.tickets import ws_url
+from uploads.tickets import ws_url
 
 # \A…\Z, not ^…$: "$" would let a trailing newline through (the schema gets ^…$, which is exact in ECMA regex).
 SHA256_HEX = r"\A[0-9a-fA-F]{64}\Z"

@@ -350,7 +350,7 @@ class UploadWriter:
         grant = self.grant
         try:
             self.part = await self._interruptible(
-                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
+                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt, grant.hash_state
             )
         except storage.PartLocked:
             # A frozen or dying writer still holds the file: it must not share it.
@@ -437,10 +437,15 @@ class UploadWriter:
             await send_ack(offset)
 
     def _start_commit(self):
-        """Start fsync + fenced UPDATE of the current offset in a thread; run() collects the outcome."""
+        """Start fsync + fenced UPDATE of the current offset in a thread; run() collects the outcome.
+
+        Called only between writes (run() is the one sequence that appends), so
+        the hash state read here is exactly that of the offset committed.
+        """
         offset, self._commit_started = self.written, time.monotonic()
         self._first_unsynced_at = None  # bytes written from now on wait for the next commit
-        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, self._commit_started))
+        state = self.part.hash_state()
+        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, state, self._commit_started))
         self._commit_task.add_done_callback(self._commit_done)
 
     def _commit_done(self, task: asyncio.Future):
@@ -448,11 +453,13 @@ class UploadWriter:
         if not task.cancelled():
             task.exception()
 
-    async def _commit_call(self, part: storage.PartWriter, offset: int, started: float) -> tuple[int, float]:
+    async def _commit_call(
+        self, part: storage.PartWriter, offset: int, state: bytes | None, started: float
+    ) -> tuple[int, float]:
         moves = offset > self.durable
         if moves:
             await self._in_thread(part.sync)
-        await db_call(writer_commit, self.grant, offset)
+        await db_call(writer_commit, self.grant, offset, hash_state=state)
         if moves:  # a commit of new bytes, fsync + UPDATE; a mere lease renewal would flatter the histogram
             metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
         return offset, started
@@ -571,9 +578,11 @@ class UploadWriter:
         loop = asyncio.get_running_loop()
         if self.part is not None and self.written > self.durable:
             try:
+                state = self.part.hash_state()  # no append runs any more (_wait_inflight)
                 await self._in_thread(self.part.sync)
                 # Half of what is left, so that the release below gets its turn too.
-                await db_call(writer_commit, grant, self.written, timeout=max(0.0, (deadline - loop.time()) / 2))
+                timeout = max(0.0, (deadline - loop.time()) / 2)
+                await db_call(writer_commit, grant, self.written, hash_state=state, timeout=timeout)
                 metrics.BYTES_RECEIVED.inc(self.written - self.durable)
                 self.durable = self.written
             except (LeaseLost, NotUploading):

@@ -46,6 +46,8 @@ class WriterGrant:
     sha256: str
     storage_key: str
     lease_expires_at: datetime
+    # The sha256 state committed with ``offset`` (None: the part is hashed again on open).
+    hash_state: bytes | None = None
 
 
 def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGrant:
@@ -65,7 +67,7 @@ def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGra
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
         slot = slot_claim_writer(upload, holder_channel, now=now)
-        offset = Upload.objects.values_list("offset", flat=True).get(pk=upload.pk)
+        offset, hash_state = Upload.objects.values_list("offset", "hash_state").get(pk=upload.pk)
     record(
         Event.WRITER_ADMITTED,
         upload=upload.pk,
@@ -84,6 +86,7 @@ def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGra
         sha256=upload.sha256,
         storage_key=upload.storage_key,
         lease_expires_at=slot.lease_expires_at,
+        hash_state=bytes(hash_state) if hash_state is not None else None,
     )
 
 
@@ -99,8 +102,8 @@ def _why_fenced(grant: WriterGrant):
     return LeaseLost()
 
 
-def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
-    """Record ``offset`` (already fsynced by the caller) as durable and renew the lease.
+def writer_commit(grant: WriterGrant, offset: int, *, hash_state: bytes | None = None, now=None) -> datetime:
+    """Record ``offset`` (fsynced by the caller) as durable, with the sha256 state after it; renew the lease.
 
     Compare-and-swap on the fencing generation: a writer whose slot was reaped,
     reset or cancelled changes nothing and gets LeaseLost / NotUploading. The
@@ -124,7 +127,7 @@ def writer_commit(grant: WriterGrant, offset: int, *, now=None) -> datetime:
             advanced = (
                 _fenced_upload(grant)
                 .filter(offset=was)
-                .update(offset=offset, last_activity_at=now, bytes_per_second=rate)
+                .update(offset=offset, hash_state=hash_state, last_activity_at=now, bytes_per_second=rate)
             )
         if advanced != 1 and not _fenced_upload(grant).exists():
             raise _why_fenced(grant)

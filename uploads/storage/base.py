@@ -76,7 +76,7 @@ class PartWriter(abc.ABC):
     offset: int
 
     @abc.abstractmethod
-    def append(self, chunks: Iterable[bytes | memoryview]) -> int:
+    def append(self, chunks: Iterable[bytes | bytearray]) -> int:
         """Write ``chunks`` after the bytes already there and fold them into the digest; returns the new offset."""
 
     @abc.abstractmethod
@@ -86,6 +86,14 @@ class PartWriter(abc.ABC):
     @abc.abstractmethod
     def hexdigest(self) -> str:
         """sha256 of every byte of the part so far."""
+
+    @abc.abstractmethod
+    def hash_state(self) -> bytes | None:
+        """The sha256's state after every byte so far, to save with the durable offset (uploads.storage.sha256state).
+
+        None when it cannot be saved; the next writer then re-reads the part.
+        Called only while no ``append`` runs.
+        """
 
     @abc.abstractmethod
     def finalize(self) -> None:
@@ -158,12 +166,15 @@ class Storage(abc.ABC):
     # --- the writer -----------------------------------------------------------------
 
     @abc.abstractmethod
-    def open_part(self, key: str, offset: int, interrupt: threading.Event | None = None) -> PartWriter:
+    def open_part(
+        self, key: str, offset: int, interrupt: threading.Event | None = None, hash_state: bytes | None = None
+    ) -> PartWriter:
         """The part of ``key`` opened for its single writer, resuming at the durable ``offset``.
 
-        Bytes past ``offset`` were never committed and are dropped; the bytes
-        before it are hashed again (``interrupt`` stops that between blocks:
-        Interrupted). PartLocked: another writer holds it. PartShort: it has
+        Bytes past ``offset`` were never committed and are dropped. The sha256
+        of the bytes before it comes from ``hash_state`` (saved with that
+        offset), or else they are read and hashed again (``interrupt`` stops
+        that between blocks: Interrupted). PartLocked: another writer holds it. PartShort: it has
         fewer than ``offset`` bytes. NotAFile: something else sits there.
         """
 

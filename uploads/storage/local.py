@@ -34,6 +34,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from uploads.storage import sha256state
 from uploads.storage.base import (
     Area,
     Capacity,
@@ -143,7 +144,7 @@ def _lock(fd: int, name) -> None:
 class LocalPart(PartWriter):
     """A part file under partial/, flocked by its one writer (see the module docstring)."""
 
-    def __init__(self, key: str, offset: int, interrupt=None):
+    def __init__(self, key: str, offset: int, interrupt=None, hash_state: bytes | None = None):
         _make_layout()
         self.key = key
         self.path = part_path(key)
@@ -163,7 +164,7 @@ class LocalPart(PartWriter):
             os.ftruncate(self.fd, offset)
             self.offset = offset
             self._dropped = 0  # page-cache bytes already let go of (sync)
-            self.digest = self._hash_prefix(interrupt)
+            self.digest = sha256state.resumed_digest(offset, hash_state) or self._hash_prefix(interrupt)
         except BaseException:
             self.close()
             raise
@@ -174,7 +175,7 @@ class LocalPart(PartWriter):
         ``interrupt`` (a threading.Event) stops it between blocks: a client that
         goes away during a long re-hash must not keep the file (and its lock).
         """
-        digest = hashlib.sha256()
+        digest = sha256state.new_digest()
         position = 0
         while position < self.offset:
             _check(interrupt)
@@ -187,10 +188,10 @@ class LocalPart(PartWriter):
 
     def append(self, chunks) -> int:
         for chunk in chunks:
+            # The digest (libcrypto through ctypes, or hashlib) and os.pwrite both release the
+            # GIL on large buffers, so this thread runs beside the event loop that parses frames.
+            self.digest.update(chunk)
             view = memoryview(chunk)
-            # hashlib and os.pwrite both release the GIL on large buffers, so
-            # this thread runs beside the event loop that parses frames.
-            self.digest.update(view)
             while view:
                 written = os.pwrite(self.fd, view, self.offset)
                 self.offset += written
@@ -199,6 +200,9 @@ class LocalPart(PartWriter):
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
+
+    def hash_state(self) -> bytes | None:
+        return self.digest.state() if isinstance(self.digest, sha256state.Sha256) else None
 
     def sync(self) -> None:
         """fsync, then drop the synced bytes from the page cache.
@@ -322,8 +326,8 @@ def _classify(area: str, entry: os.DirEntry) -> StoredEntry:
 class LocalStorage(Storage):
     """See the module docstring."""
 
-    def open_part(self, key, offset, interrupt=None) -> LocalPart:
-        return LocalPart(key, offset, interrupt)
+    def open_part(self, key, offset, interrupt=None, hash_state=None) -> LocalPart:
+        return LocalPart(key, offset, interrupt, hash_state)
 
     def finished_digest(self, key, size, interrupt=None) -> str | None:
         try:

@@ -36,7 +36,7 @@ from rest_framework.request import Request
 from uploads import budgets
 from uploads.exceptions import Unauthenticated, Unavailable, refusal_for
 from uploads.services.calls import db_call
-from uploads.transports.tickets import ticket_read
+from uploads.tickets import ticket_read
 
 log = logging.getLogger(__name__)
 
