@@ -354,17 +354,20 @@ class TusConsumer:
             raise OffsetMismatch(f"The upload is complete: all {upload.size} bytes are in.") from None
 
     async def _open_taking_over(self, writer: UploadWriter) -> int:
-        """Become the upload's writer, asking an earlier holder to let go; UploadBusy (423) if it does not in time."""
+        """Become the upload's writer, asking an earlier holder to let go; UploadBusy (423) if it does not in time.
+
+        Admission first: in the usual case (the previous PATCH ended) nobody
+        holds the upload, and the takeover costs nothing.
+        """
         deadline = asyncio.get_running_loop().time() + budgets.TAKEOVER_SECONDS
         while True:
-            await self._wait_until_let_go(writer.user, writer.upload_id, deadline)
             try:
                 return await writer.open()
             except UploadBusy:
-                # Another request got in first (it will be asked in turn), unless our own
-                # grant came with a part still held by a frozen process: that waits for its lease.
+                # Our own grant came with a part still held by a frozen process: that waits for its lease.
                 if writer.grant is not None or asyncio.get_running_loop().time() >= deadline:
                     raise
+            await self._wait_until_let_go(writer.user, writer.upload_id, deadline)
 
     async def _wait_until_let_go(self, user, upload_id: str, deadline: float) -> None:
         asked = set()
