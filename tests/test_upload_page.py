@@ -21,6 +21,7 @@ def test_upload_page_renders_the_per_user_slot_limit_and_largest_file_for_the_up
     assert 'data-slot-limit="3"' in html
     assert 'data-max-file-size="12345"' in html
     assert 'data-api-url="/api/uploads/"' in html
+    assert 'data-tus-url="/api/tus/"' in html  # where the page sends the bytes (tus 1.0)
     # CSP-friendly: every script is an external module, none inline.
     scripts = re.findall(r"<script[^>]*>(.*?)</script>", html, re.S)
     assert scripts and all(body.strip() == "" for body in scripts)

@@ -1,9 +1,13 @@
 """The upload page in a real browser against a real server: upload, pause/resume, server restart, reload, refusals.
 
-Mid-upload moments are made exact with SIGSTOP on the server (the browser
-stalls on its credit window), not with timing: freeze, act, thaw. Every test
-uploads its own name (a hard link of one 200 MiB file), so no test resumes
-another test's upload by its fingerprint.
+The page sends each file over tus (docs/tus.md): HEAD /api/tus/<id> for the
+server's offset, then one PATCH whose body is the rest of the file. Mid-upload
+moments are made exact with SIGSTOP on the server (it stops reading, and the
+browser's PATCH stalls once the socket buffers are full), not with timing:
+freeze, act, thaw. Refusals the server cannot be made to give on cue are
+answered in its place with Playwright's ``page.route``. Every test uploads its
+own name (a hard link of one 200 MiB file), so no test resumes another test's
+upload by its fingerprint.
 """
 
 import json
@@ -13,6 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import expect
@@ -58,7 +63,7 @@ def row_of(page, local: LocalFile):
 
 
 def wait_offset_above(page, local: LocalFile, offset: int) -> None:
-    """Until the server has acknowledged more than ``offset`` bytes of the file's row."""
+    """Until the file's row has sent more than ``offset`` bytes (the server's offset plus the PATCH's progress)."""
     page.wait_for_function(
         "([name, offset]) => [...document.querySelectorAll('#upload-list li.upload')].some("
         "  (row) => row.textContent.includes(name) && Number(row.dataset.offset) > offset)",
@@ -80,6 +85,31 @@ def choose_files(page, action, *paths: Path) -> None:
 
 def api_upload(server, backend, upload_id: str) -> dict:
     return http_call(server, "GET", f"/api/uploads/{upload_id}/", token=backend.alice_token).json()
+
+
+class TusTraffic:
+    """The requests a page sends and the WebSockets it opens, from now on, to tell what went over tus."""
+
+    def __init__(self, page):
+        self.requests = []
+        self.websockets = []
+        page.on("request", lambda request: self.requests.append(request))
+        page.on("websocket", lambda socket: self.websockets.append(urlsplit(socket.url).path))
+
+    def tus(self, method: str, upload_id: str | None = None) -> list:
+        """The page's ``method`` requests under /api/tus/ (for ``upload_id`` only, if given), in the order sent."""
+        return [
+            request
+            for request in self.requests
+            if request.method == method
+            and urlsplit(request.url).path.startswith("/api/tus/")
+            and (upload_id is None or urlsplit(request.url).path == f"/api/tus/{upload_id}")
+        ]
+
+    def heads_answered(self, upload_id: str) -> list[int]:
+        """The Upload-Offset of every HEAD the server answered 200, in order."""
+        answers = (request.response() for request in self.tus("HEAD", upload_id))
+        return [int(answer.headers["upload-offset"]) for answer in answers if answer and answer.status == 200]
 
 
 def stored_file_with(server, local: LocalFile) -> bool:
@@ -121,24 +151,57 @@ def test_two_files_reach_100_percent_with_the_servers_sha256(page, live, backend
     expect(page.locator("#total-status")).to_contain_text("2 of 2 files complete")
 
 
-def test_pause_stops_the_upload_and_resume_completes_it(page, live, backend, big_file):
+def wait_durable_above_zero(server, backend, upload_id: str) -> int:
+    """Until the server has made some bytes of the upload durable (it commits every 32 MiB or 1 s)."""
+    deadline = time.monotonic() + UPLOAD_TIMEOUT_MS / 1000
+    while (offset := api_upload(server, backend, upload_id)["offset"]) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert offset > 0
+    return offset
+
+
+def test_pause_stops_the_upload_and_resume_continues_from_the_servers_offset(page, live, backend, big_file):
+    traffic = TusTraffic(page)
     page.locator("#file-input").set_input_files(str(big_file.path))
     row = row_of(page, big_file)
     wait_offset_above(page, big_file, 8 * MiB)
+    upload_id = row.get_attribute("data-upload-id")
+    wait_durable_above_zero(live, backend, upload_id)
     live.signal(signal.SIGSTOP)
     try:
-        row.locator("button[data-action='pause']").click()
+        row.locator("button[data-action='pause']").click()  # aborts the PATCH
     finally:
         live.signal(signal.SIGCONT)
     expect(row).to_have_attribute("data-status", "paused")
-    upload = api_upload(live, backend, row.get_attribute("data-upload-id"))
-    assert upload["status"] == "uploading" and upload["offset"] < big_file.size
+    upload = api_upload(live, backend, upload_id)
+    assert upload["status"] == "uploading" and 0 < upload["offset"] < big_file.size
+    assert len(traffic.tus("PATCH", upload_id)) == 1
 
     row.locator("button[data-action='resume']").click()
     expect_complete(page, live, backend, big_file)
+    # Resume asked the server where it stands (HEAD: the aborted PATCH's bytes that arrived are
+    # kept) and sent the rest from there, not the whole file again.
+    first, resumed = traffic.tus("PATCH", upload_id)
+    [resumed_from] = traffic.heads_answered(upload_id)
+    assert first.headers["upload-offset"] == "0"
+    assert resumed.headers["upload-offset"] == str(resumed_from)
+    assert upload["offset"] <= resumed_from < big_file.size
+    assert resumed.response().status == 204
+    assert resumed.response().headers["upload-offset"] == str(big_file.size)
+
+
+def expect_resumed_from_the_servers_offset(traffic: TusTraffic, upload_id: str, size: int) -> int:
+    """The upload's last PATCH started where the HEAD before it said the server stood, and completed it."""
+    patches = traffic.tus("PATCH", upload_id)
+    assert len(patches) >= 2 and patches[0].headers["upload-offset"] == "0"
+    resumed_from = traffic.heads_answered(upload_id)[-1]
+    assert patches[-1].headers["upload-offset"] == str(resumed_from)
+    assert patches[-1].response().headers["upload-offset"] == str(size)
+    return resumed_from
 
 
 def test_upload_resumes_by_itself_after_the_server_is_killed_and_restarted(page, live, backend, big_file):
+    traffic = TusTraffic(page)
     page.locator("#file-input").set_input_files(str(big_file.path))
     row = row_of(page, big_file)
     wait_offset_above(page, big_file, 8 * MiB)
@@ -148,6 +211,53 @@ def test_upload_resumes_by_itself_after_the_server_is_killed_and_restarted(page,
     live.restart()
     upload_id = expect_complete(page, live, backend, big_file)
     assert upload_id == row.get_attribute("data-upload-id")
+    expect_resumed_from_the_servers_offset(traffic, upload_id, big_file.size)
+
+
+def throttle(network, upload_bytes_per_second: int | None) -> None:
+    """Limit what the browser sends per second (Chrome DevTools' network emulation); None: no limit."""
+    network.send(
+        "Network.emulateNetworkConditions",
+        {
+            "offline": False,
+            "latency": 0,
+            "downloadThroughput": -1,
+            "uploadThroughput": upload_bytes_per_second or -1,
+        },
+    )
+
+
+def test_upload_continues_from_the_servers_offset_after_the_server_is_stopped_and_started_again(
+    page, live, backend, big_file
+):
+    traffic = TusTraffic(page)
+    # The browser sends at most 8 MiB/s, so that the server, which reads on for a while after it was
+    # told to stop (docs/tus.md), stops before it has the whole file.
+    network = page.context.new_cdp_session(page)
+    throttle(network, 8 * MiB)
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 8 * MiB)
+    upload_id = row.get_attribute("data-upload-id")
+    live.stop()  # SIGTERM, as a deployment stops a process
+    expect(row).to_have_attribute("data-status", "retrying")
+    throttle(network, None)
+    live.restart()
+    assert expect_complete(page, live, backend, big_file) == upload_id
+    # The stopped server made the bytes that had arrived durable: the page did not start over.
+    assert expect_resumed_from_the_servers_offset(traffic, upload_id, big_file.size) > 0
+
+
+def test_a_patch_cut_off_by_the_network_is_retried_from_the_servers_offset(page, live, backend, tmp_path):
+    traffic = TusTraffic(page)
+    page.route("**/api/tus/*", lambda route: route.abort("connectionreset"), times=1)  # the first PATCH
+    local = random_file(tmp_path / "cut-off.bin", 6 * MiB + 1)
+    page.locator("#file-input").set_input_files(str(local.path))
+    upload_id = expect_complete(page, live, backend, local)
+    cut, resumed = traffic.tus("PATCH", upload_id)
+    assert cut.failure is not None
+    assert traffic.heads_answered(upload_id) == [0]  # asked again before sending again
+    assert resumed.headers["upload-offset"] == "0"
 
 
 def test_after_a_reload_the_unfinished_upload_is_listed_and_the_same_file_continues_from_the_servers_offset(
@@ -165,7 +275,7 @@ def test_after_a_reload_the_unfinished_upload_is_listed_and_the_same_file_contin
     # Leave the page while the server is frozen mid-upload, then open it again: a reload. Not
     # location.reload(): Chromium keeps the old page (and its upload) running until the new one has
     # arrived from the server, so a thawed server could finish the upload first. about:blank needs no
-    # server, so the old page and its WebSocket are gone before the server runs again.
+    # server, so the old page and its PATCH are gone before the server runs again.
     dialogs = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.type), dialog.accept()))
     live.signal(signal.SIGSTOP)
@@ -176,6 +286,7 @@ def test_after_a_reload_the_unfinished_upload_is_listed_and_the_same_file_contin
     finally:
         live.signal(signal.SIGCONT)
     assert dialogs == ["beforeunload"]
+    traffic = TusTraffic(page)
     page.goto(f"{live.url}/upload/")
 
     listed = page.locator(f"#unfinished-list li[data-upload-id='{upload_id}']")
@@ -209,6 +320,125 @@ def test_after_a_reload_the_unfinished_upload_is_listed_and_the_same_file_contin
     expect_complete(page, live, backend, big_file)
     seen = page.evaluate("window.seenOffsets")
     assert seen and min(seen) >= listed_offset > 0
+    # The new page asked the server (HEAD) and sent only the rest of the file, in one PATCH.
+    [resumed_from] = traffic.heads_answered(upload_id)
+    [patch] = traffic.tus("PATCH", upload_id)
+    assert patch.headers["upload-offset"] == str(resumed_from)
+    assert resumed.get_attribute("data-resumed-from") == str(resumed_from)
+    assert resumed_from >= listed_offset
+
+
+# Counts the bytes the page's scripts read from Blobs and Files (what File.slice + arrayBuffer did).
+COUNT_BYTES_READ_IN_JS = """() => {
+  window.bytesReadInJs = 0;
+  for (const name of ["arrayBuffer", "bytes", "text", "stream"]) {
+    const original = Blob.prototype[name];
+    if (!original) continue;
+    Blob.prototype[name] = function (...args) {
+      window.bytesReadInJs += this.size;
+      return original.apply(this, args);
+    };
+  }
+  for (const name of ["readAsArrayBuffer", "readAsBinaryString", "readAsDataURL", "readAsText"]) {
+    const original = FileReader.prototype[name];
+    FileReader.prototype[name] = function (blob, ...args) {
+      window.bytesReadInJs += blob.size;
+      return original.call(this, blob, ...args);
+    };
+  }
+}"""
+
+
+def test_the_file_goes_as_one_tus_patch_whose_body_javascript_never_reads(page, live, backend, tmp_path):
+    traffic = TusTraffic(page)
+    page.evaluate(COUNT_BYTES_READ_IN_JS)
+    local = random_file(tmp_path / "over-tus.bin", 40 * MiB + 5)
+    page.locator("#file-input").set_input_files(str(local.path))
+    upload_id = expect_complete(page, live, backend, local)
+
+    [patch] = traffic.tus("PATCH")
+    assert urlsplit(patch.url).path == f"/api/tus/{upload_id}"
+    headers = patch.headers
+    assert headers["content-type"] == "application/offset+octet-stream"
+    assert headers["upload-offset"] == "0"
+    assert headers["tus-resumable"] == "1.0.0"
+    assert headers["x-csrftoken"]
+    answer = patch.response()
+    assert (answer.status, answer.headers["upload-offset"]) == (204, str(local.size))
+    assert traffic.tus("HEAD") == []  # a new upload starts at 0: nothing to ask
+    assert not [path for path in traffic.websockets if path.startswith("/ws/uploads/")]
+    # Only the fingerprint's first MiB went through JavaScript; the browser read the body itself.
+    assert page.evaluate("window.bytesReadInJs") <= MiB
+
+
+def refuse_first_patch(page, status: int, code: str, headers: dict[str, str] | None = None) -> None:
+    """Answer the page's next request under /api/tus/ (a new upload's first PATCH) in the server's place."""
+    body = json.dumps({"code": code, "detail": f"{code} (answered by the test)"})
+    headers = {"Tus-Resumable": "1.0.0", **(headers or {})}
+    page.route(
+        "**/api/tus/*",
+        lambda route: route.fulfill(status=status, headers=headers, content_type="application/json", body=body),
+        times=1,
+    )
+
+
+def test_an_offset_mismatch_asks_the_server_again_and_continues(page, live, backend, tmp_path):
+    traffic = TusTraffic(page)
+    refuse_first_patch(page, 409, "offset_mismatch", {"Upload-Offset": "0"})
+    local = random_file(tmp_path / "mismatch.bin", 5 * MiB + 3)
+    page.locator("#file-input").set_input_files(str(local.path))
+    upload_id = expect_complete(page, live, backend, local)
+    refused, sent = traffic.tus("PATCH", upload_id)
+    assert refused.response().status == 409
+    assert traffic.heads_answered(upload_id) == [0]
+    assert sent.headers["upload-offset"] == "0"
+
+
+def test_a_busy_upload_waits_for_retry_after_with_a_message_and_then_continues(page, live, backend, tmp_path):
+    refuse_first_patch(page, 423, "busy", {"Retry-After": "2"})
+    local = random_file(tmp_path / "busy.bin", 5 * MiB + 3)
+    page.locator("#file-input").set_input_files(str(local.path))
+    row = row_of(page, local)
+    expect(row).to_have_attribute("data-status", "waiting")
+    expect(row.locator(".upload-message")).to_have_text(
+        re.compile(r"An earlier connection still holds this upload .*; retrying in 2 s\.")
+    )
+    expect_complete(page, live, backend, local)
+    expect(row.locator(".upload-message")).to_have_text("")
+
+
+def test_a_checksum_mismatch_fails_the_upload_with_a_message(page, live, backend, tmp_path):
+    refuse_first_patch(page, 460, "checksum_mismatch")
+    local = random_file(tmp_path / "mismatched.bin", 1 * MiB)
+    page.locator("#file-input").set_input_files(str(local.path))
+    row = row_of(page, local)
+    expect(row).to_have_attribute("data-status", "failed")
+    expect(row.locator(".upload-message")).to_have_text(
+        "The bytes the server received do not match this file (checksum mismatch); the upload failed. Upload it again."
+    )
+    expect(row.locator("button[data-action='resume']")).to_be_hidden()
+    http_call(live, "DELETE", f"/api/uploads/{row.get_attribute('data-upload-id')}/", token=backend.alice_token)
+
+
+def test_an_upload_cancelled_elsewhere_while_paused_says_so_on_resume(page, live, backend, big_file):
+    page.locator("#file-input").set_input_files(str(big_file.path))
+    row = row_of(page, big_file)
+    wait_offset_above(page, big_file, 4 * MiB)
+    live.signal(signal.SIGSTOP)
+    try:
+        row.locator("button[data-action='pause']").click()
+    finally:
+        live.signal(signal.SIGCONT)
+    expect(row).to_have_attribute("data-status", "paused")
+    upload_id = row.get_attribute("data-upload-id")
+    assert http_call(live, "DELETE", f"/api/uploads/{upload_id}/", token=backend.alice_token).status == 204
+
+    row.locator("button[data-action='resume']").click()  # HEAD: 410 Gone; the API says why
+    expect(row).to_have_attribute("data-status", "failed")
+    expect(row.locator(".upload-message")).to_have_text(
+        "This upload was cancelled elsewhere (another tab, My files or a script); its bytes were removed. "
+        "Choose the file again to start over."
+    )
 
 
 def test_cancel_after_confirmation_cancels_the_upload_on_the_server(page, live, backend, big_file):

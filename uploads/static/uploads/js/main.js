@@ -11,7 +11,7 @@ const limits = {
   slots: Number(root.dataset.slotLimit),
   maxFileSize: Number(root.dataset.maxFileSize),
 };
-const api = new Api({ listUrl: root.dataset.apiUrl, csrfToken: root.dataset.csrfToken });
+const api = new Api({ listUrl: root.dataset.apiUrl, tusUrl: root.dataset.tusUrl, csrfToken: root.dataset.csrfToken });
 const queue = new UploadQueue({ api, limit: limits.slots });
 const view = new UploaderView(root, limits);
 // The server's unfinished uploads (loaded at start): a chosen file may continue one of them.

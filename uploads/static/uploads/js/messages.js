@@ -1,4 +1,4 @@
-// Human sentences for every refusal code in the spec (HTTP and WebSocket) and for the client's own states.
+// Human sentences for every refusal code the page can meet (the API, tus) and for the client's own states.
 
 import { formatBytes } from "./progress.js";
 
@@ -42,6 +42,11 @@ export function describe(message, item, limits) {
       return "This upload no longer exists on the server (it expired or was deleted). Choose the file again to start over.";
     case "expired":
       return "This upload expired after being idle too long; its bytes were removed. Choose the file again to start over.";
+    case "cancelled":
+      return (
+        "This upload was cancelled elsewhere (another tab, My files or a script); its bytes were removed. " +
+        "Choose the file again to start over."
+      );
     case "not_uploading":
       return "This upload no longer accepts bytes: it was completed, cancelled or expired elsewhere.";
     case "unauthenticated":
@@ -59,9 +64,11 @@ export function describe(message, item, limits) {
       return "The server reclaimed this upload's slot; reconnecting.";
     case "busy":
       return (
-        "Another connection still holds this upload (another tab, a script, or one the server lost " +
-        `in a restart, which it lets go of within a minute); retrying${inSeconds}.`
+        "An earlier connection still holds this upload and has not let go yet (another tab, a script, " +
+        `or one a restarted server lost, which it lets go of within a minute); retrying${inSeconds}.`
       );
+    case "offset_mismatch":
+      return "The server stands at another point of this file than the page thought; continuing from the server's.";
     case "network":
       return "Connection lost; reconnecting.";
     case "offline":
@@ -75,6 +82,9 @@ export function describe(message, item, limits) {
     case "protocol_error":
     case "size_exceeded":
       return `The server refused the data (${code}); press Resume to continue from where it stands.`;
+    case "unsupported_media_type":
+    case "tus_version_unsupported":
+      return `The server refused this page's upload request (${code}); reload the page and choose the file again.`;
     case "request_too_large":
     case "invalid":
       return `The server refused this upload: ${detail}`;

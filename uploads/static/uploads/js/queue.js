@@ -8,10 +8,10 @@ import { resumeStore } from "./resume.js";
 import { Transfer } from "./transport.js";
 
 // Statuses in which an item holds (or waits for) one of the queue's places.
-const RUNNING = new Set(["connecting", "uploading", "retrying", "waiting"]);
+const RUNNING = new Set(["connecting", "uploading", "finishing", "retrying", "waiting"]);
 const FINISHED = new Set(["complete", "failed", "cancelled"]);
 // Refusals after which the upload itself is finished for good, whatever the client does.
-const GONE = new Set(["not_found", "expired", "not_uploading", "checksum_mismatch"]);
+const GONE = new Set(["not_found", "expired", "cancelled", "not_uploading", "checksum_mismatch"]);
 
 let nextKey = 1;
 
@@ -24,7 +24,9 @@ export class Item extends EventTarget {
     this.size = file.size;
     this.fingerprint = null;
     this.uploadId = null;
-    this.offset = 0; // bytes the server acknowledged
+    // Bytes the server has or is receiving: its durable offset plus what the running PATCH has sent.
+    this.offset = 0;
+    this.serverOffset = null; // the server's durable offset, as its last answer (HEAD, PATCH) said
     this.status = "checking"; // fingerprinting and the resume check run first
     this.message = null; // a Refusal (or {code}) the view turns into words
     this.sha256 = null;
@@ -59,15 +61,22 @@ export class Item extends EventTarget {
     if (this.fingerprint) resumeStore.set(this.fingerprint, uploadId);
   }
 
+  /** The server said where the upload stands (HEAD), and the bytes from there on start going out. */
   connected(offset) {
     this.meter.reset();
     this.meter.update(offset, this.size);
-    this.set({ status: "uploading", offset, message: null });
+    this.set({ status: "uploading", offset, serverOffset: offset, message: null });
   }
 
+  /** The running PATCH has sent the file up to `offset`; once all is out, the server finishes. */
   progress(offset) {
     this.meter.update(offset, this.size);
-    this.set({ offset });
+    this.set({ offset, status: offset >= this.size ? "finishing" : "uploading" });
+  }
+
+  /** The server answered a PATCH: `offset` bytes are durable. */
+  durableAt(offset) {
+    this.set({ offset, serverOffset: offset });
   }
 }
 

@@ -8,6 +8,7 @@ const STATUS_WORDS = {
   queued: "Queued",
   connecting: "Connecting…",
   uploading: "Uploading",
+  finishing: "Finishing…",
   retrying: "Reconnecting…",
   waiting: "Waiting for a free slot",
   paused: "Paused",
@@ -15,6 +16,17 @@ const STATUS_WORDS = {
   failed: "Failed",
   cancelled: "Cancelled",
 };
+
+// Failures that pressing Resume can get past (the message says so), the upload still being there.
+const RESUMABLE_FAILURES = new Set([
+  "gave_up",
+  "unauthenticated",
+  "http_401",
+  "http_403",
+  "permission_denied",
+  "protocol_error",
+  "size_exceeded",
+]);
 
 // An unfinished upload counts as "being uploaded elsewhere" this long after its last progress event.
 const ELSEWHERE_MS = 5000;
@@ -71,6 +83,7 @@ export class UploaderView {
     const done = percent(item.offset, item.size);
     row.dataset.status = item.status;
     row.dataset.offset = String(item.offset);
+    if (item.serverOffset !== null) row.dataset.serverOffset = String(item.serverOffset);
     if (item.uploadId) row.dataset.uploadId = item.uploadId;
     if (item.resumedFrom !== null) row.dataset.resumedFrom = String(item.resumedFrom);
     bar.value = item.status === "complete" ? 100 : done;
@@ -94,8 +107,9 @@ export class UploaderView {
       digest.replaceChildren("sha256 (from the server): ", element("code", {}, item.sha256));
     }
     const can = {
-      pause: ["queued", "connecting", "uploading", "retrying", "waiting"].includes(item.status),
-      resume: item.status === "paused" || (item.status === "failed" && item.message?.code === "gave_up"),
+      pause: ["queued", "connecting", "uploading", "finishing", "retrying", "waiting"].includes(item.status),
+      resume:
+        item.status === "paused" || (item.status === "failed" && RESUMABLE_FAILURES.has(item.message?.code)),
       cancel: !item.finished,
     };
     for (const button of buttons.querySelectorAll("button")) button.hidden = !can[button.dataset.action];
