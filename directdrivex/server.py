@@ -23,7 +23,10 @@ message the moment it arrives, through a ``TransportBackpressureQueue`` that
 stops reading the socket while the application is about a window behind, the
 same push-back as for WebSocket frames. A client that leaves mid-body is an
 ``http.disconnect``; a response sent before the body ended closes the
-connection once the client had time to read it (``LINGER_SECONDS``).
+connection once the client had time to read it (``LINGER_SECONDS``). What one
+read brings is one message, however many chunks of a chunked body it holds,
+and reads shrink while chunks are tiny, so that a flood of one-byte chunks
+neither costs a message per byte nor holds the event loop (``gather``).
 
 Daphne writes every ``http.response.body`` message into the socket's
 user-space buffer at once, without bound, so a download to a slow reader would
@@ -63,6 +66,12 @@ log = logging.getLogger(__name__)
 WEBSOCKET_READ_BYTES = 256 * 1024
 # The same for a streamed (tus) request body: fewer, larger http.request messages.
 STREAM_READ_BYTES = 256 * 1024
+# A streamed body's reads while its chunks are tiny: Twisted de-chunks a whole read
+# in one go, in Python, so 256 KiB of one-byte chunks (43,690 of them) would hold
+# the event loop, and every other client of the process, for a quarter second per read.
+CHUNKY_READ_BYTES = 16 * 1024
+# More chunks than this in one read make the next reads CHUNKY_READ_BYTES.
+CHUNKY_READ_PIECES = 64
 # What one queued WebSocket message costs the process besides its payload: the
 # message dict, the bytes object's header, the queue's slot, with the
 # allocator's rounding (measured near 300 bytes; counted generously).
@@ -199,6 +208,9 @@ class BoundedRequest(WebRequest):
     streaming = False
     body_complete = False
     _linger = None
+    # The pieces of the current read of a streamed body, handed over as one message once the read is done.
+    _gathered: list[bytes] | None = None
+    _gathered_bytes = 0
 
     def gotLength(self, length):
         # Twisted gives the request its method and path only once the body is in;
@@ -234,19 +246,53 @@ class BoundedRequest(WebRequest):
             return
         self.body_received += len(data)
         if self.streaming:
-            if self.application_queue is not None and not self.finished:
-                self.application_queue.put_nowait({"type": "http.request", "body": data, "more_body": True})
+            self.gather(data)
             return
         if self.body_limit is not None and self.body_received > self.body_limit:
             self.refuse_too_large(f"more than {self.body_limit} bytes of a chunked body")
             return
         super().handleContentChunk(data)
 
+    def gather(self, data: bytes) -> None:
+        """Add a piece of a streamed body to this read's message (one per read, not one per chunk).
+
+        A chunked body hands over each chunk on its own: one message per
+        one-byte chunk would cost the process a dict and a queue slot per byte
+        and the event loop a turn of the consumer per byte.
+        """
+        if self.application_queue is None or self.finished:
+            return
+        if self._gathered is None:
+            self._gathered, self._gathered_bytes = [], 0
+            self.channel.callLater(0, self.hand_over_gathered)  # once Twisted is done with this read
+        self._gathered.append(data)
+        self._gathered_bytes += len(data)
+        if self._gathered_bytes >= STREAM_READ_BYTES:
+            self._put_body(b"".join(self._gathered))
+            self._gathered.clear()
+            self._gathered_bytes = 0
+
+    def hand_over_gathered(self) -> None:
+        """Queue what the last read brought (a single piece as it is), and size the next reads by how chunky it was."""
+        gathered, self._gathered = self._gathered, None
+        if gathered is None:
+            return
+        if self.channel is not None and self.channel.transport is not None:
+            chunky = len(gathered) > CHUNKY_READ_PIECES
+            self.channel.transport.bufferSize = CHUNKY_READ_BYTES if chunky else STREAM_READ_BYTES
+        if gathered:
+            self._put_body(b"".join(gathered))
+
+    def _put_body(self, body: bytes) -> None:
+        if self.application_queue is not None and not self.finished:
+            self.application_queue.put_nowait({"type": "http.request", "body": body, "more_body": True})
+
     def requestReceived(self, command, path, version):
         if self.refused:
             return  # answered with 413 already: the application never sees this request
         if self.streaming:
             # The application started with the headers; this is the end of the body.
+            self.hand_over_gathered()
             self.body_complete = True
             if self.application_queue is not None and not self.finished:
                 self.application_queue.put_nowait({"type": "http.request", "body": b"", "more_body": False})
@@ -286,6 +332,8 @@ class BoundedRequest(WebRequest):
     def connectionLost(self, reason):
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
+        if self.streaming:
+            self.hand_over_gathered()  # every byte that arrived goes before the http.disconnect
         super().connectionLost(reason)
 
 
