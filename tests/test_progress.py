@@ -4,7 +4,8 @@ import json
 
 import pytest
 from channels.db import database_sync_to_async
-from channels.testing import WebsocketCommunicator
+from channels.testing import ApplicationCommunicator, WebsocketCommunicator
+from rest_framework.authtoken.models import Token
 
 from directdrivex.routing import application
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
@@ -149,3 +150,39 @@ async def test_a_page_on_one_process_hears_an_upload_written_by_another(backend,
                 events.append(await receive(listening))
     assert (events[-1]["id"], events[-1]["offset"]) == (upload["id"], len(data))
     assert complete["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+async def tus_patch(user, upload, pieces: list[bytes], offset: int = 0) -> dict:
+    """A tus PATCH through the ASGI application, its body in ``pieces`` as the server hands it over."""
+    token = await database_sync_to_async(lambda: Token.objects.get_or_create(user=user)[0].key)()
+    headers = [
+        (b"host", b"testserver"),
+        (b"authorization", f"Token {token}".encode()),
+        (b"tus-resumable", b"1.0.0"),
+        (b"upload-offset", str(offset).encode()),
+        (b"content-type", b"application/offset+octet-stream"),
+        (b"content-length", str(sum(map(len, pieces))).encode()),
+    ]
+    scope = {
+        "type": "http", "method": "PATCH", "path": f"/api/tus/{upload.pk}", "query_string": b"", "headers": headers,
+        "scheme": "http", "server": ("testserver", 80), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+    request = ApplicationCommunicator(application, scope)
+    for index, piece in enumerate(pieces):
+        await request.send_input({"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1})
+    start = await request.receive_output(timeout=10)
+    await request.receive_output(timeout=5)  # the (empty) body
+    return {name.decode(): value.decode() for name, value in start["headers"]} | {"status": start["status"]}
+
+
+async def test_a_page_hears_an_upload_written_over_tus_as_over_websocket(alice):
+    """Live progress is the writer's, whatever the transport: the same events for a tus PATCH."""
+    listening = await page(alice)
+    data = payload(9 * CHUNK)
+    upload = await create(alice, data)
+    answer = await tus_patch(alice, upload, [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)])
+    assert (answer["status"], answer["upload-offset"]) == (204, str(len(data)))
+
+    events = await events_until(listening, "complete")
+    assert events[-1] == {"type": "progress", "id": str(upload.pk), "offset": len(data), "size": len(data),
+                          "status": "complete"}  # fmt: skip
