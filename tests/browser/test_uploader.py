@@ -134,16 +134,34 @@ def expect_complete(page, server, backend, local: LocalFile) -> str:
     return upload_id
 
 
+def throttle(network, upload_bytes_per_second: int | None) -> None:
+    """Limit what the browser sends per second (Chrome DevTools' network emulation); None: no limit."""
+    network.send(
+        "Network.emulateNetworkConditions",
+        {
+            "offline": False,
+            "latency": 0,
+            "downloadThroughput": -1,
+            "uploadThroughput": upload_bytes_per_second or -1,
+        },
+    )
+
+
 def test_two_files_reach_100_percent_with_the_servers_sha256(page, live, backend, big_file, tmp_path):
     small = random_file(tmp_path / "small.bin", 3 * MiB + 123)
+    network = page.context.new_cdp_session(page)
+    throttle(network, 32 * MiB)  # long enough to read the speed and ETA
     page.locator("#file-input").set_input_files([str(big_file.path), str(small.path)])
 
+    rate = row_of(page, big_file).locator(".upload-rate")
+    expect(rate).to_have_text(re.compile(r"[0-9.]+ (KiB|MiB)/s · about [0-9].* left"))
     wait_offset_above(page, big_file, 16 * MiB)
     live.signal(signal.SIGSTOP)
     try:
         page.screenshot(path=str(SCREENSHOT), full_page=True)
     finally:
         live.signal(signal.SIGCONT)
+    throttle(network, None)
 
     expect_complete(page, live, backend, big_file)
     expect_complete(page, live, backend, small)
@@ -212,19 +230,6 @@ def test_upload_resumes_by_itself_after_the_server_is_killed_and_restarted(page,
     upload_id = expect_complete(page, live, backend, big_file)
     assert upload_id == row.get_attribute("data-upload-id")
     expect_resumed_from_the_servers_offset(traffic, upload_id, big_file.size)
-
-
-def throttle(network, upload_bytes_per_second: int | None) -> None:
-    """Limit what the browser sends per second (Chrome DevTools' network emulation); None: no limit."""
-    network.send(
-        "Network.emulateNetworkConditions",
-        {
-            "offline": False,
-            "latency": 0,
-            "downloadThroughput": -1,
-            "uploadThroughput": upload_bytes_per_second or -1,
-        },
-    )
 
 
 def test_upload_continues_from_the_servers_offset_after_the_server_is_stopped_and_started_again(

@@ -80,15 +80,16 @@ export class UploaderView {
     const parts = this.rows.get(item);
     if (!parts) return;
     const { row, bar, status, rate, message, digest, buttons } = parts;
-    const done = percent(item.offset, item.size);
+    // 100 % only once the server has verified and stored the file, not when the last byte went out.
+    const done = item.status === "complete" ? 100 : Math.min(99, percent(item.offset, item.size));
     row.dataset.status = item.status;
     row.dataset.offset = String(item.offset);
     if (item.serverOffset !== null) row.dataset.serverOffset = String(item.serverOffset);
     if (item.uploadId) row.dataset.uploadId = item.uploadId;
     if (item.resumedFrom !== null) row.dataset.resumedFrom = String(item.resumedFrom);
-    bar.value = item.status === "complete" ? 100 : done;
-    // Only the status words and whole percents are live: a screen reader should not hear every ack.
-    const statusText = `${STATUS_WORDS[item.status] ?? item.status} · ${item.status === "complete" ? 100 : done} %`;
+    bar.value = done;
+    // Only the status words and whole percents are live: a screen reader should not hear every progress event.
+    const statusText = `${STATUS_WORDS[item.status] ?? item.status} · ${done} %`;
     if (statusText !== parts.lastStatusText) {
       status.textContent = statusText;
       parts.lastStatusText = statusText;
@@ -116,8 +117,9 @@ export class UploaderView {
   }
 
   renderTotal(totals) {
-    const done = percent(totals.done, totals.size);
-    this.totalBar.value = totals.count && totals.complete === totals.count ? 100 : done;
+    const allComplete = totals.count > 0 && totals.complete === totals.count;
+    const done = allComplete ? 100 : Math.min(99, percent(totals.done, totals.size));
+    this.totalBar.value = done;
     const bytes = `${formatBytes(totals.done)} of ${formatBytes(totals.size)}`;
     this.totalText.textContent = totals.count
       ? `${totals.complete} of ${totals.count} files complete · ${bytes} (${done} %)`
