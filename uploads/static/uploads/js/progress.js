@@ -1,8 +1,9 @@
 // Speed and ETA for one upload, each an exponential moving average with a ~2 s half-life.
 //
-// Why smoothed: acks arrive in bursts (one per batch the server writes), so the rate between two acks
-// jumps around; an unsmoothed ETA is the anchors' most-reported complaint. A half-life in time (not
-// in samples) keeps the smoothing the same whether acks come 100 times a second or once.
+// Why smoothed: progress arrives in bursts (the browser hands the body to the socket as the server
+// reads it), so the rate between two events jumps around; an unsmoothed ETA is the anchors'
+// most-reported complaint. A half-life in time (not in samples) keeps the smoothing the same whether
+// events come 100 times a second or once.
 
 export const HALF_LIFE_MS = 2000;
 // Shorter intervals carry more timer noise than signal: wait until at least this much time has passed.
@@ -14,7 +15,7 @@ export class Meter {
     this.reset();
   }
 
-  /** Forget the past (a new connection: its first ack is not a measure of the rate). */
+  /** Forget the past (a new request: its first progress event is not a measure of the rate). */
   reset() {
     this.lastBytes = null;
     this.lastTime = null;
