@@ -298,8 +298,11 @@ class TusConsumer:
             self.session = asyncio.ensure_future(self._write_session(user, upload_id, claimed))
             return await asyncio.shield(self.session)
         except asyncio.CancelledError:
-            # The server is shutting down or Daphne gave up on a gone client: the session gets its budget.
+            # The server is shutting down, or Daphne gave up on a gone client: nothing more is read;
+            # what arrived is made durable and the slot freed, within the budget.
             self._client_left()
+            if self.writer is not None:
+                self.writer.stop(ClientGone())
             await end_session(self.session, self.end_by)
             raise
         finally:
