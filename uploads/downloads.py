@@ -160,9 +160,15 @@ def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, 
 
 
 def _new_channel() -> str:
-    """A channel-layer name for the download, so that a revocation reaches it at once (notify_holders)."""
+    """A channel-layer name for the download, so that a revocation reaches it at once (notify_holders).
+
+    The layer's default prefix, as the upload transports' channels have:
+    channels-redis reads all of a process's channels of one prefix through one
+    list, and only one receiver of the process reads at a time; a download
+    waiting on a list of its own kept the writers' notices (stop, revoke) unread.
+    """
     layer = get_channel_layer()
-    return async_to_sync(layer.new_channel)("download") if layer is not None else ""
+    return async_to_sync(layer.new_channel)() if layer is not None else ""
 
 
 def renew_interval() -> float:

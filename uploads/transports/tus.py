@@ -28,8 +28,10 @@ import logging
 import re
 import time
 
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.core.cache import cache
 from django.core.handlers.asgi import ASGIRequest
 from django.utils.http import http_date
 from rest_framework.exceptions import MethodNotAllowed
@@ -42,6 +44,7 @@ from uploads.exceptions import (
     NotUploading,
     OffsetMismatch,
     SizeExceeded,
+    TakenOver,
     TusVersionUnsupported,
     UnsupportedMediaType,
     UploadBusy,
@@ -74,6 +77,8 @@ ALLOWED_HEADERS = (
 ALLOWED_METHODS = "POST, HEAD, PATCH, DELETE, OPTIONS"
 # How often a request waiting for an earlier holder to let go looks again.
 TAKEOVER_POLL_SECONDS = 0.1
+# How long a PATCH counts as arriving at most (arrival_counted), should it never say it was admitted.
+ARRIVAL_SECONDS = 2 * budgets.TAKEOVER_SECONDS
 # tus metadata keys: no spaces or commas (tus 1.0, Upload-Metadata).
 METADATA_KEY = re.compile(r"[^\s,]+\Z")
 PATH = re.compile(r"/api/tus/(?:(?P<upload_id>[^/]+)/?)?\Z")
@@ -115,6 +120,56 @@ def _integer_header(name: str, value: str | None) -> int | None:
     return int(value)
 
 
+def _arrivals_key(upload_id: str) -> str:
+    return f"tus-arriving:{upload_id}"
+
+
+def _count_arrival(upload_id: str, delta: int) -> None:
+    key = _arrivals_key(upload_id)
+    cache.add(key, 0, timeout=ARRIVAL_SECONDS)
+    if cache.incr(key, delta) < 0:  # its +1 expired first: a count below zero would hide the next arrival
+        cache.set(key, 0, timeout=ARRIVAL_SECONDS)
+
+
+# PATCHes of this process arriving, per upload: counted at once, before the cache hears of them.
+_arriving_here: dict[str, int] = {}
+
+
+async def arrival_counted(upload_id: str, delta: int) -> None:
+    """Count a PATCH as arriving for ``upload_id`` (+1) until its writer is admitted or it ends (-1).
+
+    Between a PATCH's headers and its writer's admission (authentication, a
+    transaction or two) nothing in the database says it is coming; a HEAD in
+    that gap would answer an offset the PATCH then moves. The count lives in
+    Django's cache: Redis, which every process shares, in a deployment of
+    several; the process's memory otherwise. Counted in this process first,
+    without waiting for the cache, so that a HEAD here never misses a PATCH
+    that reached the process before it. A courtesy with an expiry: a cache
+    that fails, or a process that dies between the two, costs a HEAD at most
+    ARRIVAL_SECONDS of waiting, never an answer.
+    """
+    left = _arriving_here.get(upload_id, 0) + delta
+    if left > 0:
+        _arriving_here[upload_id] = left
+    else:
+        _arriving_here.pop(upload_id, None)
+    try:
+        await sync_to_async(_count_arrival, thread_sensitive=False)(upload_id, delta)
+    except Exception:
+        log.warning("could not count a tus PATCH arriving for upload=%s", upload_id, exc_info=True)
+
+
+async def arrivals_pending(upload_id: str) -> bool:
+    if _arriving_here.get(upload_id):
+        return True
+    try:
+        count = await sync_to_async(cache.get, thread_sensitive=False)(_arrivals_key(upload_id), 0)
+    except Exception:
+        log.warning("could not read the tus PATCHes arriving for upload=%s", upload_id, exc_info=True)
+        return False
+    return count > 0
+
+
 async def _no_ack(_offset: int) -> None:
     """tus has no acknowledgements: the PATCH's answer says where the upload stands."""
 
@@ -142,6 +197,11 @@ class TusConsumer:
         self.status: int | None = None  # what was answered, for the request's log line
         self.user_id: int | None = None
         self.channel_name = ""
+        self._arrival: str | None = None  # the upload this PATCH is counted as arriving for (arrival_counted)
+        # Asked by a newer request to let go (_asked_to_stop): why, and how many arrived messages are still fed.
+        self._let_go: Exception | None = None
+        self._drain = 0
+        self._asked_to_let_go = asyncio.Event()
         # The event loop's time by which everything after the client left must be done (uploads.budgets).
         self.end_by: float | None = None
 
@@ -166,11 +226,11 @@ class TusConsumer:
             upload_id = match.group("upload_id")
             if self.method == "OPTIONS":
                 return await self._options()
-            if self.headers.get("tus-resumable") != TUS_VERSION:
-                raise TusVersionUnsupported()
             handler = self._resource_methods(upload_id).get(self.method)
             if handler is None:
-                return await self._not_allowed(upload_id)
+                return await self._not_allowed(upload_id)  # a browser opening a Location sends no tus header
+            if self.headers.get("tus-resumable") != TUS_VERSION:
+                raise TusVersionUnsupported()
             await handler()
         except ClientGone:
             pass  # nobody to answer; the writer kept what arrived
@@ -248,7 +308,8 @@ class TusConsumer:
     async def _head(self, upload_id: str):
         """The durable offset, once no earlier request can move it (see the module docstring)."""
         user = await self._user()
-        await self._wait_until_let_go(user, upload_id, asyncio.get_running_loop().time() + budgets.TAKEOVER_SECONDS)
+        deadline = asyncio.get_running_loop().time() + budgets.TAKEOVER_SECONDS
+        await self._wait_until_let_go(user, upload_id, deadline, arrivals=True)
         upload = await db_call(upload_for, user, upload_id)
         if upload.status not in (Upload.Status.UPLOADING, Upload.Status.COMPLETE):
             raise NotUploading(f"The upload is {upload.status}.")
@@ -272,6 +333,13 @@ class TusConsumer:
     # --- PATCH ---------------------------------------------------------------------------
 
     async def _patch(self, upload_id: str):
+        await self._arriving(upload_id)  # before anything else: a HEAD from now on waits for this PATCH
+        try:
+            await self._patch_arrived(upload_id)
+        finally:
+            await self._admitted()
+
+    async def _patch_arrived(self, upload_id: str):
         user = await self._user()
         if self.headers.get("content-type") != OFFSET_OCTET_STREAM:
             raise UnsupportedMediaType()
@@ -315,7 +383,10 @@ class TusConsumer:
         reason, keep_slot = Reason.ERROR, False
         pump = None
         try:
-            offset = await self._open_completed_or_taking_over(writer)
+            try:
+                offset = await self._open_completed_or_taking_over(writer)
+            finally:
+                await self._admitted()  # a holder now, or never: HEADs go by the slot from here on
             self.refusal_headers["Upload-Offset"] = str(offset)
             if claimed != offset:
                 raise OffsetMismatch(f"Upload-Offset is {claimed}; the upload's offset is {offset}.")
@@ -372,14 +443,25 @@ class TusConsumer:
                     raise
             await self._wait_until_let_go(writer.user, writer.upload_id, deadline)
 
-    async def _wait_until_let_go(self, user, upload_id: str, deadline: float) -> None:
+    async def _wait_until_let_go(self, user, upload_id: str, deadline: float, *, arrivals: bool = False) -> None:
+        """Return once no earlier request holds the upload (asking its holder to let go), or raise UploadBusy.
+
+        With ``arrivals`` (a HEAD), PATCHes that arrived but are not admitted
+        yet count as holders too: their bytes would move the offset after it
+        was answered.
+        """
         asked = set()
         loop = asyncio.get_running_loop()
         while True:
+            # Arrivals first: a PATCH that is admitted between the two reads is then in the slot table.
+            arriving = arrivals and await arrivals_pending(upload_id)
             holder = await db_call(writer_holder, user, upload_id)
-            if holder is None or holder == self.channel_name:
+            if holder is None and not arriving:
                 return
-            if holder not in asked:
+            if holder == self.channel_name:
+                return  # that is us (a PATCH's own takeover, after its admission)
+            # A PATCH still arriving is about to hold the upload: wait for it, then ask it like any other.
+            if holder is not None and holder not in asked:
                 asked.add(holder)
                 await writer_ask_to_stop(holder)
             if loop.time() >= deadline:
@@ -394,7 +476,10 @@ class TusConsumer:
         """Feed the body to the writer as it arrives, reading no further while a window waits to be written."""
         window = settings.DIRECTDRIVEX_WINDOW
         while True:
-            message = await self.receive()
+            message = await self._next_message()
+            if message is None:  # asked to let go, and what had arrived is fed
+                writer.stop(self._let_go)
+                return
             if message["type"] == "http.disconnect":
                 self._client_left()
                 writer.stop(ClientGone())
@@ -411,6 +496,55 @@ class TusConsumer:
                 writer.stop(BodyEnded())
                 return
 
+    def _queue(self) -> asyncio.Queue | None:
+        """The server's queue of this request's messages, what ``receive`` takes from (directdrivex.server)."""
+        queue = getattr(self.receive, "__self__", None)
+        return queue if isinstance(queue, asyncio.Queue) else None
+
+    async def _next_message(self) -> dict | None:
+        """The body's next message; once asked to let go, only those that had arrived by then, then None.
+
+        A newer request (a HEAD, another PATCH) asks this one to let go
+        (``upload.stop``): the bytes the server already holds for it are
+        written and made durable, so that the offset the newer request then
+        reads includes them; nothing that arrives later is read.
+        """
+        queue = self._queue()
+        if self._let_go is not None:
+            if queue is not None and self._drain > 0 and not queue.empty():
+                self._drain -= 1
+                return queue.get_nowait()
+            return None
+        if queue is not None and not queue.empty():
+            return queue.get_nowait()  # the usual case while a body streams in: no task, no wait
+        message = asyncio.ensure_future(self.receive())
+        asked = asyncio.ensure_future(self._asked_to_let_go.wait())
+        try:
+            await asyncio.wait({message, asked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+            if not message.done():
+                message.cancel()  # a queue's get gives up cleanly: no message is lost
+        return message.result() if message.done() and not message.cancelled() else None
+
+    def _asked_to_stop(self, event: dict) -> None:
+        """``upload.stop`` from a newer request: let go once what has arrived is fed (``_next_message``)."""
+        if self._let_go is not None:
+            return
+        queue = self._queue()
+        self._drain = queue.qsize() if queue is not None else 0
+        self._let_go = TakenOver(event.get("detail"))
+        self._asked_to_let_go.set()
+
+    async def _arriving(self, upload_id: str) -> None:
+        self._arrival = upload_id
+        await arrival_counted(upload_id, +1)
+
+    async def _admitted(self) -> None:
+        arrival, self._arrival = self._arrival, None
+        if arrival is not None:
+            await arrival_counted(arrival, -1)
+
     def _client_left(self) -> None:
         self.client_gone = True
         if self.end_by is None:
@@ -419,7 +553,10 @@ class TusConsumer:
     async def _listen(self, layer) -> None:
         while True:
             event = await layer_receive(layer, self.channel_name)
-            act_on_notice(self.writer, event)  # the writer as it is now, not when the wait began
+            if event["type"] == "upload.stop":
+                self._asked_to_stop(event)
+            else:
+                act_on_notice(self.writer, event)  # the writer as it is now, not when the wait began
 
     # --- answers -------------------------------------------------------------------------
 
