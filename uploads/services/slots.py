@@ -395,8 +395,9 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
     2. A writer stops writing a fifth of a lease before the lease it last
        renewed runs out, unless a renewal extends it (uploads.writer): a
        process that froze wakes up unable to write until it asks again.
-    3. A live holder is never taken over: the newcomer is refused UploadBusy
-       (409 / 4409 ``busy``) with a short ``retry_after``.
+    3. A live holder is never taken over by force: the newcomer is refused
+       UploadBusy (409 / 4409 ``busy``) with a short ``retry_after``. (A tus
+       request asks it to let go first: ask_holders_to_stop.)
     4. A holder whose lease ran out is taken over at once: its slot is
        released as ``expired`` and the upload's generation bumped, which is the
        fence: every later commit, renewal, completion or failure of the old
