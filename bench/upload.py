@@ -272,40 +272,62 @@ def server_figures(pid: int, idle: dict, cpu_before: tuple, sampler: Sampler, si
 
 
 def measure_ours(args, workdir: Path, source: Path, size: int, database_url: str | None, tag: str) -> dict:
+    """Our server over the WebSocket protocol, from the reference client (ddxclient)."""
+
+    def client(server: LiveServer, token: str) -> tuple[list[str], Path]:
+        command = [sys.executable, "-m", "ddxclient", "upload", str(source), "--server", server.url, "--token", token]
+        return [*command, "--quiet"], ROOT
+
+    def outcome(stdout: str) -> dict:
+        # "complete <id> <size> bytes sha256 <hex>": the client checked the server's sha256 against its own.
+        _word, upload_id, stored_size, *_rest = stdout.split()
+        if int(stored_size) != size:
+            raise RuntimeError(f"client reported {stored_size} bytes, expected {size}")
+        return {"upload_id": upload_id}
+
+    return measure_our_server(args, workdir, "ours", f"alice{tag}", size, database_url, client, outcome)
+
+
+def measure_our_server(
+    args, workdir: Path, name: str, username: str, size: int, database_url: str | None, client, outcome
+) -> dict:
+    """A fresh server of ours (the bench's database, storage and env) receiving one upload from ``client``.
+
+    ``client(server, token)`` gives the client's command and folder; ``outcome(stdout)`` checks what it
+    printed and returns figures of its own. Timed by the server's log: from the first ``writer ready``
+    of this upload to ``upload.completed``.
+    """
     server = LiveServer(
-        workdir / "ours", database_url=database_url, redis_url=os.environ.get("REDIS_URL"), **args.server_env
+        workdir / name, database_url=database_url, redis_url=os.environ.get("REDIS_URL"), **args.server_env
     )
     server.migrate()
-    token = server.create_user(f"alice{tag}")
+    token = server.create_user(username)
     server.start()
     try:
         time.sleep(args.settle)
         idle, cpu_before = server.rss(), (server.cpu_seconds(), thread_cpu(server.pid))
         storage = server.storage
+        log_start = server.log_path.stat().st_size
         sampler = Sampler(server.pid, lambda: dir_bytes(storage / "partial", storage / "files"), args.sample)
         sampler.start()
-        spy = PySpy(args.py_spy, server.pid, workdir / f"ours{tag}.pyspy.txt", args.py_spy_args)
+        spy = PySpy(args.py_spy, server.pid, workdir / f"{username}.pyspy.txt", args.py_spy_args)
+        command, folder = client(server, token)
         client_cpu, started = children_cpu(), time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "ddxclient", "upload", str(source), "--server", server.url, "--token", token,
-             "--quiet"],
-            cwd=ROOT, capture_output=True, text=True, timeout=3600,
-        )  # fmt: skip
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=3600)
         client_wall, client_cpu = time.monotonic() - started, children_cpu() - client_cpu
         spy.stop()
         sampler.stop()
         if done.returncode:
-            raise RuntimeError(f"client exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        # "complete <id> <size> bytes sha256 <hex>": the client checked the server's sha256 against its own.
-        _word, upload_id, stored_size, *_rest = done.stdout.split()
-        if int(stored_size) != size:
-            raise RuntimeError(f"client reported {stored_size} bytes, expected {size}")
-        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE)
+            raise RuntimeError(f"{command[:3]} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        own = outcome(done.stdout)
+        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE, since=log_start, first=True)
         figures = server_figures(server.pid, idle, cpu_before, sampler, size, seconds)
         finished = list((storage / "files").iterdir())
         if [path.stat().st_size for path in finished] != [size]:
             raise RuntimeError(f"expected one finished file of {size} bytes, found {finished}")
-        figures.update(client_wall=client_wall, client_cpu_per_gib=client_cpu / (size / GiB), upload_id=upload_id)
+        figures.update(client_wall=client_wall, client_cpu_per_gib=client_cpu / (size / GiB), **own)
+        # Writer sessions: WebSocket connections, or tus PATCHes.
+        figures["patches"] = log_count(server.log_path, "writer ready", since=log_start)
         return figures
     finally:
         server.stop()
@@ -461,50 +483,20 @@ def parse_chunk_size(text: str) -> int:
 
 def measure_ours_tus(args, workdir: Path, source: Path, size: int, database_url: str | None, tag: str) -> dict:
     """Our server over tus (/api/tus/), from tus-js-client in Node with the tus peer's chunk size."""
-    server = LiveServer(
-        workdir / "ours_tus", database_url=database_url, redis_url=os.environ.get("REDIS_URL"), **args.server_env
-    )
-    server.migrate()
-    token = server.create_user(f"tus{tag}")
-    server.start()
-    try:
-        time.sleep(args.settle)
-        idle, cpu_before = server.rss(), (server.cpu_seconds(), thread_cpu(server.pid))
-        storage = server.storage
-        log_start = server.log_path.stat().st_size
-        sampler = Sampler(server.pid, lambda: dir_bytes(storage / "partial", storage / "files"), args.sample)
-        sampler.start()
-        spy = PySpy(args.py_spy, server.pid, workdir / f"ours_tus{tag}.pyspy.txt", args.py_spy_args)
-        client_cpu, started = children_cpu(), time.monotonic()
-        done = subprocess.run(
-            ["node", "upload.mjs", "--endpoint", f"{server.url}/api/tus/",
-             "--header", f"Authorization: Token {token}", "--metadata", f"sha256={args.source_sha256}",
-             "--chunk-size", chunk_argument(args.tus_chunk_size), str(source)],
-            cwd=args.tus_home, capture_output=True, text=True, timeout=3600,
-        )  # fmt: skip
-        client_wall, client_cpu = time.monotonic() - started, children_cpu() - client_cpu
-        spy.stop()
-        sampler.stop()
-        if done.returncode:
-            raise RuntimeError(f"tus-js-client exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-        upload_id = json.loads(done.stdout.strip().splitlines()[-1])["url"].rstrip("/").rsplit("/", 1)[-1]
-        seconds = log_seconds(server.log_path, "writer ready", UPLOAD_COMPLETE, since=log_start, first=True)
-        figures = server_figures(server.pid, idle, cpu_before, sampler, size, seconds)
-        finished = list((storage / "files").iterdir())
-        if [path.stat().st_size for path in finished] != [size]:
-            raise RuntimeError(f"expected one finished file of {size} bytes, found {finished}")
+
+    def client(server: LiveServer, token: str) -> tuple[list[str], Path]:
+        return [
+            "node", "upload.mjs", "--endpoint", f"{server.url}/api/tus/",
+            "--header", f"Authorization: Token {token}", "--metadata", f"sha256={args.source_sha256}",
+            "--chunk-size", chunk_argument(args.tus_chunk_size), str(source),
+        ], args.tus_home  # fmt: skip
+
+    def outcome(stdout: str) -> dict:
         # The declared sha256 was verified by the server before it answered the last PATCH (460 otherwise).
-        figures.update(
-            client_wall=client_wall,
-            client_cpu_per_gib=client_cpu / (size / GiB),
-            upload_id=upload_id,
-            chunk_size=args.tus_chunk_size,
-            patches=log_count(server.log_path, "writer ready", since=log_start),
-        )
-        return figures
-    finally:
-        server.stop()
-        shutil.rmtree(server.storage, ignore_errors=True)
+        url = json.loads(stdout.strip().splitlines()[-1])["url"]
+        return {"upload_id": url.rstrip("/").rsplit("/", 1)[-1], "chunk_size": args.tus_chunk_size}
+
+    return measure_our_server(args, workdir, "ours_tus", f"tus{tag}", size, database_url, client, outcome)
 
 
 def log_count(log_path: Path, marker: str, *, since: int = 0) -> int:

@@ -329,6 +329,22 @@ class RawPatch:
         self.sock.close()
 
 
+@contextlib.contextmanager
+def slow_patch(server: LiveServer, token: str, upload_id: str, data: bytes, *, writing_after: int):
+    """A PATCH of ``data`` sent slowly from a thread, yielded once ``writing_after`` bytes are out."""
+    slow = RawPatch(server, token, upload_id, 0, len(data))
+    stop = threading.Event()
+    sender = threading.Thread(target=slow.send_slowly, args=(data, stop), daemon=True)
+    sender.start()
+    try:
+        while slow.sent < writing_after:
+            time.sleep(0.05)
+        yield slow
+    finally:
+        stop.set()
+        sender.join(10)
+
+
 def cut_off_patch(server: LiveServer, token: str, upload_id: str, data: bytes, sent: int) -> int:
     """A PATCH for all of ``data`` whose client sends its first ``sent`` bytes and goes away; returns ``sent``."""
     raw = RawPatch(server, token, upload_id, 0, len(data))
@@ -782,22 +798,12 @@ def test_a_head_right_after_a_cut_off_body_shows_the_bytes_that_arrived(server, 
 def test_a_head_takes_over_from_a_slow_patch_and_the_offset_it_answers_stays_put(server, people):
     data = os.urandom(4 * MiB)
     upload_id, _ = create(server, people.alice, "slow.bin", len(data), sha256=hashlib.sha256(data).hexdigest())
-    slow = RawPatch(server, people.alice, upload_id, 0, len(data))
-    stop = threading.Event()
-    sender = threading.Thread(target=slow.send_slowly, args=(data, stop), daemon=True)
-    sender.start()
-    try:
-        while slow.sent < 512 * KiB:  # the slow PATCH is writing
-            time.sleep(0.05)
-
+    with slow_patch(server, people.alice, upload_id, data, writing_after=512 * KiB) as slow:
         started = time.monotonic()
         taken = head(server, people.alice, upload_id)
         waited = time.monotonic() - started
         time.sleep(2)  # the slow client goes on sending meanwhile, if the server still reads it
         again = head(server, people.alice, upload_id)
-    finally:
-        stop.set()
-        sender.join(10)
 
     assert taken.status == 200, taken.status
     assert waited < TAKEOVER_SECONDS + 1, f"the HEAD waited {waited:.1f} s"
@@ -815,21 +821,12 @@ def test_a_head_takes_over_from_a_slow_patch_and_the_offset_it_answers_stays_put
 def test_a_patch_takes_over_from_a_slow_patch_and_continues_from_the_durable_offset(server, people):
     data = os.urandom(3 * MiB)
     upload_id, _ = create(server, people.alice, "slow-then-patch.bin", len(data))
-    slow = RawPatch(server, people.alice, upload_id, 0, len(data))
-    stop = threading.Event()
-    sender = threading.Thread(target=slow.send_slowly, args=(data, stop), daemon=True)
-    sender.start()
-    try:
-        while slow.sent < 256 * KiB:
-            time.sleep(0.05)
+    with slow_patch(server, people.alice, upload_id, data, writing_after=256 * KiB) as slow:
         # A client retrying from what it believes: the server's durable offset is at most what was sent.
         # The stale claim (0) is answered 409 with the offset the slow PATCH left behind.
         started = time.monotonic()
         mismatch = patch(server, people.alice, upload_id, 0, data[:10])
         waited = time.monotonic() - started
-    finally:
-        stop.set()
-        sender.join(10)
 
     assert_refusal(mismatch, 409, "offset_mismatch")
     assert waited < TAKEOVER_SECONDS + 1, f"the PATCH waited {waited:.1f} s"
@@ -858,21 +855,14 @@ def test_a_head_takes_over_while_a_download_streams_from_the_same_server(server,
     assert reader.recv(64 * KiB).startswith(b"HTTP/1.1 200 "), "the download did not start"
     data = os.urandom(8 * MiB)  # longer to send slowly than a HEAD waits for its holder
     upload_id, _ = create(server, people.alice, "slow-beside-download.bin", len(data))
-    slow = RawPatch(server, people.alice, upload_id, 0, len(data))
-    stop = threading.Event()
-    sender = threading.Thread(target=slow.send_slowly, args=(data, stop), daemon=True)
-    sender.start()
     try:
-        while slow.sent < 256 * KiB:
-            time.sleep(0.05)
-        started = time.monotonic()
-        taken = head(server, people.alice, upload_id)
-        waited = time.monotonic() - started
-        time.sleep(1)
-        again = head(server, people.alice, upload_id)
+        with slow_patch(server, people.alice, upload_id, data, writing_after=256 * KiB) as slow:
+            started = time.monotonic()
+            taken = head(server, people.alice, upload_id)
+            waited = time.monotonic() - started
+            time.sleep(1)
+            again = head(server, people.alice, upload_id)
     finally:
-        stop.set()
-        sender.join(10)
         reader.close()
 
     assert taken.status == 200, taken.status

@@ -335,10 +335,23 @@ def assert_resumed_from_the_servers_offset(result: dict, durable_before: int) ->
     assert resumed_at in result["patch_offsets"][1:], result
 
 
+def cut_connection(_server: LiveServer, proxy: TcpProxy) -> None:
+    proxy.cut()
+    proxy.restore()
+
+
+INTERRUPTIONS = [
+    pytest.param(cut_connection, id="connection-cut"),
+    pytest.param(kill_and_restart, id="server-killed-and-restarted"),
+]
+
+
+@pytest.mark.parametrize("interrupt", INTERRUPTIONS)
 @pytest.mark.parametrize("chunk_size", CHUNKINGS)
-def test_tus_js_client_resumes_after_the_connection_is_cut_mid_patch(
-    tus_js, server, proxy, backend, source, chunk_size
+def test_tus_js_client_resumes_after_an_interruption_mid_patch(
+    tus_js, server, proxy, backend, source, chunk_size, interrupt
 ):
+    """The connection cut by the proxy, or the server killed (kill -9) and restarted, mid-PATCH."""
     path, sha256 = source
     token = backend.alice_token
     proxy.stall_after(STALL_AT)
@@ -348,28 +361,7 @@ def test_tus_js_client_resumes_after_the_connection_is_cut_mid_patch(
         upload_id = upload_id_of(client.first("url")["url"])
         durable_before = stalled_with_bytes_durable(proxy, server, token, upload_id)
 
-        proxy.cut()
-        proxy.restore()
-        result = client.finish()
-
-    assert_resumed_from_the_servers_offset(result, durable_before)
-    assert_complete(server, token, upload_id, sha256)
-
-
-@pytest.mark.parametrize("chunk_size", CHUNKINGS)
-def test_tus_js_client_resumes_after_the_server_is_killed_mid_patch_and_restarted(
-    tus_js, server, proxy, backend, source, chunk_size
-):
-    path, sha256 = source
-    token = backend.alice_token
-    proxy.stall_after(STALL_AT)
-    with NodeUpload(
-        tus_js, server, proxy.via(server.url) + "/api/tus/", token, path, chunk_size=chunk_size, sha256=sha256
-    ) as client:
-        upload_id = upload_id_of(client.first("url")["url"])
-        durable_before = stalled_with_bytes_durable(proxy, server, token, upload_id)
-
-        kill_and_restart(server, proxy)
+        interrupt(server, proxy)
         result = client.finish()
 
     assert_resumed_from_the_servers_offset(result, durable_before)
@@ -570,6 +562,14 @@ class HeldPatch:
         self.sock.close()
 
 
+def created_through_nginx(cluster: Cluster, token: str, path: Path) -> tuple[Path, str, bytes, str]:
+    """A file of FILE_SIZE random bytes at ``path`` and its tus upload, created through nginx."""
+    sha256 = write_random(path, FILE_SIZE)
+    created = tus_create(cluster.nginx, token, path.name, FILE_SIZE)
+    assert created.status == 201, created.body
+    return path, sha256, path.read_bytes(), upload_id_of(created.headers["Location"])
+
+
 def tus_upload_rest(cluster: Cluster, token: str, path: Path, upload_id: str) -> int:
     """tuspy, resuming at the upload's URL through nginx: returns the offset its HEAD answered; uploads the rest."""
     uploader = tuspy_uploader(
@@ -584,12 +584,7 @@ def tus_upload_rest(cluster: Cluster, token: str, path: Path, upload_id: str) ->
 def test_a_patch_held_on_one_process_is_taken_over_by_a_retry_on_the_other_within_seconds(cluster, tmp_path, retry):
     """A tus client retries with a HEAD (tus-js-client, tuspy) or straight with a PATCH at the offset it knows."""
     token = cluster.backend.alice_token
-    path = tmp_path / "takeover.bin"
-    sha256 = write_random(path, FILE_SIZE)
-    data = path.read_bytes()
-    created = tus_create(cluster.nginx, token, path.name, FILE_SIZE)
-    assert created.status == 201, created.body
-    upload_id = upload_id_of(created.headers["Location"])
+    path, sha256, data, upload_id = created_through_nginx(cluster, token, tmp_path / "takeover.bin")
     # The client's network goes quiet 8 MiB into the body: the process that reads it still holds the upload.
     held = HeldPatch(cluster.nginx, token, upload_id, 0, FILE_SIZE)
     try:
@@ -623,12 +618,7 @@ def test_a_patch_held_on_one_process_is_taken_over_by_a_retry_on_the_other_withi
 
 def test_a_head_on_one_process_while_the_other_still_reads_a_patch_answers_an_offset_that_stays(cluster, tmp_path):
     token = cluster.backend.alice_token
-    path = tmp_path / "stable-head.bin"
-    sha256 = write_random(path, FILE_SIZE)
-    data = path.read_bytes()
-    created = tus_create(cluster.nginx, token, path.name, FILE_SIZE)
-    assert created.status == 201, created.body
-    upload_id = upload_id_of(created.headers["Location"])
+    path, sha256, data, upload_id = created_through_nginx(cluster, token, tmp_path / "stable-head.bin")
     held = HeldPatch(cluster.nginx, token, upload_id, 0, FILE_SIZE)
     sent = 4 * MiB
     held.send(data[:sent])

@@ -26,7 +26,7 @@ from uploads.services.slots import (
     slot_park,
     slot_release,
     slot_renew,
-    slots_revoke_for_upload,
+    slot_writer_holder,
 )
 from uploads.services.uploads import upload_for
 
@@ -242,22 +242,9 @@ def writer_holder(user, upload_id, *, now=None) -> str | None:
     under a frozen process that wakes up. Raises UploadNotFound for unknown
     and other users' uploads.
     """
-    now = now or timezone.now()
     with transaction.atomic():
-        upload = upload_for(user, upload_id)
-        current = (
-            Slot.objects.active()
-            .filter(upload=upload, kind=Slot.Kind.UPLOAD)
-            .select_for_update()
-            .order_by("pk")
-            .first()
-        )
-        if current is None or not current.holder_channel:
-            return None
-        if current.lease_expires_at > now:
-            return current.holder_channel
-        slots_revoke_for_upload(upload, Slot.ReleaseReason.EXPIRED, LeaseLost(), now=now)
-    return None
+        current = slot_writer_holder(upload_for(user, upload_id), now=now)
+    return current.holder_channel if current is not None and current.holder_channel else None
 
 
 async def writer_ask_to_stop(channel: str) -> None:

@@ -341,14 +341,7 @@ async def ask_holders_to_stop(channels: list[str], error: DirectDriveXError) -> 
     from its own event loop (Channels' in-memory layer is not thread-safe), and
     waits at most NOTICE_SECONDS for the layer.
     """
-    layer = get_channel_layer()
-    if layer is None or not channels:
-        return
-    message = {"type": "upload.stop", **error.as_dict(ws=True), "close_code": error.close_code}
-    try:
-        await _send_all(layer, channels, message)
-    except Exception:  # the layer is down: the holder keeps the upload until it ends or its lease runs out
-        log.warning("could not ask holders=%s to stop", ",".join(channels), exc_info=True)
+    await _notify(channels, "upload.stop", error)
 
 
 def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
@@ -361,14 +354,19 @@ def notify_holders(channels: list[str], error: DirectDriveXError) -> None:
     that reaps) waits at most NOTICE_SECONDS for all of them, however stalled
     the channel layer is.
     """
+    if channels:
+        async_to_sync(_notify)(channels, "upload.revoke", error)
+
+
+async def _notify(channels: list[str], kind: str, error: DirectDriveXError) -> None:
     layer = get_channel_layer()
     if layer is None or not channels:
         return
-    message = {"type": "upload.revoke", **error.as_dict(ws=True), "close_code": error.close_code}
+    message = {"type": kind, **error.as_dict(ws=True), "close_code": error.close_code}
     try:
-        async_to_sync(_send_all)(layer, channels, message)
-    except Exception:  # the holders may be long gone, the layer down: the fence stops them anyway
-        log.warning("could not notify holders=%s", ",".join(channels), exc_info=True)
+        await _send_all(layer, channels, message)
+    except Exception:  # the holders may be long gone, the layer down: the fence (or the lease) stops them anyway
+        log.warning("could not send %s to holders=%s", kind, ",".join(channels), exc_info=True)
 
 
 async def _send_all(layer, channels: list[str], message: dict) -> None:
@@ -379,6 +377,24 @@ async def _send_all(layer, channels: list[str], message: dict) -> None:
     failed = [channel for channel, send in zip(channels, sends, strict=True) if send in pending or send.exception()]
     if failed:
         log.warning("holders not notified within %ss: %s", NOTICE_SECONDS, ",".join(failed))
+
+
+def slot_writer_holder(upload: Upload, *, now=None) -> Slot | None:
+    """Inside the caller's transaction: the upload's active writer slot, locked, as the lease judges it.
+
+    A slot whose holder's lease ran out is released as ``expired`` and the
+    upload's generation bumped (the fence; ``upload.writer_generation`` follows
+    it), and None is returned: nothing of that holder can move the offset any
+    more. A live holder's slot, or the unclaimed one POST or a parked PATCH
+    left, is returned as it is.
+    """
+    now = now or timezone.now()
+    current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
+    if current is None or not current.holder_channel or current.lease_expires_at > now:
+        return current
+    _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
+    upload.writer_generation += 1  # _revoke bumped it, under the row lock we now hold
+    return None
 
 
 def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
@@ -414,13 +430,9 @@ def slot_claim_writer(upload: Upload, holder_channel: str, *, now=None) -> Slot:
     reclaims one whose lease ran out, or admits a new one.
     """
     now = now or timezone.now()
-    current = Slot.objects.active().filter(upload=upload, kind=Slot.Kind.UPLOAD).select_for_update().first()
+    current = slot_writer_holder(upload, now=now)
     if current is not None and current.holder_channel:
-        if current.lease_expires_at > now:
-            raise UploadBusy(retry_after=_busy_retry_after([(current.lease_expires_at,)], now))
-        _revoke([current], Slot.ReleaseReason.EXPIRED, now, LeaseLost())
-        upload.writer_generation += 1  # _revoke bumped it, under the row lock we now hold
-        current = None
+        raise UploadBusy(retry_after=_busy_retry_after([(current.lease_expires_at,)], now))
     # A new generation fences off every earlier writer of this upload. A
     # compare-and-swap on the status and the generation we read: a cancel,
     # expiry or delete that committed meanwhile makes it change nothing.
