@@ -3,16 +3,29 @@
 alice owns uploads, bob is another user, staff is an admin. alice's client
 authenticates with a DRF token (``Authorization: Token <key>``), bob's and
 staff's with a session, so both ways into the API are exercised.
+
+DIRECTDRIVEX_TEST_STORAGE picks the storage backend the tests run on: ``local``
+(the default) or ``s3``, where every test not marked ``local_storage`` stores
+its bytes under a prefix of its own on the session's S3 server (SeaweedFS,
+tests/support/seaweedfs.py), started on first use.
 """
 
+import dataclasses
 import functools
+import os
+import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 from django.contrib.auth.hashers import make_password
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tests.support import seaweedfs
 from uploads import storage
+
+TEST_STORAGE = os.environ.get("DIRECTDRIVEX_TEST_STORAGE", "local")
 
 PASSWORD = "correct-horse-battery-staple"
 
@@ -96,6 +109,11 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix, t
         database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("sqlite") / "test.sqlite3")
 
 
+def pytest_configure(config):
+    if TEST_STORAGE not in ("local", "s3"):
+        raise pytest.UsageError(f"DIRECTDRIVEX_TEST_STORAGE={TEST_STORAGE!r}: use local (the default) or s3")
+
+
 @pytest.fixture(autouse=True)
 def storage_dir(settings, tmp_path, monkeypatch):
     """Every test stores bytes in its own folder, never in var/ (subprocesses inherit it too)."""
@@ -103,6 +121,62 @@ def storage_dir(settings, tmp_path, monkeypatch):
     settings.DIRECTDRIVEX_STORAGE_DIR = path
     monkeypatch.setenv("DIRECTDRIVEX_STORAGE_DIR", str(path))
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class S3TestStorage:
+    """Where one test's objects live: ``prefix`` in ``bucket`` at ``endpoint``; ``client`` is boto3's."""
+
+    endpoint: str
+    bucket: str
+    prefix: str
+    spool: Path
+    client: Any
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """``(endpoint_url, bucket)`` of the session's S3 server, started by the first test that needs it."""
+    with seaweedfs.s3_server() as server:
+        yield server
+
+
+def use_s3_storage(settings, monkeypatch, tmp_path: Path, endpoint: str, bucket: str) -> S3TestStorage:
+    """Point the settings and the environment (subprocesses inherit it) at a new prefix of ``bucket``."""
+    s3 = S3TestStorage(endpoint, bucket, f"t/{uuid.uuid4().hex}/", tmp_path / "spool", seaweedfs.s3_client(endpoint))
+    values = {
+        "DIRECTDRIVEX_STORAGE_BACKEND": "s3",
+        "DIRECTDRIVEX_S3_ENDPOINT_URL": s3.endpoint,
+        "DIRECTDRIVEX_S3_BUCKET": s3.bucket,
+        "DIRECTDRIVEX_S3_PREFIX": s3.prefix,
+        "DIRECTDRIVEX_S3_REGION": seaweedfs.REGION,
+        "DIRECTDRIVEX_SPOOL_DIR": s3.spool,
+    }
+    for name, value in values.items():
+        setattr(settings, name, value)
+        monkeypatch.setenv(name, str(value))
+    # boto3 finds its credentials in the environment; a developer's profile or session token must not win.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs.ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs.SECRET_ACCESS_KEY)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return s3
+
+
+@pytest.fixture(autouse=True)
+def storage_backend(request, settings, monkeypatch, tmp_path) -> S3TestStorage | None:
+    """With DIRECTDRIVEX_TEST_STORAGE=s3, the test's S3TestStorage (unless marked local_storage); else None."""
+    if TEST_STORAGE != "s3" or request.node.get_closest_marker("local_storage"):
+        return None
+    return use_s3_storage(settings, monkeypatch, tmp_path, *request.getfixturevalue("s3_server"))
+
+
+@pytest.fixture
+def s3_storage(storage_backend, request, settings, monkeypatch, tmp_path) -> S3TestStorage:
+    """The s3 backend for this test whatever DIRECTDRIVEX_TEST_STORAGE says (for tests of the backend itself)."""
+    if storage_backend is not None:
+        return storage_backend
+    return use_s3_storage(settings, monkeypatch, tmp_path, *request.getfixturevalue("s3_server"))
 
 
 @pytest.fixture
