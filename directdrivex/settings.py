@@ -204,6 +204,15 @@ LOGGING = {
 
 # --- DirectDriveX (docs/configuration.md) ---------------------------------
 DIRECTDRIVEX_STORAGE_DIR = Path(env.str("DIRECTDRIVEX_STORAGE_DIR") or BASE_DIR / "var" / "storage")
+# Where the bytes live (uploads.storage): "local" (the folder above) or "s3" (a bucket; docs/storage.md).
+# Credentials for s3 come from the standard AWS variables or profile, never from here.
+DIRECTDRIVEX_STORAGE_BACKEND = env.str("DIRECTDRIVEX_STORAGE_BACKEND") or "local"
+DIRECTDRIVEX_S3_ENDPOINT_URL = env.str("DIRECTDRIVEX_S3_ENDPOINT_URL") or ""
+DIRECTDRIVEX_S3_BUCKET = env.str("DIRECTDRIVEX_S3_BUCKET") or ""
+DIRECTDRIVEX_S3_PREFIX = env.str("DIRECTDRIVEX_S3_PREFIX") or ""
+DIRECTDRIVEX_S3_REGION = env.str("DIRECTDRIVEX_S3_REGION") or ""
+# The s3 backend fills a part here before sending it: local, disposable, emptied at start.
+DIRECTDRIVEX_SPOOL_DIR = Path(env.str("DIRECTDRIVEX_SPOOL_DIR") or BASE_DIR / "var" / "spool")
 DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_UPLOAD_SLOTS", 20)
 DIRECTDRIVEX_USER_UPLOAD_SLOTS = env.int("DIRECTDRIVEX_USER_UPLOAD_SLOTS", 5)
 DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS = env.int("DIRECTDRIVEX_GLOBAL_DOWNLOAD_SLOTS", 30)

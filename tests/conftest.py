@@ -45,9 +45,9 @@ def make_user(username: str, **fields):
     )
 
 
-def write_part(key: str, data: bytes) -> None:
-    """Bytes in an upload's part file, written as a writer would (through uploads.storage)."""
-    part = storage.backend().open_part(key, 0)
+def write_part(key: str, data: bytes, size: int | None = None) -> None:
+    """Bytes in an upload's part file, written as a writer would (through uploads.storage; no commit)."""
+    part = storage.backend().open_part(key, storage.Committed(), size or len(data))
     try:
         part.append([data])
         part.sync()
@@ -56,14 +56,17 @@ def write_part(key: str, data: bytes) -> None:
 
 
 def complete_upload(user, upload_id, data: bytes) -> None:
-    """Finish an upload the way the consumer does: admit a writer, write, finalize, mark complete."""
-    from uploads.services.grants import writer_admit, writer_complete
+    """Finish an upload the way the consumer does: admit a writer, write, commit, finalize, mark complete."""
+    from uploads.services.grants import writer_admit, writer_commit, writer_committed, writer_complete
 
     grant = writer_admit(user, upload_id, "test-writer")
-    part = storage.backend().open_part(grant.storage_key, grant.offset)
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
     try:
         part.append([data])
-        part.finalize()
+        durable = part.sync()
+        writer_commit(grant, durable.offset, hash_state=durable.hash_state, durable=durable)
+        part.committed(durable)
+        part.finalize(writer_committed(grant))
     finally:
         part.close()
     writer_complete(grant)

@@ -42,7 +42,7 @@ size = {size}
 block = random.Random(size).randbytes(4 * 1024 * 1024)
 upload, _slot = upload_create(user, filename={filename!r}, size=size)
 grant = writer_admit(user, upload.pk, "live-test-writer")
-part = storage.backend().open_part(grant.storage_key, 0)
+part = storage.backend().open_part(grant.storage_key, storage.Committed(), grant.size)
 digest = hashlib.sha256()
 try:
     while part.offset < size:

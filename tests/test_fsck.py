@@ -58,7 +58,7 @@ def paused_upload(user, committed: bytes, *, ahead: bytes = b"", size: int | Non
     size = size or len(committed) + len(ahead) + 100
     upload, _slot = upload_create(user, filename="paused.bin", size=size, now=now)
     grant = writer_admit(user, upload.pk, f"test.writer!{upload.pk.hex}", now=now)
-    part = storage.backend().open_part(grant.storage_key, grant.offset)
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
     try:
         if committed:
             part.append([committed])
@@ -79,7 +79,7 @@ class LiveWriter:
         upload, _slot = upload_create(user, filename="live.bin", size=len(data))
         self.user, self.data, self.upload_id = user, data, upload.pk
         self.grant = writer_admit(user, upload.pk, "live.writer!1")
-        self.part = storage.backend().open_part(self.grant.storage_key, self.grant.offset)
+        self.part = storage.backend().open_part(self.grant.storage_key, self.grant.committed(), self.grant.size)
         self.part.append([data[:committed]])
         self.part.sync()
         writer_commit(self.grant, committed)
@@ -242,7 +242,9 @@ def test_an_offset_beyond_the_part_file_is_part_short_and_repair_resumes_from_wh
     repaired_and_clean()
     assert Upload.objects.get(pk=upload.pk).offset == 40
     grant = writer_admit(alice, upload.pk, "next.writer!1")
-    part = storage.backend().open_part(grant.storage_key, grant.offset)  # resumes: no PartFileShort any more
+    part = storage.backend().open_part(
+        grant.storage_key, grant.committed(), grant.size
+    )  # resumes: no PartFileShort any more
     try:
         assert part.hexdigest() == hashlib.sha256(data[:40]).hexdigest()
     finally:

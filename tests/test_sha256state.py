@@ -52,7 +52,7 @@ def test_a_state_of_another_offset_is_not_used():
 
 
 def write_part(data: bytes) -> bytes:
-    part = storage.backend().open_part(KEY, 0)
+    part = storage.backend().open_part(KEY, storage.Committed(), 1 << 40)
     try:
         part.append([data])
         part.sync()
@@ -67,13 +67,13 @@ def test_a_part_resumed_with_its_saved_state_does_not_read_its_bytes_again(layou
     # Change the bytes on disk behind the part's back: only a re-read would see it.
     with open(local.part_path(KEY), "r+b") as file:
         file.write(b"\0" * 1024)
-    resumed = storage.backend().open_part(KEY, len(original), hash_state=state)
+    resumed = storage.backend().open_part(KEY, storage.Committed(offset=len(original), hash_state=state), 1 << 40)
     try:
         resumed.append([b"tail"])
         assert resumed.hexdigest() == hashlib.sha256(original + b"tail").hexdigest()
     finally:
         resumed.close()
-    reread = storage.backend().open_part(KEY, len(original), hash_state=None)
+    reread = storage.backend().open_part(KEY, storage.Committed(offset=len(original)), 1 << 40)
     try:
         changed = b"\0" * 1024 + original[1024:]
         assert reread.hexdigest() == hashlib.sha256(changed).hexdigest()
@@ -85,7 +85,7 @@ def test_a_stale_state_makes_the_part_read_again(layout):
     original = os.urandom(1024 * 1024)
     state = write_part(original)
     # The offset moved back (a rewind or a repair): the state of the longer prefix must not be used.
-    shorter = storage.backend().open_part(KEY, 1000, hash_state=state)
+    shorter = storage.backend().open_part(KEY, storage.Committed(offset=1000, hash_state=state), 1 << 40)
     try:
         assert shorter.hexdigest() == hashlib.sha256(original[:1000]).hexdigest()
     finally:

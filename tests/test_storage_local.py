@@ -37,7 +37,7 @@ def test_a_symlink_at_a_part_path_is_not_a_file_and_its_target_is_not_truncated(
 
     for offset in (0, 10):
         with pytest.raises(storage.NotAFile) as refused:
-            storage.backend().open_part(KEY, offset)
+            storage.backend().open_part(KEY, storage.Committed(offset=offset), 1 << 40)
         assert refused.value.what == "a symbolic link"
 
     assert outside.read_bytes() == before
@@ -48,19 +48,19 @@ def test_a_folder_at_a_part_path_is_not_a_file(layout):
     local.part_path(KEY).mkdir()
 
     with pytest.raises(storage.NotAFile) as refused:
-        storage.backend().open_part(KEY, 0)
+        storage.backend().open_part(KEY, storage.Committed(), 1 << 40)
 
     assert refused.value.what == "a folder"
 
 
 def test_a_missing_part_at_a_later_offset_is_short_and_is_not_made_anew(layout):
     with pytest.raises(storage.PartShort) as short:
-        storage.backend().open_part(KEY, 4096)
+        storage.backend().open_part(KEY, storage.Committed(offset=4096), 1 << 40)
 
     assert short.value.on_disk == 0
     assert not local.part_path(KEY).exists()
     # From zero it is made: that is where every upload starts.
-    storage.backend().open_part(KEY, 0).close()
+    storage.backend().open_part(KEY, storage.Committed(), 1 << 40).close()
     assert local.part_path(KEY).is_file()
 
 

@@ -259,15 +259,15 @@ async def test_a_part_made_visible_by_a_fenced_writer_just_before_the_open_is_co
     data = payload(3 * CHUNK)
     upload = await create(alice, data)
     stale = await database_sync_to_async(grants.writer_admit)(alice, upload.pk, "specific.stale!writer")
-    part = storage.backend().open_part(stale.storage_key, 0)
+    part = storage.backend().open_part(stale.storage_key, storage.Committed(), 1 << 40)
     part.append([data])
     part.sync()
     await database_sync_to_async(grants.writer_commit)(stale, len(data))
     await database_sync_to_async(slots_reset)(upload=upload)  # the stale writer is fenced now
     real_digest = type(storage.backend()).finished_digest
 
-    def then_the_stale_writer_renames(backend, key, size, interrupt=None):
-        digest = real_digest(backend, key, size, interrupt)
+    def then_the_stale_writer_renames(backend, key, size, interrupt=None, hash_state=None):
+        digest = real_digest(backend, key, size, interrupt, hash_state)
         if part.fd >= 0:
             part.finalize()  # what the fenced writer does next, before it learns it was fenced
             part.close()
@@ -363,7 +363,7 @@ def test_delete_racing_completion_deletes_the_finished_upload(alice, monkeypatch
     data = payload(3 * CHUNK)
     upload, _slot = uploads.upload_create(alice, filename="race.bin", size=len(data))
     grant = grants.writer_admit(alice, upload.pk, "specific.writer!1")
-    part = storage.backend().open_part(upload.storage_key, 0)
+    part = storage.backend().open_part(upload.storage_key, storage.Committed(), 1 << 40)
     part.append([data])
     part.finalize()
     part.close()
@@ -473,9 +473,9 @@ async def test_on_a_slow_disk_acks_are_held_back_to_what_is_durable(alice, monke
     monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
     real_sync = local.LocalPart.sync
 
-    def slow_sync(part):
+    def slow_sync(part, checkpoint=None):
         time.sleep(0.3)
-        real_sync(part)
+        return real_sync(part, checkpoint)
 
     monkeypatch.setattr(local.LocalPart, "sync", slow_sync)
     data = payload(10 * WINDOW)
@@ -509,14 +509,14 @@ async def test_acks_stop_running_ahead_while_the_first_commit_is_still_slow(alic
     monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
     real_sync, real_append, first_sync = local.LocalPart.sync, local.LocalPart.append, {}
 
-    def slow_first_sync(part):
+    def slow_first_sync(part, checkpoint=None):
         if not first_sync:
             first_sync["started"] = time.monotonic()
             time.sleep(3)
-            real_sync(part)
+            durable = real_sync(part, checkpoint)
             first_sync["done"] = time.monotonic()
-            return
-        real_sync(part)
+            return durable
+        return real_sync(part, checkpoint)
 
     def slow_append(part, chunks):
         time.sleep(0.01)

@@ -64,6 +64,11 @@ class Upload(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     completed_at = models.DateTimeField(null=True, blank=True)
     last_activity_at = models.DateTimeField(default=timezone.now)
+    # The object store's own upload (an S3 multipart upload id; "" on the local backend or before
+    # the first commit), and the highest part number any writer of this upload may have used:
+    # both committed under the fence, so a new writer numbers its parts above every stale one's.
+    store_session = models.CharField(max_length=1024, blank=True, default="", editable=False)
+    part_numbers = models.PositiveIntegerField(default=0, editable=False)
     # Durable bytes per second over the last offset commit (about a second apart while
     # bytes flow), for the admin and the dashboard; stale once last_activity_at is old.
     bytes_per_second = models.BigIntegerField(default=0)
@@ -85,6 +90,42 @@ class Upload(models.Model):
 
     def __str__(self):
         return f"{self.display_name} ({self.id})"
+
+
+class StoredPiece(models.Model):
+    """A committed piece of an unfinished upload in an object store (uploads.storage.base.Piece).
+
+    Rows are written only by the upload's current writer, in the same fenced
+    transaction as the offset they make durable: completion assembles the
+    file from these parts and no others, and a resume fetches these tails.
+    """
+
+    class Kind(models.TextChoices):
+        PART = "part"
+        TAIL = "tail"
+
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="pieces")
+    kind = models.CharField(max_length=4, choices=Kind.choices)
+    start = models.BigIntegerField()
+    end = models.BigIntegerField()
+    # A part's number and ETag in the multipart upload; a tail's object name.
+    number = models.PositiveIntegerField(null=True, blank=True)
+    etag = models.CharField(max_length=128, blank=True, default="")
+    name = models.CharField(max_length=1024, blank=True, default="")
+    generation = models.BigIntegerField(help_text="Fencing generation of the writer that committed it.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["upload", "start"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["upload", "number"], condition=Q(kind="part"), name="storedpiece_part_number_once"
+            ),
+            models.CheckConstraint(condition=Q(end__gt=F("start")) & Q(start__gte=0), name="storedpiece_bytes"),
+        ]
+
+    def __str__(self):
+        return f"{self.kind} {self.number or self.name} [{self.start}, {self.end}) of {self.upload_id}"
 
 
 class SlotQuerySet(models.QuerySet):

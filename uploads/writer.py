@@ -52,6 +52,7 @@ from uploads.services.grants import (
     writer_admit,
     writer_check,
     writer_commit,
+    writer_committed,
     writer_complete,
     writer_fail,
     writer_park,
@@ -278,7 +279,7 @@ class UploadWriter:
                 self._room.set()
                 self._last_byte_at = time.monotonic()
                 if self._commit_task is None and self._commit_due():
-                    self._start_commit()
+                    self._start_commit(full=False)
                 await self._ack(send_ack)
                 continue
             # Caught up with everything that arrived: say where we stand at once.
@@ -337,7 +338,7 @@ class UploadWriter:
     async def _finished_in_place(self) -> bool:
         grant = self.grant
         digest = await self._interruptible(
-            storage.backend().finished_digest, grant.storage_key, grant.size, self._interrupt
+            storage.backend().finished_digest, grant.storage_key, grant.size, self._interrupt, grant.hash_state
         )
         if digest is None:
             return False
@@ -350,7 +351,7 @@ class UploadWriter:
         grant = self.grant
         try:
             self.part = await self._interruptible(
-                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt, grant.hash_state
+                storage.backend().open_part, grant.storage_key, grant.committed(), grant.size, self._interrupt
             )
         except storage.PartLocked:
             # A frozen or dying writer still holds the file: it must not share it.
@@ -361,7 +362,7 @@ class UploadWriter:
             # Bytes promised durable are gone (disk loss, manual deletion): resume from what is there.
             self.grant = grant = await db_call(writer_rewind, grant, short.on_disk)
             self.part = await self._interruptible(
-                storage.backend().open_part, grant.storage_key, grant.offset, self._interrupt
+                storage.backend().open_part, grant.storage_key, grant.committed(), grant.size, self._interrupt
             )
         # A DELETE may have ended the upload between our admission and the
         # open, which then made an empty part anew: make sure we still own it.
@@ -436,16 +437,22 @@ class UploadWriter:
             self.acked = offset
             await send_ack(offset)
 
-    def _start_commit(self):
-        """Start fsync + fenced UPDATE of the current offset in a thread; run() collects the outcome.
+    def _start_commit(self, *, full: bool = True):
+        """Start sync + fenced UPDATE of a checkpoint in a thread; run() collects the outcome.
 
         Called only between writes (run() is the one sequence that appends), so
-        the hash state read here is exactly that of the offset committed.
+        the checkpoint's hash state is exactly that of its offset. A commit due
+        by bytes need not cover every byte: an object store stops at its last
+        whole part (no tail object) unless the bytes after it are getting old.
         """
-        offset, self._commit_started = self.written, time.monotonic()
-        self._first_unsynced_at = None  # bytes written from now on wait for the next commit
-        state = self.part.hash_state()
-        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, offset, state, self._commit_started))
+        self._commit_started = time.monotonic()
+        checkpoint = self.part.checkpoint(full)
+        since = checkpoint.since
+        if not full and since is not None and self._commit_started - since >= self._commit_after():
+            checkpoint = self.part.checkpoint(True)
+        # Bytes written from now on (and any the checkpoint left out) wait for the next commit.
+        self._first_unsynced_at = checkpoint.since
+        self._commit_task = asyncio.ensure_future(self._commit_call(self.part, checkpoint, self._commit_started))
         self._commit_task.add_done_callback(self._commit_done)
 
     def _commit_done(self, task: asyncio.Future):
@@ -454,15 +461,18 @@ class UploadWriter:
             task.exception()
 
     async def _commit_call(
-        self, part: storage.PartWriter, offset: int, state: bytes | None, started: float
+        self, part: storage.PartWriter, checkpoint: storage.Checkpoint, started: float
     ) -> tuple[int, float]:
-        moves = offset > self.durable
-        if moves:
-            await self._in_thread(part.sync)
-        await db_call(writer_commit, self.grant, offset, hash_state=state)
-        if moves:  # a commit of new bytes, fsync + UPDATE; a mere lease renewal would flatter the histogram
-            metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
-        return offset, started
+        moves = checkpoint.offset > self.durable
+        if not moves:  # a mere lease renewal
+            await db_call(writer_commit, self.grant, self.durable)
+            return self.durable, started
+        durable = await self._in_thread(part.sync, checkpoint)
+        await db_call(writer_commit, self.grant, durable.offset, hash_state=durable.hash_state, durable=durable)
+        part.committed(durable)
+        # A commit of new bytes, sync + UPDATE; a mere lease renewal would flatter the histogram.
+        metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
+        return durable.offset, started
 
     async def _collect_commit(self, *, wait: bool):
         """Take in the outcome of the commit in flight (raising its refusal), waiting for it if asked."""
@@ -546,8 +556,10 @@ class UploadWriter:
             raise ChecksumMismatch(f"The bytes received hash to {digest}, not the declared {grant.sha256}.")
         if self.part is not None:
             await self._commit()
+            # Made from what the database recorded (fenced: a writer taken over stops here).
+            committed = await db_call(writer_committed, grant)
             try:
-                await self._in_thread(self.part.finalize)
+                await self._in_thread(self.part.finalize, committed)
             except FileNotFoundError:
                 await db_call(writer_check, grant)  # the part vanished: a DELETE got there first
                 raise
@@ -576,15 +588,18 @@ class UploadWriter:
         if grant is None or self.state in SETTLED:
             return
         loop = asyncio.get_running_loop()
-        if self.part is not None and self.written > self.durable:
+        part = self.part
+        if part is not None and self.written > self.durable:
             try:
-                state = self.part.hash_state()  # no append runs any more (_wait_inflight)
-                await self._in_thread(self.part.sync)
+                checkpoint = part.checkpoint()  # no append runs any more (_wait_inflight)
+                durable = await self._in_thread(part.sync, checkpoint)
                 # Half of what is left, so that the release below gets its turn too.
                 timeout = max(0.0, (deadline - loop.time()) / 2)
-                await db_call(writer_commit, grant, self.written, hash_state=state, timeout=timeout)
-                metrics.BYTES_RECEIVED.inc(self.written - self.durable)
-                self.durable = self.written
+                state = durable.hash_state
+                await db_call(writer_commit, grant, durable.offset, hash_state=state, durable=durable, timeout=timeout)
+                part.committed(durable)
+                metrics.BYTES_RECEIVED.inc(durable.offset - self.durable)
+                self.durable = durable.offset
             except (LeaseLost, NotUploading):
                 return  # someone else owns the upload now; our bytes past durable are theirs to drop
             except Exception:
@@ -592,13 +607,14 @@ class UploadWriter:
                 log.warning("final commit failed upload=%s", self.upload_id, exc_info=True)
         if self.state is State.FENCED:
             return
+        numbers = part.numbers_used if part is not None else None
         if keep_slot and self.durable == self.written:
-            await db_call(writer_park, grant, timeout=max(0.0, deadline - loop.time()))
+            await db_call(writer_park, grant, part_numbers=numbers, timeout=max(0.0, deadline - loop.time()))
         else:
-            await db_call(writer_release, grant, reason, timeout=max(0.0, deadline - loop.time()))
+            await db_call(writer_release, grant, reason, part_numbers=numbers, timeout=max(0.0, deadline - loop.time()))
 
     async def _in_thread(self, function, *args):
-        """Run one disk operation in a thread; the part is never closed under it."""
+        """Run one disk or store operation in a thread; the part is never closed under it."""
         future = asyncio.get_running_loop().run_in_executor(None, function, *args)
         self._inflight.add(future)
         future.add_done_callback(self._inflight.discard)
@@ -608,6 +624,11 @@ class UploadWriter:
             # The thread runs on; a part it opens after we gave up must still be closed.
             future.add_done_callback(_close_orphan)
             raise
+        except storage.StoreUnavailable as outage:
+            # The object store is down: a server-side outage like a lost database (4503 / 503), resumable.
+            raise Unavailable(
+                "The server cannot reach its object store right now; resume shortly.", retry_after=outage.retry_after
+            ) from outage
 
     async def _wait_inflight(self):
         if self._inflight:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from django.db import transaction
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from uploads import storage
 from uploads.exceptions import LeaseLost, NotUploading, TakenOver
-from uploads.models import Slot, Upload
+from uploads.models import Slot, StoredPiece, Upload
 from uploads.services.events import Event, record
 from uploads.services.progress import progress_event, publish_now
 from uploads.services.slots import (
@@ -48,6 +49,28 @@ class WriterGrant:
     lease_expires_at: datetime
     # The sha256 state committed with ``offset`` (None: the part is hashed again on open).
     hash_state: bytes | None = None
+    # What an object store's writer resumes from (uploads.storage.base.Committed); empty on a disk.
+    store_session: str = ""
+    pieces: tuple[storage.Piece, ...] = ()
+    part_numbers: int = 0  # the highest part number an earlier writer may have used
+    reserved: int = 0  # the highest one reserved for this writer
+
+    def committed(self) -> storage.Committed:
+        return storage.Committed(
+            offset=self.offset,
+            hash_state=self.hash_state,
+            session=self.store_session,
+            pieces=self.pieces,
+            numbers=self.part_numbers,
+            reserved=self.reserved,
+        )
+
+
+def _pieces(upload_id) -> tuple[storage.Piece, ...]:
+    return tuple(
+        storage.Piece(row.kind, row.start, row.end, number=row.number or 0, etag=row.etag, name=row.name)
+        for row in StoredPiece.objects.filter(upload_id=upload_id).order_by("start", "kind")
+    )
 
 
 def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGrant:
@@ -67,7 +90,15 @@ def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGra
         if upload.status != Upload.Status.UPLOADING:
             raise NotUploading(f"The upload is {upload.status}.")
         slot = slot_claim_writer(upload, holder_channel, now=now)
-        offset, hash_state = Upload.objects.values_list("offset", "hash_state").get(pk=upload.pk)
+        offset, hash_state, session, numbers = Upload.objects.values_list(
+            "offset", "hash_state", "store_session", "part_numbers"
+        ).get(pk=upload.pk)
+        # An object store's parts are numbered above every number an earlier writer may have used;
+        # the first few are reserved here, under the new generation, before any part is sent.
+        reserved = numbers + storage.backend().part_numbers_ahead
+        if reserved != numbers:
+            Upload.objects.filter(pk=upload.pk).update(part_numbers=reserved)
+        pieces = _pieces(upload.pk) if session else ()
     record(
         Event.WRITER_ADMITTED,
         upload=upload.pk,
@@ -87,6 +118,10 @@ def writer_admit(user, upload_id, holder_channel: str, *, now=None) -> WriterGra
         storage_key=upload.storage_key,
         lease_expires_at=slot.lease_expires_at,
         hash_state=bytes(hash_state) if hash_state is not None else None,
+        store_session=session,
+        pieces=pieces,
+        part_numbers=numbers,
+        reserved=reserved,
     )
 
 
@@ -102,7 +137,14 @@ def _why_fenced(grant: WriterGrant):
     return LeaseLost()
 
 
-def writer_commit(grant: WriterGrant, offset: int, *, hash_state: bytes | None = None, now=None) -> datetime:
+def writer_commit(
+    grant: WriterGrant,
+    offset: int,
+    *,
+    hash_state: bytes | None = None,
+    durable: storage.Durable | None = None,
+    now=None,
+) -> datetime:
     """Record ``offset`` (fsynced by the caller) as durable, with the sha256 state after it; renew the lease.
 
     Compare-and-swap on the fencing generation: a writer whose slot was reaped,
@@ -110,6 +152,10 @@ def writer_commit(grant: WriterGrant, offset: int, *, hash_state: bytes | None =
     upload's ``last_activity_at`` moves only when the offset does (bytes
     landed), so a silent connection's heartbeat never keeps an upload from
     expiring. Returns the new lease expiry.
+
+    ``durable`` (an object store's sync) records, in the same transaction, the
+    store's upload, the parts sent, the tails that now hold the rest (replacing
+    the ones before) and the part numbers to keep reserved.
     """
     now = now or timezone.now()
     with transaction.atomic():
@@ -118,6 +164,8 @@ def writer_commit(grant: WriterGrant, offset: int, *, hash_state: bytes | None =
             expires = slot_renew(grant.slot_id, grant.generation, now=now)
         except LeaseLost:
             raise _why_fenced(grant) from None
+        if durable is not None and durable.session:
+            _record_pieces(grant, durable, now)
         # The durable offset only moves forward here (writer_rewind is the one way back).
         previous = _fenced_upload(grant).filter(offset__lt=offset).values_list("offset", "last_activity_at").first()
         advanced = 0
@@ -132,6 +180,54 @@ def writer_commit(grant: WriterGrant, offset: int, *, hash_state: bytes | None =
         if advanced != 1 and not _fenced_upload(grant).exists():
             raise _why_fenced(grant)
     return expires
+
+
+def _record_pieces(grant: WriterGrant, durable: storage.Durable, now: datetime) -> None:
+    """The object store's side of a commit, under the fence (the UPDATE locks the upload row first)."""
+    updated = (
+        _fenced_upload(grant)
+        .filter(offset__lte=durable.offset)
+        .update(store_session=durable.session, part_numbers=Greatest("part_numbers", durable.numbers))
+    )
+    if updated != 1:
+        if not _fenced_upload(grant).exists():
+            raise _why_fenced(grant)
+        return  # an older checkpoint than the one recorded: its pieces add nothing
+    StoredPiece.objects.filter(upload_id=grant.upload_id, kind=StoredPiece.Kind.TAIL).delete()
+    StoredPiece.objects.bulk_create(
+        [
+            StoredPiece(
+                upload_id=grant.upload_id,
+                kind=piece.kind,
+                start=piece.start,
+                end=piece.end,
+                number=piece.number or None,
+                etag=piece.etag,
+                name=piece.name,
+                generation=grant.generation,
+                created_at=now,
+            )
+            for piece in durable.pieces
+        ],
+        # A part recorded by a commit whose answer was lost comes again with the next one.
+        ignore_conflicts=True,
+    )
+
+
+def writer_committed(grant: WriterGrant) -> storage.Committed:
+    """What the database holds for the upload now, if ``grant`` is still its writer: what a completion may use."""
+    with transaction.atomic():
+        row = _fenced_upload(grant).values_list("offset", "hash_state", "store_session", "part_numbers").first()
+        if row is None:
+            raise _why_fenced(grant)
+        offset, hash_state, session, numbers = row
+        return storage.Committed(
+            offset=offset,
+            hash_state=bytes(hash_state) if hash_state is not None else None,
+            session=session,
+            pieces=_pieces(grant.upload_id),
+            numbers=numbers,
+        )
 
 
 def _rate(moved: int, since: datetime, now: datetime) -> int:
@@ -152,12 +248,23 @@ def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
     Only the current writer may do it (fenced); the upload stays resumable from there.
     """
     now = now or timezone.now()
-    if _fenced_upload(grant).filter(offset__gt=offset).update(offset=offset, last_activity_at=now) != 1:
-        raise _why_fenced(grant)
+    with transaction.atomic():
+        moved = _fenced_upload(grant).filter(offset__gt=offset).update(offset=offset, last_activity_at=now)
+        if moved != 1:
+            raise _why_fenced(grant)
+        # An object store's pieces past the new offset are no longer the upload's; from zero, nor its session.
+        StoredPiece.objects.filter(upload_id=grant.upload_id, end__gt=offset).delete()
+        if offset == 0:
+            _fenced_upload(grant).update(store_session="", hash_state=None)
     log.error(
         "durable offset rewound upload=%s user=%s from=%s to=%s", grant.upload_id, grant.user_id, grant.offset, offset
     )
-    return replace(grant, offset=offset)
+    return replace(
+        grant,
+        offset=offset,
+        pieces=tuple(piece for piece in grant.pieces if piece.end <= offset),
+        store_session=grant.store_session if offset else "",
+    )
 
 
 def writer_complete(grant: WriterGrant, *, sha256: str = "", now=None) -> None:
@@ -221,17 +328,34 @@ def writer_fail(grant: WriterGrant, *, now=None) -> None:
     publish_now(grant.user_id, progress_event(upload_id=grant.upload_id, offset=0, size=grant.size, status="failed"))
 
 
-def writer_release(grant: WriterGrant, reason: str, *, now=None) -> bool:
-    """The connection ends without finishing: free the slot; the upload stays resumable."""
-    return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
+def writer_release(grant: WriterGrant, reason: str, *, part_numbers: int | None = None, now=None) -> bool:
+    """The connection ends without finishing: free the slot; the upload stays resumable.
+
+    ``part_numbers``: the highest part number the writer used; the numbers it
+    reserved beyond it go back, so that many short writers (a tus client's
+    PATCHes) do not use up the store's 10,000.
+    """
+    with transaction.atomic():
+        _give_back_numbers(grant, part_numbers)
+        return slot_release(grant.slot_id, reason, generation=grant.generation, now=now)
 
 
-def writer_park(grant: WriterGrant, *, now=None) -> bool:
+def writer_park(grant: WriterGrant, *, part_numbers: int | None = None, now=None) -> bool:
     """The connection ends between two requests of one client (a tus PATCH): keep the slot for its next one.
 
     See uploads.services.slots.slot_park. False if the slot was taken meanwhile.
     """
-    return slot_park(grant.slot_id, grant.generation, now=now)
+    with transaction.atomic():
+        _give_back_numbers(grant, part_numbers)
+        return slot_park(grant.slot_id, grant.generation, now=now)
+
+
+def _give_back_numbers(grant: WriterGrant, used: int | None) -> None:
+    # Only the current writer (fenced), and never below what it was admitted above.
+    if used is not None and grant.reserved:
+        _fenced_upload(grant).filter(part_numbers__gt=max(used, grant.part_numbers)).update(
+            part_numbers=max(used, grant.part_numbers)
+        )
 
 
 def writer_holder(user, upload_id, *, now=None) -> str | None:

@@ -67,21 +67,120 @@ class FileGone(StorageError):
     """The finished file was deleted (or replaced) while a download read it: the download must end."""
 
 
-class PartWriter(abc.ABC):
-    """The single writer's handle on an upload's part, with the running sha256 of its bytes.
+class StoreUnavailable(StorageError):
+    """The object store did not answer, or answered with a server error: the transfer stops, resumable (4503 / 503)."""
 
-    Every method blocks on the disk or the network: async callers run them in a thread.
+    def __init__(self, detail: str, retry_after: int = 5):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A committed piece of an unfinished upload that lives outside the part itself (object stores).
+
+    ``kind`` is PART (a multipart part: ``number`` and ``etag``) or TAIL (a
+    short create-only object named ``name`` that keeps acknowledged bytes
+    durable until the part they belong to is sent); either covers the bytes
+    ``[start, end)`` of the file. The database records them with the offset,
+    under the writer's fencing generation (uploads.models.StoredPiece).
+    """
+
+    PART = "part"
+    TAIL = "tail"
+
+    kind: str
+    start: int
+    end: int
+    number: int = 0
+    etag: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What the database holds about an upload's part: where a writer resumes.
+
+    ``offset`` and ``hash_state`` as committed; ``session`` names the store's
+    own upload (an S3 multipart upload id, "" before the first); ``pieces``
+    are the recorded parts and tails; ``numbers`` is the highest part number
+    any writer of the upload may have used, so a new writer numbers its parts
+    above it and a stale writer's late part can never replace one of ours.
+    """
+
+    offset: int = 0
+    hash_state: bytes | None = None
+    session: str = ""
+    pieces: tuple[Piece, ...] = ()
+    numbers: int = 0
+    # The highest part number reserved for the writer that opens the part (admission reserves a few).
+    reserved: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What one commit makes durable: the bytes before ``offset``, with the sha256 state after them.
+
+    ``since`` is when (time.monotonic) the first byte after ``offset`` was
+    appended, None when nothing follows it: the writer's durability clock.
     """
 
     offset: int
+    hash_state: bytes | None
+    since: float | None = None
+
+
+@dataclass(frozen=True)
+class Durable:
+    """What ``PartWriter.sync`` made durable, for the writer to commit under its fence.
+
+    ``pieces`` are the parts and tails to record (the tails replace every
+    tail recorded before); ``session`` the store's upload; ``numbers`` the
+    part numbers to keep reserved.
+    """
+
+    offset: int
+    hash_state: bytes | None
+    session: str = ""
+    pieces: tuple[Piece, ...] = ()
+    numbers: int = 0
+
+
+class PartWriter(abc.ABC):
+    """The single writer's handle on an upload's part, with the running sha256 of its bytes.
+
+    Every method blocks on the disk or the network: async callers run them in a
+    thread. A commit is ``checkpoint`` (between appends: what to make durable),
+    then ``sync`` (may run while ``append`` goes on), then the writer's fenced
+    database commit of what ``sync`` returned, then ``committed``.
+    """
+
+    offset: int
+    # The highest part number this writer used (object stores): its reservation shrinks to it at the end.
+    numbers_used: int = 0
 
     @abc.abstractmethod
     def append(self, chunks: Iterable[bytes | bytearray]) -> int:
         """Write ``chunks`` after the bytes already there and fold them into the digest; returns the new offset."""
 
+    def checkpoint(self, full: bool = True) -> Checkpoint:
+        """What a commit started now makes durable. Called only while no ``append`` runs.
+
+        ``full``: every byte appended so far. Otherwise a backend may stop at a
+        cheaper point (an object store at its last whole part) and report when
+        the bytes after it began (``Checkpoint.since``).
+        """
+        return Checkpoint(self.offset, self.hash_state())
+
     @abc.abstractmethod
-    def sync(self) -> None:
-        """Make every byte appended so far durable (may run while ``append`` goes on in another thread)."""
+    def sync(self, checkpoint: Checkpoint | None = None) -> Durable:
+        """Make every byte before ``checkpoint.offset`` (default: all appended so far) durable.
+
+        May run while ``append`` goes on in another thread.
+        """
+
+    def committed(self, durable: Durable) -> None:  # noqa: B027 - a hook: a disk has nothing to let go of
+        """The writer's fenced commit of ``durable`` succeeded: what it superseded may go."""
 
     @abc.abstractmethod
     def hexdigest(self) -> str:
@@ -96,8 +195,13 @@ class PartWriter(abc.ABC):
         """
 
     @abc.abstractmethod
-    def finalize(self) -> None:
-        """Make the part durable and turn it, atomically, into the finished file: visible whole or not at all."""
+    def finalize(self, committed: Committed | None = None) -> None:
+        """Turn the part, atomically, into the finished file: visible whole or not at all.
+
+        Every byte was committed (offset = size) first; ``committed`` is what
+        the database recorded then, the only pieces an object store may
+        assemble the file from.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -163,27 +267,34 @@ class Capacity:
 class Storage(abc.ABC):
     """One place where uploads' bytes live. A backend keeps no per-upload state between calls."""
 
+    # Part numbers a writer's admission reserves for it (an object store's multipart parts; none on a disk).
+    part_numbers_ahead = 0
+
     # --- the writer -----------------------------------------------------------------
 
     @abc.abstractmethod
     def open_part(
-        self, key: str, offset: int, interrupt: threading.Event | None = None, hash_state: bytes | None = None
+        self, key: str, committed: Committed, size: int, interrupt: threading.Event | None = None
     ) -> PartWriter:
-        """The part of ``key`` opened for its single writer, resuming at the durable ``offset``.
+        """The part of ``key`` (a file of ``size`` bytes) opened for its single writer, resuming at ``committed``.
 
-        Bytes past ``offset`` were never committed and are dropped. The sha256
-        of the bytes before it comes from ``hash_state`` (saved with that
-        offset), or else they are read and hashed again (``interrupt`` stops
-        that between blocks: Interrupted). PartLocked: another writer holds it. PartShort: it has
-        fewer than ``offset`` bytes. NotAFile: something else sits there.
+        Bytes past ``committed.offset`` were never committed and are dropped.
+        The sha256 of the bytes before it comes from ``committed.hash_state``,
+        or else they are read and hashed again (``interrupt`` stops that
+        between blocks: Interrupted). PartLocked: another writer holds it.
+        PartShort: fewer than the offset's bytes are there. NotAFile:
+        something else sits there.
         """
 
     @abc.abstractmethod
-    def finished_digest(self, key: str, size: int, interrupt: threading.Event | None = None) -> str | None:
+    def finished_digest(
+        self, key: str, size: int, interrupt: threading.Event | None = None, hash_state: bytes | None = None
+    ) -> str | None:
         """sha256 of the finished file of ``key`` if it exists with exactly ``size`` bytes, else None.
 
         Finds uploads whose finalization stopped after the file became visible
-        but before the database said complete.
+        but before the database said complete. ``hash_state``, when it covers
+        all ``size`` bytes, gives the digest without reading them again.
         """
 
     # --- downloads ----------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""The s3 backend against a real S3 server (SeaweedFS): parts, tails, fencing, resume elsewhere, completion.
+
+Every test here uses the ``s3_storage`` fixture (tests/conftest.py): its own
+prefix in the test bucket and its own spool folder. "Another host" is a second
+S3Storage with a spool folder of its own, sharing only the database and the
+bucket, as two servers without a shared disk do.
+"""
+
+import hashlib
+import os
+
+import pytest
+
+from uploads import storage
+from uploads.exceptions import LeaseLost
+from uploads.models import StoredPiece, Upload
+from uploads.services.grants import (
+    writer_admit,
+    writer_commit,
+    writer_committed,
+    writer_complete,
+    writer_release,
+)
+from uploads.services.slots import slots_reset
+from uploads.services.uploads import upload_create
+from uploads.storage import s3
+
+MiB = 1024 * 1024
+PART = s3.MIN_PART_BYTES
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def another_host(s3_storage, tmp_path) -> s3.S3Storage:
+    """The same bucket and prefix seen from a second server: its own client, its own spool folder."""
+    here = storage.backend()
+    return s3.S3Storage(
+        endpoint_url=here.endpoint_url,
+        bucket=here.where.bucket,
+        prefix=here.where.prefix,
+        region="us-east-1",
+        spool_dir=tmp_path / "other-host-spool",
+    )
+
+
+def commit(grant, part):
+    durable = part.sync()
+    writer_commit(grant, durable.offset, hash_state=durable.hash_state, durable=durable)
+    part.committed(durable)
+    return durable
+
+
+def object_bytes(s3_storage, key: str) -> bytes:
+    where = storage.backend().where
+    return where.client.get_object(Bucket=where.bucket, Key=where.final(key))["Body"].read()
+
+
+def count_calls(client, monkeypatch) -> dict[str, int]:
+    """Count the client's operations by name (get_object, upload_part, ...) from now on."""
+    calls: dict[str, int] = {}
+
+    def counted(params, model, **_ignored):
+        calls[model.name] = calls.get(model.name, 0) + 1
+
+    client.meta.events.register("before-call.s3", counted)
+    return calls
+
+
+def test_part_sizes_are_uniform_whole_mebibytes_and_fit_the_part_limit():
+    assert s3.part_size(1) == 8 * MiB
+    assert s3.part_size(3_624_892_618) == 8 * MiB
+    big = 200 * 1024**3
+    size = s3.part_size(big)
+    assert size % MiB == 0
+    assert -(-big // size) <= s3.PARTS_FOR_THE_FILE < s3.MAX_PARTS
+
+
+def test_an_upload_becomes_one_object_with_every_byte(alice, s3_storage):
+    data = os.urandom(2 * PART + 12345)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        part.append([data[: PART + 5], data[PART + 5 :]])
+        commit(grant, part)
+        part.finalize(writer_committed(grant))
+    finally:
+        part.close()
+    writer_complete(grant, sha256=part.hexdigest())
+
+    assert part.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert object_bytes(s3_storage, upload.storage_key) == data
+    parts = StoredPiece.objects.filter(upload=upload, kind=StoredPiece.Kind.PART).order_by("start")
+    assert [(p.start, p.end) for p in parts] == [(0, PART), (PART, 2 * PART), (2 * PART, len(data))]
+    # Numbers go up with the bytes and were reserved at admission.
+    assert [p.number for p in parts] == [1, 2, 3]
+    # The spool holds nothing once the writer let go.
+    assert not any(path.is_file() for path in s3_storage.spool.rglob("*"))
+
+
+def test_a_resume_on_another_host_fetches_only_the_tails_and_sends_no_committed_byte_again(
+    alice, s3_storage, tmp_path, monkeypatch
+):
+    data = os.urandom(PART + 3 * MiB + 777)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    first = writer_admit(alice, upload.pk, "host-one")
+    part = storage.backend().open_part(first.storage_key, first.committed(), first.size)
+    try:
+        part.append([data[: PART + 3 * MiB]])  # one whole part, and 3 MiB of the next
+        durable = commit(first, part)  # a full commit: the 3 MiB go into a tail object
+    finally:
+        part.close()
+    writer_release(first, "disconnected", part_numbers=part.numbers_used)
+    assert durable.offset == PART + 3 * MiB
+    tails = StoredPiece.objects.filter(upload=upload, kind=StoredPiece.Kind.TAIL)
+    assert [(t.start, t.end) for t in tails] == [(PART, PART + 3 * MiB)]
+
+    other = another_host(s3_storage, tmp_path)
+    calls = count_calls(other.where.client, monkeypatch)
+    second = writer_admit(alice, upload.pk, "host-two")
+    assert second.offset == PART + 3 * MiB
+    resumed = other.open_part(second.storage_key, second.committed(), second.size)
+    try:
+        # Only the tail was read back (one GET of 3 MiB); the committed part was not.
+        assert calls == {"GetObject": 1}
+        assert resumed.hexdigest() == hashlib.sha256(data[: PART + 3 * MiB]).hexdigest()
+        resumed.append([data[PART + 3 * MiB :]])
+        durable = resumed.sync()
+        writer_commit(second, durable.offset, hash_state=durable.hash_state, durable=durable)
+        resumed.committed(durable)
+        resumed.finalize(writer_committed(second))
+    finally:
+        resumed.close()
+    writer_complete(second, sha256=resumed.hexdigest())
+
+    assert calls.get("UploadPart") == 1  # the second part only
+    assert object_bytes(s3_storage, upload.storage_key) == data
+    assert Upload.objects.get(pk=upload.pk).sha256 == hashlib.sha256(data).hexdigest()
+    # The tail went once the part that holds its bytes was recorded.
+    assert not StoredPiece.objects.filter(upload=upload, kind=StoredPiece.Kind.TAIL).exists()
+    where = other.where
+    assert where.client.list_objects_v2(Bucket=where.bucket, Prefix=where.tails(upload.storage_key))["KeyCount"] == 0
+
+
+def test_a_stale_writer_can_neither_replace_a_part_nor_record_one(alice, s3_storage, tmp_path):
+    data = os.urandom(3 * PART)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    stale = writer_admit(alice, upload.pk, "stale-writer")
+    stale_part = storage.backend().open_part(stale.storage_key, stale.committed(), stale.size)
+    stale_part.append([data[:PART]])
+    commit(stale, stale_part)
+    slots_reset(upload=upload)  # the stale writer froze past its lease and was fenced off
+
+    fresh = writer_admit(alice, upload.pk, "fresh-writer")
+    assert fresh.part_numbers >= stale.reserved  # numbered above anything the stale one may use
+    part = another_host(s3_storage, tmp_path).open_part(fresh.storage_key, fresh.committed(), fresh.size)
+    try:
+        part.append([data[PART:]])
+        # The stale writer wakes up and sends its next parts, with other bytes, under its own numbers.
+        stale_part.append([b"X" * (2 * PART)])
+        with pytest.raises(LeaseLost):
+            commit(stale, stale_part)
+        commit(fresh, part)
+        part.finalize(writer_committed(fresh))
+    finally:
+        part.close()
+        stale_part.close()
+    writer_complete(fresh, sha256=part.hexdigest())
+
+    assert object_bytes(s3_storage, upload.storage_key) == data
+    numbers = list(StoredPiece.objects.filter(upload=upload).order_by("start").values_list("number", "generation"))
+    assert len(numbers) == 3
+    assert all(generation in (stale.generation, fresh.generation) for _n, generation in numbers)
+
+
+def test_a_completion_whose_answer_was_lost_is_decided_by_the_object(alice, s3_storage):
+    data = os.urandom(1000)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        part.append([data])
+        commit(grant, part)
+        committed = writer_committed(grant)
+        part.finalize(committed)
+        # Completed once; again (the first answer lost): the object is whole, so it is done.
+        part.finalize(committed)
+    finally:
+        part.close()
+    assert object_bytes(s3_storage, upload.storage_key) == data
+
+
+def test_a_finished_digest_comes_from_the_saved_state_without_reading(alice, s3_storage, monkeypatch):
+    data = os.urandom(PART + 10)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        part.append([data])
+        durable = commit(grant, part)
+        part.finalize(writer_committed(grant))
+    finally:
+        part.close()
+    backend = storage.backend()
+    calls = count_calls(backend.where.client, monkeypatch)
+    expected = hashlib.sha256(data).hexdigest()
+    assert backend.finished_digest(upload.storage_key, len(data), None, durable.hash_state) == expected
+    assert "GetObject" not in calls
+    assert backend.finished_digest(upload.storage_key, len(data)) == expected  # read back in full
+    assert calls["GetObject"] >= 1
+    assert backend.finished_digest(upload.storage_key, len(data) + 1) is None
+
+
+def test_delete_leaves_nothing_of_an_upload(alice, s3_storage):
+    data = os.urandom(PART + 100)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data) + 1)
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        part.append([data])
+        commit(grant, part)  # one part in the multipart upload, 100 bytes in a tail
+    finally:
+        part.close()
+    backend = storage.backend()
+    where = backend.where
+
+    assert backend.delete(upload.storage_key) is True
+
+    assert where.client.list_objects_v2(Bucket=where.bucket, Prefix=where.prefix)["KeyCount"] == 0
+    uploads = where.client.list_multipart_uploads(Bucket=where.bucket, Prefix=where.prefix).get("Uploads", [])
+    assert uploads == []
+    assert backend.delete(upload.storage_key) is False
+
+
+def test_an_unreachable_store_is_unavailable_not_a_crash(alice, s3_storage, tmp_path):
+    from tests.support.live_server import free_port
+
+    upload, _slot = upload_create(alice, filename="a.bin", size=10)
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    down = s3.S3Storage(
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        bucket="ddx-test",
+        prefix="nowhere/",
+        region="us-east-1",
+        spool_dir=tmp_path / "spool-down",
+    )
+    with pytest.raises(storage.StoreUnavailable):
+        down.open_part(grant.storage_key, grant.committed(), grant.size)
