@@ -246,3 +246,50 @@ def test_an_unreachable_store_is_unavailable_not_a_crash(alice, s3_storage, tmp_
     )
     with pytest.raises(storage.StoreUnavailable):
         down.open_part(grant.storage_key, grant.committed(), grant.size)
+
+
+# --- start-up checks (uploads.E014, uploads.E015) -------------------------------------------------
+
+
+def check_ids(settings) -> list[tuple[str, str]]:
+    from uploads.checks import check_configuration
+
+    return [(error.id, error.msg) for error in check_configuration(None) if error.id in ("uploads.E014", "uploads.E015")]
+
+
+def test_a_usable_bucket_passes_the_start_up_check(s3_storage, settings):
+    assert check_ids(settings) == []
+    # The probe leaves nothing behind in the bucket.
+    where = storage.backend().where
+    assert where.client.list_objects_v2(Bucket=where.bucket, Prefix=where.prefix)["KeyCount"] == 0
+
+
+def test_an_unreachable_store_stops_start_up_with_its_address(s3_storage, settings):
+    from tests.support.live_server import free_port
+
+    settings.DIRECTDRIVEX_S3_ENDPOINT_URL = f"http://127.0.0.1:{free_port()}"
+    [(error_id, message)] = check_ids(settings)
+    assert error_id == "uploads.E015"
+    assert settings.DIRECTDRIVEX_S3_ENDPOINT_URL in message
+
+
+def test_a_missing_bucket_or_an_unknown_backend_stops_start_up(s3_storage, settings):
+    settings.DIRECTDRIVEX_S3_BUCKET = "no-such-bucket-here"
+    [(error_id, message)] = check_ids(settings)
+    assert error_id == "uploads.E015" and "404" in message
+
+    settings.DIRECTDRIVEX_S3_BUCKET = ""
+    assert check_ids(settings) == [
+        ("uploads.E015", "The s3 storage backend cannot store uploads: DIRECTDRIVEX_S3_BUCKET is not set.")
+    ]
+
+    settings.DIRECTDRIVEX_STORAGE_BACKEND = "s4"
+    [(error_id, message)] = check_ids(settings)
+    assert error_id == "uploads.E014" and "'s4'" in message
+
+
+def test_wrong_credentials_stop_start_up(s3_storage, settings, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    settings.DIRECTDRIVEX_S3_PREFIX = s3_storage.prefix + "other/"  # a new backend object: new credentials
+    [(error_id, message)] = check_ids(settings)
+    assert error_id == "uploads.E015" and "403" in message

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
 from django.db.backends.base.operations import BaseDatabaseOperations
 
-from uploads import metrics
+from uploads import metrics, storage
 from uploads.models import Slot
 from uploads.serializers import MAX_FILENAME_CHARS, MAX_FINGERPRINT_CHARS
 from uploads.storage import sha256state
@@ -167,6 +167,7 @@ def check_configuration(app_configs, **kwargs):
     errors += _check_slot_columns()
     errors += _check_request_limit()
     errors += _check_storage()
+    errors += _check_object_store()
     errors += _check_chunk_size()
     errors += _check_resumable_sha256()
     errors += _check_accel_redirect()
@@ -281,6 +282,36 @@ def _check_storage() -> list[Error]:
             id="uploads.E009",
             obj="DIRECTDRIVEX_STORAGE_DIR",
         )
+    ]
+
+
+BACKENDS = ("local", "s3")
+
+
+def _check_object_store() -> list[Error]:
+    """DIRECTDRIVEX_STORAGE_BACKEND=s3: the bucket is tried (written, read, listed, deleted) before serving."""
+    backend = settings.DIRECTDRIVEX_STORAGE_BACKEND
+    if backend not in BACKENDS:
+        return [
+            Error(
+                f"DIRECTDRIVEX_STORAGE_BACKEND is {backend!r}.",
+                hint="Use local (a folder every server shares) or s3 (an S3-compatible bucket; docs/storage.md).",
+                id="uploads.E014",
+                obj="DIRECTDRIVEX_STORAGE_BACKEND",
+            )
+        ]
+    if backend != "s3":
+        return []
+    return [
+        Error(
+            f"The s3 storage backend cannot store uploads: {problem}",
+            hint="Check DIRECTDRIVEX_S3_ENDPOINT_URL, DIRECTDRIVEX_S3_BUCKET, DIRECTDRIVEX_S3_PREFIX, "
+            "DIRECTDRIVEX_S3_REGION, DIRECTDRIVEX_SPOOL_DIR and the AWS credentials (docs/storage.md lists the "
+            "permissions the server needs).",
+            id="uploads.E015",
+            obj="DIRECTDRIVEX_STORAGE_BACKEND",
+        )
+        for problem in storage.backend().problems()
     ]
 
 

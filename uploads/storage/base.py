@@ -323,6 +323,10 @@ class Storage(abc.ABC):
     def prepare(self) -> None:
         """Create what the layout needs before the first byte (at server start)."""
 
+    def problems(self) -> list[str]:
+        """Why uploads could not be stored here, found by trying (start-up checks); none when all is well."""
+        return []
+
     @abc.abstractmethod
     def describe(self) -> str:
         """Where the bytes live, for operators (the folder's path)."""

@@ -40,6 +40,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -622,6 +623,49 @@ class S3Storage(Storage):
 
     def prepare(self) -> None:
         self.spool.clean()
+
+    def problems(self) -> list[str]:
+        """Try what a writer and the reaper will do, once, quickly: write, read, list and delete in the bucket."""
+        found = []
+        if not self.where.bucket:
+            return ["DIRECTDRIVEX_S3_BUCKET is not set."]
+        if not sha256state.available():
+            found.append(
+                "libcrypto's SHA256 functions are missing or failed their self-test: the s3 backend must save the "
+                "sha256 state with every commit, because parts of an unfinished upload cannot be read back."
+            )
+        try:
+            self.spool.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.spool.root):
+                pass
+        except OSError as exc:
+            found.append(f"DIRECTDRIVEX_SPOOL_DIR ({self.spool.root}) cannot hold a part: {exc}.")
+        # A client of its own: one attempt and short timeouts, so a bad endpoint stops start-up in seconds.
+        probe = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url or None,
+            region_name=self.where.client.meta.region_name,
+            config=Config(
+                retries={"max_attempts": 1},
+                connect_timeout=3,
+                read_timeout=5,
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            ),
+        )
+        name = f"{self.where.prefix}.ddx-check/{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            # First: some stores (SeaweedFS) make a missing bucket on the first PUT into it.
+            probe.head_bucket(Bucket=self.where.bucket)
+            probe.put_object(Bucket=self.where.bucket, Key=name, Body=b"ddx", IfNoneMatch="*")
+            probe.get_object(Bucket=self.where.bucket, Key=name)["Body"].read()
+            probe.list_objects_v2(Bucket=self.where.bucket, Prefix=self.where.prefix, MaxKeys=1)
+            probe.list_multipart_uploads(Bucket=self.where.bucket, Prefix=self.where.prefix, MaxUploads=1)
+            probe.delete_object(Bucket=self.where.bucket, Key=name)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
+            found.append(f"the bucket {self.describe()} cannot be used: {type(exc).__name__}: {exc}")
+        return found
 
     def describe(self) -> str:
         return f"s3://{self.where.bucket}/{self.where.prefix} at {self.endpoint_url or 'AWS'}"
