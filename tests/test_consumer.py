@@ -20,6 +20,7 @@ from django.test import Client
 from django.utils import timezone
 
 from directdrivex.routing import application
+from tests.support import stored
 from uploads import storage
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit
@@ -139,8 +140,8 @@ async def test_upload_completes_with_verified_bytes_and_frees_its_slot(alice):
     assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 1000}
     done = await refresh(upload)
     assert (done.status, done.offset, done.completed_at is not None) == ("complete", len(data), True)
-    assert local.final_path(upload.storage_key).read_bytes() == data
-    assert not local.part_path(upload.storage_key).exists()
+    assert stored.finished_bytes(upload.storage_key) == data
+    assert not stored.part_stored(upload.storage_key)
     assert await active_slots(upload) == 0
 
 
@@ -169,9 +170,10 @@ async def test_disconnect_at_any_byte_resumes_from_the_durable_offset(alice, cut
     assert ready["offset"] == cut
     await send_range(second, data, cut, len(data), cut)
     assert (await finish(second))["type"] == "complete"
-    assert local.final_path(upload.storage_key).read_bytes() == data
+    assert stored.finished_bytes(upload.storage_key) == data
 
 
+@pytest.mark.local_storage  # plants a part file on disk
 async def test_bytes_past_the_durable_offset_are_dropped_on_reconnect(alice):
     data = payload(4 * CHUNK)
     upload = await create(alice, data)
@@ -210,13 +212,13 @@ async def test_bytes_beyond_the_window_are_refused_with_4400(alice, monkeypatch)
     upload = await create(alice, data)
     # A stalled disk: nothing is written, so nothing is acknowledged.
     disk = threading.Event()
-    real_append = local.LocalPart.append
+    real_append = stored.part_class().append
 
     def stalled_append(part, chunks):
         assert disk.wait(10)
         return real_append(part, chunks)
 
-    monkeypatch.setattr(local.LocalPart, "append", stalled_append)
+    monkeypatch.setattr(stored.part_class(), "append", stalled_append)
     communicator, _ready = await connect_ticket(upload)
     for start in range(0, WINDOW + CHUNK, CHUNK):  # one frame more than the window allows
         await communicator.send_to(bytes_data=data[start : start + CHUNK])
@@ -228,7 +230,7 @@ async def test_bytes_beyond_the_window_are_refused_with_4400(alice, monkeypatch)
     assert after.status == "uploading"
     # The frames within the window were valid: they are kept, the one past it is not.
     assert after.offset == WINDOW
-    assert local.part_path(upload.storage_key).read_bytes() == data[:WINDOW]
+    assert await database_sync_to_async(stored.part_bytes)(after) == data[:WINDOW]
 
 
 async def test_frame_past_the_declared_size_is_refused_whole_with_4413(alice):
@@ -241,7 +243,7 @@ async def test_frame_past_the_declared_size_is_refused_whole_with_4413(alice):
 
     after = await refresh(upload)
     assert (after.status, after.offset) == ("uploading", 2 * CHUNK)
-    assert local.part_path(upload.storage_key).read_bytes() == data[: 2 * CHUNK]
+    assert await database_sync_to_async(stored.part_bytes)(after) == data[: 2 * CHUNK]
     resumed, ready = await connect_ticket(upload)
     assert ready["offset"] == 2 * CHUNK
     await send_range(resumed, data, 2 * CHUNK, len(data), 2 * CHUNK)
@@ -256,8 +258,7 @@ async def test_checksum_mismatch_fails_the_upload_and_removes_its_bytes(alice):
     error = await expect_close(communicator, "checksum_mismatch", 4422)
     assert hashlib.sha256(data).hexdigest() in error["detail"]
     assert (await refresh(upload)).status == "failed"
-    assert not local.part_path(upload.storage_key).exists()
-    assert not local.final_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     assert await active_slots(upload) == 0
 
 
@@ -318,7 +319,7 @@ async def test_delete_while_writing_removes_bytes_and_closes_with_not_uploading(
     await database_sync_to_async(upload_delete)(alice, upload.pk)
     await expect_close(communicator, "not_uploading", 4409)
     assert (await refresh(upload)).status == "cancelled"
-    assert not local.part_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
 
 
 async def test_connecting_to_a_finished_upload_is_not_uploading(alice):
@@ -344,6 +345,7 @@ async def test_no_free_slot_on_reconnect_is_slots_exhausted_with_retry_after(ali
     assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4429}
 
 
+@pytest.mark.local_storage  # plants a part file shorter than the offset on disk
 async def test_part_file_shorter_than_the_durable_offset_resumes_from_what_is_on_disk(alice):
     data = payload(4 * CHUNK)
     upload = await create(alice, data)
@@ -359,6 +361,7 @@ async def test_part_file_shorter_than_the_durable_offset_resumes_from_what_is_on
     assert local.final_path(upload.storage_key).read_bytes() == data
 
 
+@pytest.mark.local_storage  # a full disk injected into LocalPart
 async def test_disk_failure_is_an_internal_error_and_the_upload_stays_resumable(alice, monkeypatch):
     data = payload(4 * CHUNK)
     upload = await create(alice, data)
@@ -383,8 +386,7 @@ async def test_crash_after_the_atomic_rename_is_completed_on_reconnect(alice):
     data = payload(3 * CHUNK)
     upload = await create(alice, data)
     # The file reached files/ but the process died before the row said complete.
-    storage.backend().prepare()
-    local.final_path(upload.storage_key).write_bytes(data)
+    stored.plant_finished(upload.storage_key, data)
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
     complete = json.loads(await communicator.receive_from(timeout=5))

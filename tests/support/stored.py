@@ -1,0 +1,117 @@
+"""What an upload left in storage, asked through uploads.storage.backend() so a test reads the same on every backend.
+
+``local`` answers from its folder (the part file, the finished file); ``s3``
+from its bucket (the finished object, the tails, the multipart uploads of the
+key). Tests assert on these instead of building a path or an object name.
+"""
+
+import botocore.exceptions
+
+from uploads import storage
+from uploads.storage import local
+
+
+def _s3_where():
+    backend = storage.backend()
+    return getattr(backend, "where", None)
+
+
+def part_class() -> type[storage.PartWriter]:
+    """The class of the backend's parts: what a test patches to stall or break a writer's appends."""
+    if _s3_where() is None:
+        return local.LocalPart
+    from uploads.storage import s3
+
+    return s3.S3Part
+
+
+def finished_bytes(key: str) -> bytes | None:
+    """Every byte of the finished file of ``key``, or None if it does not exist."""
+    try:
+        reader = storage.backend().open_finished(key)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks, position = [], 0
+        while chunk := reader.read(position, 4 * 1024 * 1024):
+            chunks.append(chunk)
+            position += len(chunk)
+        return b"".join(chunks)
+    finally:
+        reader.close()
+
+
+def plant_finished(key: str, data: bytes) -> None:
+    """A finished file of ``key`` holding ``data``, put there behind the database's back (a crash after the rename)."""
+    where = _s3_where()
+    if where is None:
+        storage.backend().prepare()
+        local.final_path(key).write_bytes(data)
+        return
+    where.client.put_object(Bucket=where.bucket, Key=where.final(key), Body=data)
+
+
+def _multipart_uploads(where, key: str) -> list[str]:
+    listing = where.client.list_multipart_uploads(Bucket=where.bucket, Prefix=where.final(key))
+    return [upload["UploadId"] for upload in listing.get("Uploads", []) if upload["Key"] == where.final(key)]
+
+
+def _tails(where, key: str) -> list[str]:
+    listing = where.client.list_objects_v2(Bucket=where.bucket, Prefix=where.tails(key))
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def _object_exists(where, key: str) -> bool:
+    try:
+        where.client.head_object(Bucket=where.bucket, Key=where.final(key))
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+    return True
+
+
+def part_stored(key: str) -> bool:
+    """Whether unfinished bytes of ``key`` are kept: a part file (local), a multipart upload or a tail (s3)."""
+    where = _s3_where()
+    if where is None:
+        return local.part_path(key).exists()
+    return bool(_multipart_uploads(where, key) or _tails(where, key))
+
+
+def finished_stored(key: str) -> bool:
+    """Whether the finished file of ``key`` exists."""
+    where = _s3_where()
+    if where is None:
+        return local.final_path(key).exists()
+    return _object_exists(where, key)
+
+
+def nothing_stored(key: str) -> bool:
+    """No byte of ``key`` is left: no part and no finished file (s3: no object, no tail, no multipart upload)."""
+    return not part_stored(key) and not finished_stored(key)
+
+
+def part_bytes(upload) -> bytes | None:
+    """The bytes of ``upload``'s part that storage keeps (None if it keeps none).
+
+    local: the whole part file. s3: the recorded pieces, in order, which must
+    all be tails (parts of an unfinished multipart upload cannot be read back):
+    keep such tests below one part (8 MiB). Call from synchronous code.
+    """
+    where = _s3_where()
+    if where is None:
+        path = local.part_path(upload.storage_key)
+        return path.read_bytes() if path.exists() else None
+    from uploads.models import StoredPiece
+
+    pieces = list(StoredPiece.objects.filter(upload_id=upload.pk).order_by("start"))
+    if not pieces:
+        return b"" if _multipart_uploads(where, upload.storage_key) else None
+    assert all(piece.kind == StoredPiece.Kind.TAIL for piece in pieces), "a sent part cannot be read back"
+    data = b""
+    for piece in pieces:
+        assert piece.start == len(data), f"a gap before {piece}"
+        data += where.client.get_object(Bucket=where.bucket, Key=piece.name)["Body"].read()
+        assert len(data) == piece.end, f"{piece} holds {len(data) - piece.start} bytes"
+    return data
