@@ -235,7 +235,7 @@ def test_delete_leaves_nothing_of_an_upload(alice, s3_storage):
 def test_an_unreachable_store_is_unavailable_not_a_crash(alice, s3_storage, tmp_path):
     from tests.support.live_server import free_port
 
-    upload, _slot = upload_create(alice, filename="a.bin", size=10)
+    upload, _slot = upload_create(alice, filename="a.bin", size=100)
     grant = writer_admit(alice, upload.pk, "test-writer")
     down = s3.S3Storage(
         endpoint_url=f"http://127.0.0.1:{free_port()}",
@@ -244,8 +244,13 @@ def test_an_unreachable_store_is_unavailable_not_a_crash(alice, s3_storage, tmp_
         region="us-east-1",
         spool_dir=tmp_path / "spool-down",
     )
-    with pytest.raises(storage.StoreUnavailable):
-        down.open_part(grant.storage_key, grant.committed(), grant.size)
+    part = down.open_part(grant.storage_key, grant.committed(), grant.size)  # nothing is asked of the store yet
+    try:
+        part.append([b"0123456789"])
+        with pytest.raises(storage.StoreUnavailable):
+            part.sync()  # the multipart upload and the tail cannot be made
+    finally:
+        part.close()
 
 
 # --- start-up checks (uploads.E014, uploads.E015) -------------------------------------------------
@@ -293,3 +298,120 @@ def test_wrong_credentials_stop_start_up(s3_storage, settings, monkeypatch):
     settings.DIRECTDRIVEX_S3_PREFIX = s3_storage.prefix + "other/"  # a new backend object: new credentials
     [(error_id, message)] = check_ids(settings)
     assert error_id == "uploads.E015" and "403" in message
+
+
+# --- fsck and the reaper know the bucket --------------------------------------------------------
+
+
+def paused(alice, data: bytes, size: int):
+    """An unfinished upload whose writer committed ``data`` (parts and a tail) and went away."""
+    upload, _slot = upload_create(alice, filename="paused.bin", size=size)
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        part.append([data])
+        commit(grant, part)
+    finally:
+        part.close()
+    writer_release(grant, "disconnected", part_numbers=part.numbers_used)
+    return Upload.objects.get(pk=upload.pk)
+
+
+def kinds(report) -> list[str]:
+    return sorted(str(finding.kind) for finding in report.findings)
+
+
+def later():
+    """A moment past every leftover's grace (a lease and a margin): what is unrecorded by then is abandoned."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    return timezone.now() + timedelta(hours=2)
+
+
+def test_fsck_finds_nothing_wrong_in_a_healthy_bucket(alice, s3_storage):
+    from tests.conftest import finish_upload
+    from uploads.ops.fsck import fsck_run
+
+    paused(alice, os.urandom(PART + 10), PART + 100)
+    finish_upload(alice, os.urandom(PART + 5))
+
+    report = fsck_run(repair=True, verify=True, now=later())
+
+    assert report.findings == []
+    assert report.checked["files"] == 2  # the finished object and the unfinished upload's entry
+
+
+def test_fsck_rewinds_an_upload_whose_recorded_part_is_gone_and_it_completes_from_zero(alice, s3_storage):
+    from tests.conftest import complete_upload
+    from uploads.ops.fsck import fsck_run
+
+    data = os.urandom(PART + 10)
+    upload = paused(alice, data[:PART], len(data))
+    storage.backend().abort_session(upload.storage_key, upload.store_session)  # lost behind our back
+
+    report = fsck_run(repair=True)
+
+    assert kinds(report) == ["missing_part"]
+    assert report.findings[0].repaired, report.findings[0].action
+    upload.refresh_from_db()
+    assert (upload.offset, upload.store_session, upload.pieces.count()) == (0, "", 0)
+    complete_upload(alice, upload.pk, data)
+    assert object_bytes(s3_storage, upload.storage_key) == data
+
+
+def test_fsck_and_the_reaper_remove_what_no_row_records_and_keep_what_one_does(alice, s3_storage):
+    from uploads.ops.fsck import fsck_run
+    from uploads.services.uploads import store_sweep
+
+    upload = paused(alice, os.urandom(PART + 10), PART + 100)
+    where = storage.backend().where
+    key = upload.storage_key
+    # A second multipart upload of the same key and a tail no commit recorded: a writer that crashed
+    # before its first commit; and a multipart upload whose key has no row at all.
+    stray_session = where.client.create_multipart_upload(Bucket=where.bucket, Key=where.final(key))["UploadId"]
+    where.client.put_object(Bucket=where.bucket, Key=f"{where.tails(key)}0-10-dead", Body=b"0123456789")
+    orphan = "0" * 32
+    where.client.create_multipart_upload(Bucket=where.bucket, Key=where.final(orphan))
+
+    # Young leftovers of an upload may be its writer's next commit: left alone. A key without a row
+    # has no writer (the row comes first): its multipart upload is an orphan at once, as a part file is.
+    assert kinds(fsck_run(repair=False)) == ["orphan_part"]
+    assert store_sweep() == 0
+
+    report = fsck_run(repair=True, now=later())
+
+    assert kinds(report) == ["abandoned_session", "leftover_tail", "orphan_part"]
+    assert all(finding.repaired for finding in report.findings), [f.action for f in report.findings]
+    sessions = {(s.key, s.session) for s in storage.backend().sessions()}
+    assert sessions == {(key, upload.store_session)}  # the recorded one is kept
+    assert list(storage.backend().tails(key)) == [p.name for p in upload.pieces.filter(kind="tail")]
+
+    # The reaper does the same on its own (hourly, with the history prune).
+    where.client.create_multipart_upload(Bucket=where.bucket, Key=where.final(key))
+    where.client.put_object(Bucket=where.bucket, Key=f"{where.tails(key)}0-10-dead", Body=b"0123456789")
+    assert store_sweep(now=later()) == 2
+    assert {(s.key, s.session) for s in storage.backend().sessions()} == {(key, upload.store_session)}
+    assert stray_session not in {s.session for s in storage.backend().sessions()}
+
+
+def test_fsck_fails_a_complete_upload_whose_object_is_gone_and_sets_an_orphan_object_aside(alice, s3_storage):
+    from tests.conftest import finish_upload
+    from uploads.ops.fsck import fsck_run
+
+    lost = finish_upload(alice, os.urandom(1000))
+    where = storage.backend().where
+    where.client.delete_object(Bucket=where.bucket, Key=where.final(lost.storage_key))
+    orphan = "f" * 32
+    where.client.put_object(Bucket=where.bucket, Key=where.final(orphan), Body=b"someone's data")
+
+    report = fsck_run(repair=True)
+
+    assert kinds(report) == ["missing_file", "orphan_file"]
+    assert all(finding.repaired for finding in report.findings)
+    assert Upload.objects.get(pk=lost.pk).status == Upload.Status.FAILED
+    moved = [f.action for f in report.findings if f.kind == "orphan_file"][0]
+    kept = where.client.list_objects_v2(Bucket=where.bucket, Prefix=f"{where.prefix}{s3.LOST_AND_FOUND}/")
+    assert [item["Key"] for item in kept["Contents"]] == [moved.split()[2]]
+    assert storage.backend().entry_size(where.final(orphan)) is None

@@ -13,9 +13,10 @@ directdrivex/server.py makes each ``send`` wait while the socket's write
 buffer is full.
 
 With DIRECTDRIVEX_ACCEL_REDIRECT set, a GET is answered with an
-``X-Accel-Redirect`` to the file under that nginx ``internal`` prefix and no
-body; nginx then sends the bytes and answers Range itself (docs/api.md,
-"Downloads").
+``X-Accel-Redirect`` below that nginx ``internal`` prefix and no body; nginx
+then sends the bytes: from the storage folder, answering Range itself
+(``local``), or from a short-lived presigned GET of the object, of the range
+this server decided (``s3``; docs/deployment.md, "nginx in front").
 """
 
 import asyncio
@@ -106,12 +107,13 @@ def download_response(user, upload_id, request_headers: Mapping[str, str], *, he
     if upload.status != Upload.Status.COMPLETE:
         raise NotComplete(f"The upload is {upload.status}: there is nothing to download yet.")
     accel_prefix = settings.DIRECTDRIVEX_ACCEL_REDIRECT
+    # Behind X-Accel-Redirect to a file nginx answers Range itself; we still answer the conditionals.
+    nginx_ranges = accel_prefix and not head and storage.backend().accel_answers_ranges
     decision = ranges.decide(
         size=upload.size,
         etag=etag_of(upload),
         last_modified=modified_at(upload),
-        # Behind X-Accel-Redirect nginx answers Range itself; we still answer the conditionals.
-        range_header=None if accel_prefix and not head else request_headers.get("Range"),
+        range_header=None if nginx_ranges else request_headers.get("Range"),
         if_range=request_headers.get("If-Range"),
         if_none_match=request_headers.get("If-None-Match"),
         if_modified_since=request_headers.get("If-Modified-Since"),
@@ -129,14 +131,18 @@ def download_response(user, upload_id, request_headers: Mapping[str, str], *, he
 
 
 def _accel_redirect(user, upload: Upload, prefix: str, headers: dict[str, str]) -> HttpResponse:
-    """No body: nginx serves the file at ``prefix`` + its storage key (under files/) and computes its length."""
+    """No body: nginx gets the file where the backend says, below ``prefix``, and computes its length.
+
+    nginx's status and Content-Range are those of what it sends (a 206 for a range).
+    """
     # nginx, not this process, sends the bytes, so no slot can be held while
     # they flow; admitting one for an instant still refuses downloads with 429
     # once direct streams hold every slot (nginx bounds its own: limit_conn).
     slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload)
     slot_release(slot.pk, Slot.ReleaseReason.COMPLETED, generation=slot.generation)
-    headers = {name: value for name, value in headers.items() if name != "Content-Length"}
-    headers["X-Accel-Redirect"] = prefix + storage.backend().accel_path(upload.storage_key)
+    target = prefix + storage.backend().accel_path(upload.storage_key, headers)
+    headers = {name: value for name, value in headers.items() if name not in ("Content-Length", "Content-Range")}
+    headers["X-Accel-Redirect"] = target
     log.info("download handed to nginx upload=%s user=%s", upload.pk, user.pk)
     return HttpResponse(headers=headers)
 

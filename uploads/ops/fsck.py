@@ -32,9 +32,16 @@ from django.db.models import TextChoices
 from django.utils import timezone
 
 from uploads import storage
-from uploads.models import FsckRun, Slot, Upload
+from uploads.models import FsckRun, Slot, StoredPiece, Upload
 from uploads.services.slots import slots_reap, slots_reset
-from uploads.services.uploads import upload_end, upload_fail_lost, upload_rewind
+from uploads.services.uploads import (
+    store_abort_abandoned,
+    store_delete_unrecorded_tail,
+    store_leftover_cutoff,
+    upload_end,
+    upload_fail_lost,
+    upload_rewind,
+)
 from uploads.storage import Area
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,11 @@ class Kind(TextChoices):
     ORPHAN_PART = "orphan_part", "part file without an upload row"
     ORPHAN_FILE = "orphan_file", "finished file without an upload row"
     STRAY = "stray", "entry outside the storage layout"
+    ABANDONED_SESSION = (
+        "abandoned_session",
+        "multipart upload in the object store that no unfinished upload records (older than a lease and a margin)",
+    )
+    LEFTOVER_TAIL = "leftover_tail", "tail object in the object store that no commit records"
     NOT_A_FILE = (
         "not_a_file",
         "something other than a regular file (a symlink, a folder, a device) where an upload's bytes belong",
@@ -316,6 +328,9 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
             **_about(upload),
         )
         return
+    if storage.backend().keeps_pieces:
+        _find_unfinished_pieces(report, upload)
+        return
     path = _part(upload)
     try:
         with storage.backend().hold(path) as part:
@@ -348,6 +363,51 @@ def _find_unfinished(report: FsckReport, upload: Upload, cutoff) -> None:
             f"part file holds {on_disk} bytes, durable offset is {upload.offset}: "
             f"{on_disk - upload.offset} bytes were written but never committed",
             **_about(upload, path),
+        )
+
+
+def _find_unfinished_pieces(report: FsckReport, upload: Upload) -> None:
+    """An object store: the recorded multipart upload, parts and tails against what the bucket holds.
+
+    Also the store's leftovers of this upload that no commit records: other
+    multipart uploads and tails, once older than a lease and a margin (a
+    writer records what it makes at its next commit, seconds later).
+    """
+    backend, key, path = storage.backend(), upload.storage_key, _part(upload)
+    cutoff = store_leftover_cutoff(report.started_at)
+    for session in backend.sessions():
+        if session.key == key and session.session != upload.store_session and session.started < cutoff:
+            report.add(
+                Kind.ABANDONED_SESSION,
+                f"multipart upload {session.session} started {session.started.isoformat()} is not the recorded one",
+                **_about(upload, path),
+                seen={"key": key, "session": session.session},
+            )
+    recorded = list(StoredPiece.objects.filter(upload_id=upload.pk, end__lte=upload.offset))
+    in_store = backend.tails(key)
+    names = {piece.name for piece in recorded}
+    for name, (_size, written) in sorted(in_store.items()):
+        if name not in names and written < cutoff:
+            report.add(Kind.LEFTOVER_TAIL, "a tail object no commit records", **_about(upload, name), seen={"key": key})
+    if upload.offset == 0:
+        return
+    missing = []
+    parts = backend.session_parts(key, upload.store_session) if upload.store_session else None
+    if parts is None:
+        missing.append(f"its multipart upload {upload.store_session or '(none recorded)'} is gone")
+    for piece in recorded:
+        if piece.kind == StoredPiece.Kind.PART and parts is not None:
+            if parts.get(piece.number) != (piece.end - piece.start, piece.etag):
+                missing.append(f"part {piece.number} (bytes {piece.start}-{piece.end}) is missing or different")
+        elif piece.kind == StoredPiece.Kind.TAIL and in_store.get(piece.name, (None,))[0] != piece.end - piece.start:
+            missing.append(f"tail {piece.name} (bytes {piece.start}-{piece.end}) is missing or different")
+    if missing and not _finished_in_place(upload):
+        report.add(
+            Kind.MISSING_PART if parts is None else Kind.PART_SHORT,
+            f"durable offset is {upload.offset} of {upload.size} bytes but " + "; ".join(missing[:5]),
+            **_about(upload, path),
+            # Parts of an unfinished multipart upload cannot be read back to hash: the upload restarts at 0.
+            seen={"offset": upload.offset, "to": 0},
         )
 
 
@@ -550,6 +610,18 @@ def _repair_short(finding: Finding, batch: str) -> None:
     if upload is None:
         return
     expected = finding.seen["offset"]
+    if "to" in finding.seen:  # an object store: nothing to hold, the rewind's checks under the row locks suffice
+        on_disk = finding.seen["to"]
+        if upload_rewind(upload.pk, expected=expected, to=on_disk):
+            finding.done(
+                f"durable offset moved back from {expected} to {on_disk}: the client sends the file again from "
+                "there when it resumes (the parts left behind are aborted with their multipart upload)"
+            )
+        elif _has_live_writer(upload.pk):
+            finding.done(LIVE_WRITER, repaired=False)
+        else:
+            finding.done("nothing to do: the offset moved or the upload ended meanwhile")
+        return
     try:
         with storage.backend().hold(_part(upload)) as part:
             on_disk = part.size()
@@ -672,7 +744,23 @@ def _repair_stray(finding: Finding, batch: str) -> None:
     finding.done(f"moved to {moved} (review, then delete)")
 
 
+def _repair_abandoned_session(finding: Finding, batch: str) -> None:
+    if store_abort_abandoned(finding.seen["key"], finding.seen["session"]):
+        finding.done("aborted: its parts are gone from the store (no upload needed them)")
+    else:
+        finding.done("left alone: an upload records it now")
+
+
+def _repair_leftover_tail(finding: Finding, batch: str) -> None:
+    if store_delete_unrecorded_tail(finding.seen["key"], finding.path):
+        finding.done("deleted (no commit recorded it)")
+    else:
+        finding.done("left alone: a commit records it now")
+
+
 REPAIRS = {
+    Kind.ABANDONED_SESSION: _repair_abandoned_session,
+    Kind.LEFTOVER_TAIL: _repair_leftover_tail,
     Kind.SLOT_FOR_ENDED_UPLOAD: _repair_slot_for_ended_upload,
     Kind.IDLE_EXPIRED: _repair_idle_expired,
     Kind.MISSING_PART: _repair_short,

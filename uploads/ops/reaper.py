@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
 
+from uploads import storage
 from uploads.services.slots import slots_prune, slots_reap
-from uploads.services.uploads import uploads_expire
+from uploads.services.uploads import store_sweep, uploads_expire
 
 # Named for what operators filter on (docs/operations.md), not for the module: a stable interface.
 log = logging.getLogger("uploads.reaper")
@@ -105,7 +106,7 @@ def stop_on_signals(stop: StopFlag, signals=(signal.SIGTERM, signal.SIGINT)) -> 
 
 
 # What the log line of a pass says (the JSON line has the ids as well).
-PASS_FIELDS = ("pass", "reaped", "expired", "pruned", "seconds")
+PASS_FIELDS = ("pass", "reaped", "expired", "pruned", "swept", "seconds")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class ReaperPass:
     reaped: tuple[int, ...] | None = None  # released slot ids
     expired: tuple[str, ...] | None = None  # expired upload ids
     pruned: int | None = None  # deleted history rows
+    swept: int | None = None  # an object store's abandoned multipart uploads and tails removed (with pruning)
     error: str = ""
     retry_in: float | None = None
 
@@ -126,6 +128,7 @@ class ReaperPass:
             "reaped": None if self.reaped is None else len(self.reaped),
             "expired": None if self.expired is None else len(self.expired),
             "pruned": self.pruned,
+            "swept": self.swept,
             "reaped_slots": list(self.reaped or ()),
             "expired_uploads": list(self.expired or ()),
             "seconds": round(self.seconds, 3),
@@ -143,13 +146,18 @@ def reaper_pass(number: int = 1, *, prune: bool = True, stop: StopFlag | None = 
     database error propagates to the caller.
     """
     started = time.monotonic()
-    expired = pruned = None
+    expired = pruned = swept = None
     reaped = tuple(slot.pk for slot in slots_reap())
     if stop is None or not stop.is_set():
         expired = tuple(str(upload.pk) for upload in uploads_expire())
     if prune and (stop is None or not stop.is_set()):
         pruned = slots_prune().count
-    return ReaperPass(number, time.monotonic() - started, reaped=reaped, expired=expired, pruned=pruned)
+    if prune and (stop is None or not stop.is_set()):
+        try:
+            swept = store_sweep()
+        except storage.StorageError as exc:  # the store's outage is not the database's: the next sweep retries
+            log.warning("reaper: object store sweep failed: %s", _one_line(exc))
+    return ReaperPass(number, time.monotonic() - started, reaped=reaped, expired=expired, pruned=pruned, swept=swept)
 
 
 def _one_line(exc: Exception) -> str:

@@ -16,7 +16,7 @@ from django.utils import timezone
 from uploads import storage
 from uploads.exceptions import FileTooLarge, NotUploading, QuotaExceeded, UploadNotFound
 from uploads.filenames import display_name, stored_original
-from uploads.models import Slot, Upload
+from uploads.models import Slot, StoredPiece, Upload
 from uploads.services.events import Event, record
 from uploads.services.progress import progress_event, publish_now
 from uploads.services.quota import quota_limit, quota_used
@@ -133,7 +133,7 @@ def upload_end(upload: Upload, status: str, reason: str, *, idle_since=None, now
 def _delete_bytes(upload: Upload) -> None:
     try:
         storage.backend().delete(upload.storage_key)
-    except OSError:
+    except (OSError, storage.StorageError):
         log.error(
             "bytes not deleted upload=%s user=%s; `uploads fsck --repair` removes them",
             upload.pk, upload.owner_id, exc_info=True,
@@ -207,6 +207,12 @@ def upload_rewind(upload_id, *, expected: int, to: int, now=None) -> bool:
             )
             == 1
         )
+        if rewound:
+            # An object store's pieces past the new offset are no longer the upload's; from zero, nor its
+            # multipart upload (abandoned now: the reaper aborts it after a lease and a margin).
+            StoredPiece.objects.filter(upload_id=upload_id, end__gt=to).delete()
+            if to == 0:
+                Upload.objects.filter(pk=upload_id).update(store_session="", hash_state=None)
     if rewound:
         log.error("durable offset rewound by fsck upload=%s from=%s to=%s", upload_id, expected, to)
     return rewound
@@ -230,3 +236,56 @@ def upload_fail_lost(upload_id, storage_key: str, *, now=None) -> Upload | None:
     record(Event.UPLOAD_FAILED, upload=upload.pk, user=upload.owner_id, reason="fsck_bytes_lost", size=upload.size)
     publish_now(upload.owner_id, progress_event(upload_id=upload.pk, offset=0, size=upload.size, status="failed"))
     return upload
+
+
+# --- an object store's leftovers (fsck and the reaper) ---------------------------------------
+
+# A multipart upload or a tail no row records may belong to a writer that made it a moment ago and
+# commits it with its next commit (seconds later): only those older than a lease and this are leftovers.
+LEFTOVER_MARGIN = timedelta(minutes=5)
+
+
+def store_leftover_cutoff(now: datetime) -> datetime:
+    return now - timedelta(seconds=settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS) - LEFTOVER_MARGIN
+
+
+def store_session_recorded(key: str, session: str) -> bool:
+    return Upload.objects.filter(storage_key=key, status=Upload.Status.UPLOADING, store_session=session).exists()
+
+
+def store_abort_abandoned(key: str, session: str) -> bool:
+    """Abort a multipart upload no unfinished upload records (checked again now); True if it was aborted."""
+    if store_session_recorded(key, session):
+        return False
+    storage.backend().abort_session(key, session)
+    log.info("abandoned multipart upload aborted key=%s", key)
+    return True
+
+
+def store_delete_unrecorded_tail(key: str, name: str) -> bool:
+    """Delete a tail object no commit records (checked again now); True if it was deleted."""
+    if StoredPiece.objects.filter(upload__storage_key=key, kind=StoredPiece.Kind.TAIL, name=name).exists():
+        return False
+    storage.backend().delete_tail(name)
+    return True
+
+
+def store_sweep(*, now=None) -> int:
+    """The reaper's pass over an object store: abort abandoned multipart uploads, delete unrecorded tails.
+
+    Only what is older than ``store_leftover_cutoff``; returns how many were
+    removed. A disk has nothing of the kind (0).
+    """
+    backend = storage.backend()
+    if not backend.keeps_pieces:
+        return 0
+    cutoff = store_leftover_cutoff(now or timezone.now())
+    removed = 0
+    for session in backend.sessions():
+        if session.started < cutoff and store_abort_abandoned(session.key, session.session):
+            removed += 1
+    for key in backend.tail_keys():
+        for name, (_size, written) in backend.tails(key).items():
+            if written < cutoff and store_delete_unrecorded_tail(key, name):
+                removed += 1
+    return removed

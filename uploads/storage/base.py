@@ -21,6 +21,7 @@ import enum
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class Area(enum.StrEnum):
@@ -256,6 +257,15 @@ class StoredEntry:
 
 
 @dataclass(frozen=True)
+class Session:
+    """An object store's unfinished multipart upload of ``key`` (fsck and the reaper judge it against the rows)."""
+
+    key: str
+    session: str
+    started: datetime
+
+
+@dataclass(frozen=True)
 class Capacity:
     """Room where the bytes live (the filesystem of the storage folder), in bytes."""
 
@@ -303,9 +313,18 @@ class Storage(abc.ABC):
     def open_finished(self, key: str) -> FinishedReader:
         """The finished file of ``key``, for reading. FileNotFoundError if missing; NotAFile if not a file."""
 
+    # Whether nginx's X-Accel-Redirect location answers Range and If-Range itself (a file it reads:
+    # the server leaves them to it) or asks for the range the server decided (an object store).
+    accel_answers_ranges = True
+
     @abc.abstractmethod
-    def accel_path(self, key: str) -> str:
-        """Where nginx finds the finished file of ``key`` below the X-Accel-Redirect prefix (docs/deployment.md)."""
+    def accel_path(self, key: str, answer: dict[str, str]) -> str:
+        """Where nginx gets the finished file of ``key``, below the X-Accel-Redirect prefix (docs/deployment.md).
+
+        ``answer``: the download's headers as the server decided them (``ETag``,
+        ``Last-Modified``, ``Content-Range`` for a 206), for a location that
+        cannot take them from the server's answer once it proxies the bytes.
+        """
 
     # --- every ending -------------------------------------------------------------------
 
@@ -357,3 +376,31 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def move_aside(self, name: str, batch: str) -> str:
         """Move the entry ``name`` (a file or a folder) where an operator can review it; returns its new name."""
+
+    # --- an object store's pieces (fsck and the reaper; a disk has none) ------------------------
+
+    keeps_pieces = False
+
+    def sessions(self) -> Iterator[Session]:
+        """Every unfinished multipart upload in the store."""
+        return iter(())
+
+    def session_parts(self, key: str, session: str) -> dict[int, tuple[int, str]] | None:
+        """The parts the store holds for ``session`` (number: (size, ETag)); None once the session is gone."""
+        return None
+
+    def tails(self, key: str) -> dict[str, tuple[int, datetime]]:
+        """The tail objects of ``key`` in the store: name: (size, written at)."""
+        return {}
+
+    def tail_keys(self) -> Iterator[str]:
+        """The storage keys that have tail objects in the store."""
+        return iter(())
+
+    def abort_session(self, key: str, session: str) -> None:
+        """Abort a multipart upload: its parts are gone."""
+        raise NotImplementedError("this store keeps no multipart uploads")
+
+    def delete_tail(self, name: str) -> None:
+        """Delete one tail object."""
+        raise NotImplementedError("this store keeps no tail objects")

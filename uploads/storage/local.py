@@ -355,8 +355,9 @@ class LocalStorage(Storage):
     def open_finished(self, key) -> LocalFinished:
         return LocalFinished(key)
 
-    def accel_path(self, key) -> str:
-        # nginx's internal location aliases the files/ folder (deploy/nginx.conf.template).
+    def accel_path(self, key, answer) -> str:
+        # nginx's internal location aliases the files/ folder (deploy/nginx.conf.template), and
+        # takes the validators from the server's answer and the range from the client's request.
         return key
 
     def delete(self, key) -> bool:

@@ -46,7 +46,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import boto3
 import botocore.exceptions
@@ -60,11 +62,14 @@ from uploads.storage.base import (
     Durable,
     FileGone,
     FinishedReader,
+    Held,
     Interrupted,
     PartShort,
     PartWriter,
     Piece,
+    Session,
     Storage,
+    StorageError,
     StoredEntry,
     StoreUnavailable,
 )
@@ -84,6 +89,9 @@ PART_NUMBERS_AHEAD = 12
 # Parts sent at once per writer; with the one filling, the spool holds at most this + 1.
 PARTS_IN_FLIGHT = 3
 READ_BLOCK = 8 * MiB
+# Where `uploads fsck --repair` copies objects it will not delete, and where start-up checks probe.
+LOST_AND_FOUND = "fsck-lost+found"
+CHECKS = ".ddx-check"
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -237,7 +245,9 @@ class S3Part(PartWriter):
             # Parts of an unfinished multipart upload cannot be read back portably: without every
             # recorded piece and the hash state, the upload starts again from its first byte.
             raise PartShort(self.where.final(self.key), 0, offset)
-        self.session = committed.session or self._create_session()
+        # Made at the first part or tail, not here: a writer whose client never sends a byte leaves
+        # no multipart upload behind for the reaper to abort.
+        self.session = committed.session
         self.digest = digest or sha256state.new_digest()
         self.offset = offset
         self.part_start = boundary
@@ -249,10 +259,15 @@ class S3Part(PartWriter):
             _check(interrupt)
             self.spool.write(self._get(tail.name, tail.end - tail.start))
 
-    def _create_session(self) -> str:
-        with _store_call():
-            answer = self.where.client.create_multipart_upload(Bucket=self.where.bucket, Key=self.where.final(self.key))
-        return answer["UploadId"]
+    def _ensure_session(self) -> str:
+        """The multipart upload, made when first needed; recorded by the next commit."""
+        if not self.session:
+            with _store_call():
+                answer = self.where.client.create_multipart_upload(
+                    Bucket=self.where.bucket, Key=self.where.final(self.key)
+                )
+            self.session = answer["UploadId"]
+        return self.session
 
     def _get(self, name: str, length: int) -> bytes:
         try:
@@ -293,6 +308,7 @@ class S3Part(PartWriter):
             if self.numbers_used >= self.reserved:
                 # Cannot happen while PART_NUMBERS_AHEAD exceeds the parts between two commits.
                 raise StoreUnavailable("No part number is reserved for this writer yet; resume to go on.", 1)
+            self._ensure_session()
             self.numbers_used += 1
             piece = Piece(Piece.PART, self.part_start, self.offset, number=self.numbers_used)
             self.spool.flush()
@@ -373,10 +389,12 @@ class S3Part(PartWriter):
                     self._tail_state = state
                 else:  # its part was handed off meanwhile: the part supersedes it too
                     self._superseded.setdefault(self.numbers_used, []).append(tail)
+        with self._lock:
+            session = self._ensure_session()
         return Durable(
             offset,
             state,
-            session=self.session,
+            session=session,
             pieces=(*pieces, *tails),
             numbers=self.numbers_used + PART_NUMBERS_AHEAD,
         )
@@ -485,10 +503,18 @@ def _check(interrupt) -> None:
 
 
 class S3Finished(FinishedReader):
-    """A finished object read with ranged GETs of a few MiB, each pinned to the object's ETag.
+    """A finished object read with ranged GETs, each pinned to the object's ETag (If-Match).
 
-    Memory stays at one window per download; a deleted (or replaced) object
-    ends the download at the next window (FileGone).
+    The object's size and ETag come from one HEAD at open (FileNotFoundError
+    there, before the download takes a slot). Reads are served from a window
+    fetched with one ranged GET into a buffer of the reader's own, reused:
+    memory stays at one window (at most WINDOW) per download, however large
+    the file and however slowly its client reads. The first window is the
+    size of the first read and each next one twice the last, up to WINDOW: a
+    small Range costs a small GET, a whole file soon goes in WINDOW-sized
+    ones. A deleted (or replaced) object ends the download at the next
+    window (FileGone); the download's slot, revoked by the DELETE, ends it at
+    the next block (uploads.downloads).
     """
 
     WINDOW = 8 * MiB
@@ -505,34 +531,50 @@ class S3Finished(FinishedReader):
             raise
         self.etag = head["ETag"]
         self.size = head["ContentLength"]
-        self._window_start, self._window = 0, b""
+        self._buffer = bytearray()
+        self._start, self._end = 0, 0  # the window: bytes [start, end) of the object, in _buffer[: end - start]
 
     def read(self, position: int, length: int) -> bytes:
-        end = self._window_start + len(self._window)
-        if not (self._window_start <= position < end):
-            self._fetch(position, max(length, self.WINDOW))
-        offset = position - self._window_start
-        return self._window[offset : offset + length]
+        wanted = min(position + length, self.size) - position
+        if wanted <= 0:
+            return b""
+        if not (self._start <= position and position + wanted <= self._end):
+            span = max(wanted, min(self.WINDOW, 2 * (self._end - self._start)))
+            self._fetch(position, min(span, self.size - position))
+        offset = position - self._start
+        # A copy: the buffer is refilled by the next window while this block may still be on its way.
+        return bytes(memoryview(self._buffer)[offset : offset + wanted])
 
     def _fetch(self, position: int, length: int) -> None:
-        if position >= self.size:
-            self._window_start, self._window = position, b""
-            return
-        last = min(self.size, position + length) - 1
+        self._start, self._end = 0, 0  # nothing valid while it is refilled
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
         try:
             with _store_call():
                 answer = self.where.client.get_object(
-                    Bucket=self.where.bucket, Key=self.name, Range=f"bytes={position}-{last}", IfMatch=self.etag
+                    Bucket=self.where.bucket,
+                    Key=self.name,
+                    Range=f"bytes={position}-{position + length - 1}",
+                    IfMatch=self.etag,
                 )
-                self._window = answer["Body"].read()
+                body = answer["Body"]
+                with memoryview(self._buffer) as view, contextlib.closing(body):
+                    filled = 0
+                    while filled < length:
+                        # A body that ends early raises (IncompleteReadError: StoreUnavailable).
+                        got = body.readinto(view[filled:length])
+                        if not got:
+                            raise StoreUnavailable(f"{self.name}: the store sent {filled} of {length} bytes")
+                        filled += got
         except botocore.exceptions.ClientError as exc:
             if _not_found(exc) or _error_code(exc) == "PreconditionFailed":
                 raise FileGone(self.name) from None
             raise
-        self._window_start = position
+        self._start, self._end = position, position + length
 
     def close(self) -> None:
-        self._window = b""
+        self._buffer = bytearray()
+        self._start, self._end = 0, 0
 
 
 class S3Storage(Storage):
@@ -587,30 +629,58 @@ class S3Storage(Storage):
     def open_finished(self, key) -> S3Finished:
         return S3Finished(self.where, key)
 
-    def accel_path(self, key) -> str:
-        raise NotImplementedError("X-Accel-Redirect for the s3 backend")
+    # nginx asks the store for the range the server decided (it cannot judge If-Range by our ETag).
+    accel_answers_ranges = False
+    # How long the presigned GET handed to nginx is valid: nginx uses it at once, so this only has to
+    # cover a clock difference with the store; a response under way is not cut when it expires.
+    accel_presign_seconds = 300
+
+    def accel_path(self, key, answer) -> str:
+        """``s3/[<range>/]<ETag>/<Last-Modified>`` + the path and query of a short-lived presigned GET of the object.
+
+        deploy/nginx.conf.template's s3 location takes the range and the
+        validators from the path (once it proxies, the server's headers are
+        out of its reach), asks the store for that range with the signed URL
+        and nothing of the client's request, and answers with the server's
+        headers. The bucket stays private: the signature covers this object,
+        this GET and the store's host, for ``accel_presign_seconds``.
+        """
+        url = urlsplit(
+            self._presigner().generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.where.bucket, "Key": self.where.final(key)},
+                ExpiresIn=self.accel_presign_seconds,
+            )
+        )
+        segments = [quote(answer["ETag"], safe=""), quote(answer["Last-Modified"], safe="")]
+        if content_range := answer.get("Content-Range"):  # "bytes first-last/size"
+            segments.insert(0, "bytes=" + content_range.removeprefix("bytes ").partition("/")[0])
+        return "s3/" + "/".join(segments) + f"{url.path}?{url.query}"
+
+    _accel_client = None
+
+    def _presigner(self):
+        """The backend's client, but presigning with SigV4 (botocore presigns with the deprecated SigV2 unless told)."""
+        if self._accel_client is None:
+            meta = self.where.client.meta
+            self._accel_client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=meta.endpoint_url,
+                region_name=meta.region_name,
+                config=meta.config.merge(Config(signature_version="s3v4")),
+            )
+        return self._accel_client
 
     # --- every ending ----------------------------------------------------------------------
 
     def delete(self, key) -> bool:
         """The finished object, every tail and every multipart upload of ``key``: nothing of it is left."""
-        removed = False
         where = self.where
-        with _store_call():
-            listing = where.client.list_multipart_uploads(Bucket=where.bucket, Prefix=where.final(key))
-            for upload in listing.get("Uploads", []):
-                if upload["Key"] == where.final(key):
-                    with contextlib.suppress(botocore.exceptions.ClientError):
-                        where.client.abort_multipart_upload(
-                            Bucket=where.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
-                        removed = True
-            for name in self._list(where.tails(key)):
-                where.client.delete_object(Bucket=where.bucket, Key=name)
-                removed = True
-            if _object_size(where, key) is not None:
+        removed = self._delete_unfinished(key)
+        if _object_size(where, key) is not None:
+            with _store_call():
                 where.client.delete_object(Bucket=where.bucket, Key=where.final(key))
-                removed = True
+            removed = True
         return removed
 
     def _list(self, prefix: str) -> Iterator[str]:
@@ -654,7 +724,7 @@ class S3Storage(Storage):
                 response_checksum_validation="when_required",
             ),
         )
-        name = f"{self.where.prefix}.ddx-check/{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{self.where.prefix}{CHECKS}/{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             # First: some stores (SeaweedFS) make a missing bucket on the first PUT into it.
             probe.head_bucket(Bucket=self.where.bucket)
@@ -673,10 +743,24 @@ class S3Storage(Storage):
     def capacity(self):
         return None  # a bucket does not say
 
+    # fsck sees an upload's unfinished state (its multipart uploads and tails together) as one
+    # entry named <prefix>partial/<key>, which exists no object of that name; finished files are
+    # the objects under files/. Nothing is locked: fencing, not a lock, keeps a stale writer harmless.
+
+    def _partial_name(self, key: str) -> str:
+        return f"{self.where.prefix}{Area.PARTIAL}/{key}"
+
+    def _partial_key(self, name: str) -> str | None:
+        prefix = f"{self.where.prefix}{Area.PARTIAL}/"
+        return name.removeprefix(prefix) if name.startswith(prefix) else None
+
     def entry_name(self, area, key) -> str:
-        return self.where.final(key) if area == Area.FILES else f"{self.where.prefix}{Area.PARTIAL}/{key}"
+        return self.where.final(key) if area == Area.FILES else self._partial_name(key)
 
     def entry_size(self, name) -> int | None:
+        key = self._partial_key(name)
+        if key is not None:
+            return None if not self._key_sessions(key) and not self.tails(key) else 0
         try:
             with _store_call():
                 return self.where.client.head_object(Bucket=self.where.bucket, Key=name)["ContentLength"]
@@ -686,14 +770,140 @@ class S3Storage(Storage):
             raise
 
     def scan(self) -> Iterator[StoredEntry]:
-        prefix = f"{self.where.prefix}{Area.FILES}/"
+        """Finished objects, one partial entry per key with sessions or tails, and anything else (strays)."""
+        where = self.where
+        files, tails, lost = f"{where.prefix}{Area.FILES}/", f"{where.prefix}tails/", f"{where.prefix}{LOST_AND_FOUND}/"
+        entries: dict[str, StoredEntry] = {}
         with _store_call():
-            for name in self._list(prefix):
-                key = name.removeprefix(prefix)
-                yield StoredEntry(name, Area.FILES, key) if "/" not in key else StoredEntry(name)
+            for name in self._list(where.prefix):
+                if name.startswith((lost, f"{where.prefix}{CHECKS}/")):
+                    continue
+                key = name.removeprefix(files) if name.startswith(files) else ""
+                if key and "/" not in key:
+                    entries[name] = StoredEntry(name, Area.FILES, key)
+                elif name.startswith(tails) and name.count("/") - tails.count("/") == 1:
+                    key = name.removeprefix(tails).split("/", 1)[0]
+                    entries[self._partial_name(key)] = StoredEntry(self._partial_name(key), Area.PARTIAL, key)
+                else:
+                    entries[name] = StoredEntry(name)
+            for session in self.sessions():
+                name = self._partial_name(session.key)
+                entries[name] = StoredEntry(name, Area.PARTIAL, session.key)
+        for name in sorted(entries):
+            yield entries[name]
 
-    def hold(self, name):
-        raise NotImplementedError("fsck holds for the s3 backend")
+    @contextlib.contextmanager
+    def hold(self, name) -> Iterator["S3Held"]:
+        if self.entry_size(name) is None:
+            raise FileNotFoundError(name)
+        yield S3Held(self, name)
 
     def move_aside(self, name, batch) -> str:
-        raise NotImplementedError("fsck moves for the s3 backend")
+        """Copy to <prefix>fsck-lost+found/<batch>/<name under the prefix>, then delete; a partial entry is aborted."""
+        key = self._partial_key(name)
+        if key is not None:
+            self._delete_unfinished(key)
+            return f"(aborted: parts of an unfinished multipart upload cannot be kept) {name}"
+        relative = name.removeprefix(self.where.prefix)
+        target = f"{self.where.prefix}{LOST_AND_FOUND}/{batch}/{relative}"
+        with _store_call():
+            # The managed copy: a multipart copy for objects over 5 GB, no byte through this process.
+            self.where.client.copy({"Bucket": self.where.bucket, "Key": name}, self.where.bucket, target)
+            self.where.client.delete_object(Bucket=self.where.bucket, Key=name)
+        return target
+
+    # --- the pieces, for fsck and the reaper ------------------------------------------------------
+
+    keeps_pieces = True
+
+    def sessions(self) -> Iterator[Session]:
+        files = f"{self.where.prefix}{Area.FILES}/"
+        paginator = self.where.client.get_paginator("list_multipart_uploads")
+        with _store_call():
+            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=files):
+                for upload in page.get("Uploads", []):
+                    key = upload["Key"].removeprefix(files)
+                    yield Session(key, upload["UploadId"], upload["Initiated"])
+
+    def _key_sessions(self, key: str) -> list[Session]:
+        return [session for session in self.sessions() if session.key == key]
+
+    def session_parts(self, key, session) -> dict[int, tuple[int, str]] | None:
+        parts: dict[int, tuple[int, str]] = {}
+        paginator = self.where.client.get_paginator("list_parts")
+        try:
+            with _store_call():
+                for page in paginator.paginate(Bucket=self.where.bucket, Key=self.where.final(key), UploadId=session):
+                    for part in page.get("Parts", []):
+                        parts[part["PartNumber"]] = (part["Size"], part["ETag"])
+        except botocore.exceptions.ClientError as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return parts
+
+    def tails(self, key) -> dict[str, tuple[int, datetime]]:
+        found = {}
+        paginator = self.where.client.get_paginator("list_objects_v2")
+        with _store_call():
+            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=self.where.tails(key)):
+                for item in page.get("Contents", []):
+                    found[item["Key"]] = (item["Size"], item["LastModified"])
+        return found
+
+    def tail_keys(self) -> Iterator[str]:
+        prefix = f"{self.where.prefix}tails/"
+        paginator = self.where.client.get_paginator("list_objects_v2")
+        with _store_call():
+            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=prefix, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    yield common["Prefix"].removeprefix(prefix).rstrip("/")
+
+    def abort_session(self, key, session) -> None:
+        try:
+            with _store_call():
+                self.where.client.abort_multipart_upload(
+                    Bucket=self.where.bucket, Key=self.where.final(key), UploadId=session
+                )
+        except botocore.exceptions.ClientError as exc:
+            if not _not_found(exc):
+                raise
+
+    def delete_tail(self, name) -> None:
+        with _store_call():
+            self.where.client.delete_object(Bucket=self.where.bucket, Key=name)
+
+    def _delete_unfinished(self, key: str) -> bool:
+        removed = False
+        for session in self._key_sessions(key):
+            self.abort_session(key, session.session)
+            removed = True
+        for name in self.tails(key):
+            self.delete_tail(name)
+            removed = True
+        return removed
+
+
+class S3Held(Held):
+    """An entry fsck looks at: no lock (fencing keeps stale writers harmless), the store's own operations."""
+
+    def __init__(self, store: S3Storage, name: str):
+        self.store = store
+        self.name = name
+
+    def size(self) -> int:
+        return self.store.entry_size(self.name) or 0
+
+    def truncate(self, size: int) -> None:
+        raise StorageError("an object cannot be truncated; fsck rewinds unfinished s3 uploads instead")
+
+    def unlink(self) -> None:
+        key = self.store._partial_key(self.name)
+        if key is not None:
+            self.store._delete_unfinished(key)
+            return
+        with _store_call():
+            self.store.where.client.delete_object(Bucket=self.store.where.bucket, Key=self.name)
+
+    def move_aside(self, batch: str) -> str:
+        return self.store.move_aside(self.name, batch)
