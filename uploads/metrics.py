@@ -66,6 +66,11 @@ BYTES_RECEIVED = Counter(
     "directdrivex_bytes_received",
     "Upload bytes made durable (fsynced and committed as the resume point); counted once per commit.",
 )
+RESUME_BYTES_READ = Counter(
+    "directdrivex_resume_bytes_read",
+    "Bytes a writer read back from storage to resume: a part re-hashed for want of a saved sha256 state, or an "
+    "object store's tails (never its committed parts).",
+)
 BYTES_SERVED = Counter(
     "directdrivex_bytes_served", "Download bytes sent by this server (not those nginx sends via X-Accel-Redirect)."
 )

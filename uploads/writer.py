@@ -373,6 +373,7 @@ class UploadWriter:
             await asyncio.to_thread(storage.backend().delete, grant.storage_key)
             raise
         self.received = self.written = self.durable = self.acked = grant.offset
+        metrics.RESUME_BYTES_READ.inc(self.part.bytes_read_back)
 
     async def _interruptible(self, function, *args):
         """A disk operation that stop() or revoke() may interrupt: then it ends with their refusal."""

@@ -159,6 +159,8 @@ class PartWriter(abc.ABC):
     offset: int
     # The highest part number this writer used (object stores): its reservation shrinks to it at the end.
     numbers_used: int = 0
+    # Bytes read back from storage to open it (a re-hash, an object store's tails): what a resume cost.
+    bytes_read_back: int = 0
 
     @abc.abstractmethod
     def append(self, chunks: Iterable[bytes | bytearray]) -> int:

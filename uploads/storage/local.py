@@ -188,6 +188,7 @@ class LocalPart(PartWriter):
                 raise PartShort(str(self.path), position, self.offset)
             digest.update(block)
             position += len(block)
+        self.bytes_read_back = position
         return digest
 
     def append(self, chunks) -> int:

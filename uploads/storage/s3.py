@@ -258,6 +258,7 @@ class S3Part(PartWriter):
         for tail in self._tails:
             _check(interrupt)
             self.spool.write(self._get(tail.name, tail.end - tail.start))
+            self.bytes_read_back += tail.end - tail.start
 
     def _ensure_session(self) -> str:
         """The multipart upload, made when first needed; recorded by the next commit."""
