@@ -415,3 +415,29 @@ def test_fsck_fails_a_complete_upload_whose_object_is_gone_and_sets_an_orphan_ob
     kept = where.client.list_objects_v2(Bucket=where.bucket, Prefix=f"{where.prefix}{s3.LOST_AND_FOUND}/")
     assert [item["Key"] for item in kept["Contents"]] == [moved.split()[2]]
     assert storage.backend().entry_size(where.final(orphan)) is None
+
+
+def test_a_tail_of_tiny_appends_holds_exactly_the_bytes_appended(alice, s3_storage, tmp_path):
+    from tests.conftest import complete_upload
+
+    data = os.urandom(PART // 2)
+    upload, _slot = upload_create(alice, filename="a.bin", size=len(data))
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    try:
+        for start in range(0, 300_000, 100):  # what a client sending 100-byte frames leaves
+            part.append([data[start : start + 100]])
+        durable = commit(grant, part)
+    finally:
+        part.close()
+    writer_release(grant, "disconnected", part_numbers=part.numbers_used)
+    [tail] = upload.pieces.filter(kind="tail")
+    assert (durable.offset, tail.start, tail.end) == (300_000, 0, 300_000)
+    where = storage.backend().where
+    assert where.client.get_object(Bucket=where.bucket, Key=tail.name)["Body"].read() == data[:300_000]
+
+    # The next writer resumes from the tail and finishes: every byte, once.
+    upload.refresh_from_db()
+    assert upload.offset == 300_000
+    complete_upload(alice, upload.pk, data[300_000:])
+    assert object_bytes(s3_storage, upload.storage_key) == data

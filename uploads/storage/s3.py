@@ -173,7 +173,9 @@ class Spool:
     def new_file(self, key: str):
         self.mine.mkdir(parents=True, exist_ok=True)
         path = self.mine / f"{key}.{secrets.token_hex(4)}.part"
-        return path, open(path, "w+b")
+        # Unbuffered: a commit's thread reads the filling part's bytes (os.pread) while the writer's
+        # thread appends, and must see every byte appended before its checkpoint.
+        return path, open(path, "w+b", buffering=0)
 
     def clean(self) -> None:
         """Remove the folders of processes of this host that are gone (and this process's own)."""
@@ -257,7 +259,7 @@ class S3Part(PartWriter):
         self._tail_state = committed.hash_state if self._tails else None
         for tail in self._tails:
             _check(interrupt)
-            self.spool.write(self._get(tail.name, tail.end - tail.start))
+            _write_all(self.spool, self._get(tail.name, tail.end - tail.start))
             self.bytes_read_back += tail.end - tail.start
 
     def _ensure_session(self) -> str:
@@ -295,7 +297,7 @@ class S3Part(PartWriter):
                 if self._filled_since is None:
                     self._filled_since = time.monotonic()
                 self.digest.update(piece)
-                self.spool.write(piece)
+                _write_all(self.spool, piece)
                 self.offset += len(piece)
                 if self.offset == self._part_end():
                     self._hand_off()
@@ -483,6 +485,12 @@ def _object_size(where: Bucket, key: str) -> int | None:
         if _not_found(exc):
             return None
         raise
+
+
+def _write_all(spool, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[spool.write(view) :]
 
 
 def _start(piece: Piece) -> int:
