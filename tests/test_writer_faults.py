@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 
 from directdrivex.routing import application
+from tests.support import stored
 from tests.support.files import lock_is_free, open_descriptors
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
     CHUNK,
@@ -117,7 +118,7 @@ async def opened_without_reading(upload: Upload) -> WebsocketCommunicator:
 async def test_revocation_while_the_last_bytes_land_closes_at_once_and_frees_file_and_slot(alice, monkeypatch, revoke):
     data = payload(6 * CHUNK)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, local.LocalPart, "sync")  # the finalizing commit's fsync
+    gate = hold_method(monkeypatch, stored.part_class(), "sync")  # the finalizing commit's fsync
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
@@ -130,17 +131,16 @@ async def test_revocation_while_the_last_bytes_land_closes_at_once_and_frees_fil
 
     code, close_code = ("lease_lost", 4410) if revoke == "reset" else ("not_uploading", 4409)
     await expect_close(communicator, code, close_code)
-    assert lock_is_free(local.part_path(upload.storage_key))
+    assert stored.part_released(upload.storage_key)
     assert await active_slots(upload) == 0
     after = await refresh(upload)
     if revoke == "reset":
         # The bytes stay for the next writer; nothing was completed by a fenced writer.
         assert after.status == "uploading"
-        assert not local.final_path(upload.storage_key).exists()
+        assert not stored.finished_stored(upload.storage_key)
     else:
         assert after.status == "cancelled"
-        assert not local.part_path(upload.storage_key).exists()
-        assert not local.final_path(upload.storage_key).exists()
+        assert stored.nothing_stored(upload.storage_key)
 
 
 async def test_database_error_during_a_commit_is_unavailable_with_retry_after_and_the_upload_resumes(
@@ -159,7 +159,7 @@ async def test_database_error_during_a_commit_is_unavailable_with_retry_after_an
 
     error = await expect_close(communicator, "unavailable", 4503)
     assert error["retry_after"] >= 1
-    assert lock_is_free(local.part_path(upload.storage_key))
+    assert stored.part_released(upload.storage_key)
     assert (await refresh(upload)).status == "uploading"
 
     monkeypatch.setattr(writer, "writer_commit", real_commit)
@@ -171,6 +171,8 @@ async def test_database_error_during_a_commit_is_unavailable_with_retry_after_an
 # --- a client that leaves during a long re-hash -----------------------------------------
 
 
+# A re-hash of a resumed part happens only where the hash state is not saved: a part file planted on disk.
+@pytest.mark.local_storage
 async def test_client_gone_during_a_long_resume_rehash_lets_go_of_the_file_and_the_next_connection_is_admitted(
     alice,
 ):
@@ -196,6 +198,7 @@ async def _no_holder(upload) -> bool:
     )()
 
 
+@pytest.mark.local_storage  # a part file planted on disk, re-hashed under its flock
 async def test_a_live_holder_busy_re_hashing_is_not_taken_over(alice):
     upload = await create(alice, payload(1), sha256="")
     await sparse_resume_point(upload, 2 * GiB)
@@ -223,6 +226,7 @@ async def sparse_finished_file(upload: Upload, size: int) -> None:
     await database_sync_to_async(Upload.objects.filter(pk=upload.pk).update)(offset=size, size=size)
 
 
+@pytest.mark.local_storage  # a sparse 2 GiB finished file planted on disk, watched through its descriptors
 @pytest.mark.parametrize("stop", ["reset", "text frame", "disconnect"])
 async def test_a_stop_during_the_rehash_of_a_finished_file_ends_with_its_own_code(alice, stop, caplog):
     upload = await create(alice, payload(1), sha256="")
@@ -251,6 +255,8 @@ async def _has_holder(upload) -> bool:
     return await database_sync_to_async(Slot.objects.active().filter(upload=upload).exclude(holder_channel="").exists)()
 
 
+# The race of a part file renamed into files/ between the look for a finished file and the part's open.
+@pytest.mark.local_storage
 async def test_a_part_made_visible_by_a_fenced_writer_just_before_the_open_is_completed_not_rewound(alice, monkeypatch):
     # The previous writer made every byte durable, then its lease was reclaimed; it
     # wakes up and renames the part into place between our look for a finished
@@ -283,6 +289,7 @@ async def test_a_part_made_visible_by_a_fenced_writer_just_before_the_open_is_co
     assert not local.part_path(upload.storage_key).exists()
 
 
+@pytest.mark.local_storage
 async def test_a_symlink_planted_at_the_part_path_is_a_server_fault_and_its_target_is_not_touched(alice, tmp_path):
     target = tmp_path / "outside.conf"
     target.write_bytes(b"important settings\n" * 100)
@@ -307,7 +314,7 @@ async def test_a_symlink_planted_at_the_part_path_is_a_server_fault_and_its_targ
 async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_writer_completes(alice, monkeypatch):
     data = payload(5 * CHUNK + 3)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, local.LocalPart, "finalize")
+    gate = hold_method(monkeypatch, stored.part_class(), "finalize")
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
@@ -317,7 +324,7 @@ async def test_reset_during_finalize_keeps_the_verified_bytes_and_the_next_write
     await expect_close(communicator, "lease_lost", 4410)
     after = await refresh(upload)
     assert (after.status, after.offset) == ("uploading", len(data))
-    assert local.final_path(upload.storage_key).read_bytes() == data  # verified, visible, kept
+    assert stored.finished_bytes(upload.storage_key) == data  # verified, visible, kept
 
     resumed, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
@@ -331,30 +338,28 @@ async def test_a_visible_file_that_does_not_match_the_declared_sha256_is_never_c
     data = payload(3 * CHUNK)
     upload = await create(alice, data)
     # A finished file that is not these bytes (a damaged disk, a hand-copied file).
-    storage.backend().prepare()
-    local.final_path(upload.storage_key).write_bytes(data[:-1] + b"!")
+    stored.plant_finished(upload.storage_key, data[:-1] + b"!")
     communicator, ready = await connect_ticket(upload)
     assert ready["offset"] == len(data)
     await expect_close(communicator, "checksum_mismatch", 4422)
     assert (await refresh(upload)).status == "failed"
-    assert not local.final_path(upload.storage_key).exists()
+    assert not stored.finished_stored(upload.storage_key)
 
 
 async def test_delete_during_finalize_answers_only_once_the_bytes_are_gone(alice, monkeypatch):
     data = payload(5 * CHUNK)
     upload = await create(alice, data)
-    gate = hold_method(monkeypatch, local.LocalPart, "finalize")
+    gate = hold_method(monkeypatch, stored.part_class(), "finalize")
     communicator, _ready = await connect_ticket(upload)
     await send_range(communicator, data, 0, len(data), 0)
     await gate.wait_reached()
 
     await database_sync_to_async(upload_delete)(alice, upload.pk)  # the API's DELETE: 204 from here on
-    assert not local.part_path(upload.storage_key).exists()
-    assert not local.final_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     gate.opened.set()
 
     await expect_close(communicator, "not_uploading", 4409)
-    assert not local.final_path(upload.storage_key).exists()
+    assert not stored.finished_stored(upload.storage_key)
     assert (await refresh(upload)).status == "cancelled"
     assert await active_slots(upload) == 0
 
@@ -363,9 +368,12 @@ def test_delete_racing_completion_deletes_the_finished_upload(alice, monkeypatch
     data = payload(3 * CHUNK)
     upload, _slot = uploads.upload_create(alice, filename="race.bin", size=len(data))
     grant = grants.writer_admit(alice, upload.pk, "specific.writer!1")
-    part = storage.backend().open_part(upload.storage_key, storage.Committed(), 1 << 40)
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
     part.append([data])
-    part.finalize()
+    durable = part.sync()
+    grants.writer_commit(grant, durable.offset, hash_state=durable.hash_state, durable=durable)
+    part.committed(durable)
+    part.finalize(grants.writer_committed(grant))
     part.close()
     real_end = uploads.upload_end
 
@@ -378,7 +386,7 @@ def test_delete_racing_completion_deletes_the_finished_upload(alice, monkeypatch
     upload_delete(alice, upload.pk)
 
     assert not Upload.objects.filter(pk=upload.pk).exists()
-    assert not local.final_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
 
 
 # --- admission racing a cancel ---------------------------------------------------------------
@@ -409,7 +417,7 @@ async def test_connection_racing_delete_never_leaves_an_active_slot_or_a_file(al
     await communicator.disconnect()
 
     async def settled():
-        return await active_slots(upload) == 0 and not local.part_path(upload.storage_key).exists()
+        return await active_slots(upload) == 0 and not stored.part_stored(upload.storage_key)
 
     await eventually(settled, "no active slot and no part file for the cancelled upload")
     assert (await refresh(upload)).status == "cancelled"
@@ -471,13 +479,13 @@ async def test_on_a_slow_disk_acks_are_held_back_to_what_is_durable(alice, monke
     # slower than 0.2 s (every fsync here takes 0.3 s) counts as a slow disk.
     monkeypatch.setattr(writer, "COMMIT_SECONDS", 0.05)
     monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
-    real_sync = local.LocalPart.sync
+    real_sync = stored.part_class().sync
 
     def slow_sync(part, checkpoint=None):
         time.sleep(0.3)
         return real_sync(part, checkpoint)
 
-    monkeypatch.setattr(local.LocalPart, "sync", slow_sync)
+    monkeypatch.setattr(stored.part_class(), "sync", slow_sync)
     data = payload(10 * WINDOW)
     upload = await create(alice, data)
     communicator, _ready = await connect_ticket(upload)
@@ -507,7 +515,7 @@ async def test_acks_stop_running_ahead_while_the_first_commit_is_still_slow(alic
     # written (the writer never idles into a commit of its own meanwhile).
     monkeypatch.setattr(writer, "COMMIT_SECONDS", 0.05)
     monkeypatch.setattr(writer, "ACK_HOLD_SECONDS", 0.2)
-    real_sync, real_append, first_sync = local.LocalPart.sync, local.LocalPart.append, {}
+    real_sync, real_append, first_sync = stored.part_class().sync, stored.part_class().append, {}
 
     def slow_first_sync(part, checkpoint=None):
         if not first_sync:
@@ -522,8 +530,8 @@ async def test_acks_stop_running_ahead_while_the_first_commit_is_still_slow(alic
         time.sleep(0.01)
         return real_append(part, chunks)
 
-    monkeypatch.setattr(local.LocalPart, "sync", slow_first_sync)
-    monkeypatch.setattr(local.LocalPart, "append", slow_append)
+    monkeypatch.setattr(stored.part_class(), "sync", slow_first_sync)
+    monkeypatch.setattr(stored.part_class(), "append", slow_append)
     data = payload(40 * WINDOW)
     upload = await create(alice, data)
     communicator, _ready = await connect_ticket(upload)

@@ -5,8 +5,12 @@ from its bucket (the finished object, the tails, the multipart uploads of the
 key). Tests assert on these instead of building a path or an object name.
 """
 
-import botocore.exceptions
+from pathlib import Path
 
+import botocore.exceptions
+from django.conf import settings
+
+from tests.support.files import lock_is_free
 from uploads import storage
 from uploads.storage import local
 
@@ -115,3 +119,14 @@ def part_bytes(upload) -> bytes | None:
         data += where.client.get_object(Bucket=where.bucket, Key=piece.name)["Body"].read()
         assert len(data) == piece.end, f"{piece} holds {len(data) - piece.start} bytes"
     return data
+
+
+def part_released(key: str) -> bool:
+    """Whether no writer of this process holds the part of ``key`` any more.
+
+    local: nobody holds its flock. s3: no spool file of ``key`` is left (a
+    writer's filling part and the parts it is sending each have one).
+    """
+    if _s3_where() is None:
+        return lock_is_free(local.part_path(key))
+    return not list(Path(settings.DIRECTDRIVEX_SPOOL_DIR).glob(f"*/{key}.*.part"))
