@@ -441,3 +441,28 @@ def test_a_tail_of_tiny_appends_holds_exactly_the_bytes_appended(alice, s3_stora
     assert upload.offset == 300_000
     complete_upload(alice, upload.pk, data[300_000:])
     assert object_bytes(s3_storage, upload.storage_key) == data
+
+
+def test_an_upload_whose_part_numbers_ran_out_starts_again_with_a_new_multipart_upload(alice, s3_storage):
+    from dataclasses import replace
+
+    from tests.conftest import complete_upload
+    from uploads.services.grants import writer_rewind
+
+    data = os.urandom(PART + 10)
+    upload = paused(alice, data[:PART], len(data))
+    # As if crashed writers had used up the numbers: one more part would pass the store's 10,000.
+    Upload.objects.filter(pk=upload.pk).update(part_numbers=s3.MAX_PARTS - 1)
+    grant = writer_admit(alice, upload.pk, "test-writer")
+    with pytest.raises(storage.PartShort) as short:
+        storage.backend().open_part(grant.storage_key, replace(grant.committed(), numbers=s3.MAX_PARTS - 1), grant.size)
+    assert short.value.on_disk == 0
+
+    rewound = writer_rewind(grant, 0)  # what the writer does with a PartShort
+    assert (rewound.store_session, rewound.part_numbers, rewound.reserved) == ("", 0, s3.PART_NUMBERS_AHEAD)
+    writer_release(rewound, "disconnected")
+    complete_upload(alice, upload.pk, data)
+    assert object_bytes(s3_storage, upload.storage_key) == data
+    # Numbered anew, above the rewinding writer's reservation (it gave nothing back: no part_numbers).
+    ahead = s3.PART_NUMBERS_AHEAD
+    assert list(upload.pieces.order_by("start").values_list("number", flat=True)) == [ahead + 1, ahead + 2]

@@ -211,8 +211,8 @@ def upload_rewind(upload_id, *, expected: int, to: int, now=None) -> bool:
             # An object store's pieces past the new offset are no longer the upload's; from zero, nor its
             # multipart upload (abandoned now: the reaper aborts it after a lease and a margin).
             StoredPiece.objects.filter(upload_id=upload_id, end__gt=to).delete()
-            if to == 0:
-                Upload.objects.filter(pk=upload_id).update(store_session="", hash_state=None)
+            if to == 0:  # a new multipart upload: its part numbers start again
+                Upload.objects.filter(pk=upload_id).update(store_session="", hash_state=None, part_numbers=0)
     if rewound:
         log.error("durable offset rewound by fsck upload=%s from=%s to=%s", upload_id, expected, to)
     return rewound

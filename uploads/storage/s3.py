@@ -247,6 +247,11 @@ class S3Part(PartWriter):
             # Parts of an unfinished multipart upload cannot be read back portably: without every
             # recorded piece and the hash state, the upload starts again from its first byte.
             raise PartShort(self.where.final(self.key), 0, offset)
+        if offset and committed.numbers + -(-(self.size - boundary) // self.part_bytes) >= MAX_PARTS:
+            # Crashed writers used up the part numbers (each wastes its reservation): a new
+            # multipart upload, from the first byte, is the only way to finish.
+            log.warning("part numbers used up key=%s numbers=%s: the upload starts again", self.key, committed.numbers)
+            raise PartShort(self.where.final(self.key), 0, offset)
         # Made at the first part or tail, not here: a writer whose client never sends a byte leaves
         # no multipart upload behind for the reaper to abort.
         self.session = committed.session
