@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from directdrivex.routing import application
 from tests.conftest import make_user
-from tests.support.files import lock_is_free, open_descriptors
+from tests.support import stored
+from tests.support.files import open_descriptors
 from uploads import writer
 from uploads.models import Slot, Upload
 from uploads.services.slots import slots_reset
@@ -149,26 +150,25 @@ async def run_events(alice, events) -> None:
 
 
 def check_invariants(upload: Upload, data: bytes) -> None:
-    part, final = local.part_path(upload.storage_key), local.final_path(upload.storage_key)
-    assert lock_is_free(part), "a flock is still held on the part file"
-    assert open_descriptors([part, final]) == [], "a file descriptor is still open"
+    key = upload.storage_key
+    assert stored.part_released(key), "a writer still holds the part (its flock, or its spool files on s3)"
+    # The local backend's files (on s3 there is none to hold open).
+    assert open_descriptors([local.part_path(key), local.final_path(key)]) == [], "a file descriptor is still open"
     held = Slot.objects.active().filter(upload_id=upload.pk).exclude(holder_channel="")
     assert not held.exists(), "a slot is held by a connection that is gone"
     row = Upload.objects.filter(pk=upload.pk).first()
-    if final.exists():
-        assert final.read_bytes() == data, "a visible file with wrong bytes"
+    finished = stored.finished_bytes(key)
+    if finished is not None:
+        assert finished == data, "a visible file with wrong bytes"
     if row is None or row.status in (Upload.Status.CANCELLED, Upload.Status.FAILED):
-        assert not part.exists() and not final.exists(), f"bytes left for an ended upload ({row and row.status})"
+        assert stored.nothing_stored(key), f"bytes left for an ended upload ({row and row.status})"
         return
     if row.status == Upload.Status.COMPLETE:
-        assert final.exists() and not part.exists()
+        assert finished is not None and not stored.part_stored(key)
         assert row.offset == row.size
         return
-    # Still uploading: the durable offset is covered by the bytes on disk (or the verified file).
-    on_disk = final.stat().st_size if final.exists() else (part.stat().st_size if part.exists() else 0)
-    assert on_disk >= row.offset, (on_disk, row.offset)
-    if part.exists():
-        assert part.read_bytes()[: row.offset] == data[: row.offset], "durable bytes differ from what was sent"
+    # Still uploading: the durable offset is covered by the stored bytes (or the verified file).
+    stored.assert_durable_bytes(row, data)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from its bucket (the finished object, the tails, the multipart uploads of the
 key). Tests assert on these instead of building a path or an object name.
 """
 
+import hashlib
 from pathlib import Path
 
 import botocore.exceptions
@@ -130,3 +131,49 @@ def part_released(key: str) -> bool:
     if _s3_where() is None:
         return lock_is_free(local.part_path(key))
     return not list(Path(settings.DIRECTDRIVEX_SPOOL_DIR).glob(f"*/{key}.*.part"))
+
+
+def assert_durable_bytes(upload, data: bytes) -> None:
+    """The bytes storage keeps for ``upload`` cover its durable offset and are those of ``data`` up to it.
+
+    The finished file, if there is one, must be all of ``data``. Otherwise
+    local: the part file holds at least ``upload.offset`` bytes, the first of
+    them ``data``'s. s3: the recorded pieces cover ``[0, upload.offset)``
+    without a gap, each tail holds ``data``'s bytes and each part is in the
+    multipart upload with the size and the ETag (MD5) of ``data``'s bytes.
+    Call from synchronous code.
+    """
+    key, offset = upload.storage_key, upload.offset
+    finished = finished_bytes(key)
+    if finished is not None:
+        assert finished == data, "a visible file with wrong bytes"
+        return
+    where = _s3_where()
+    if where is None:
+        path = local.part_path(key)
+        on_disk = path.read_bytes() if path.exists() else b""
+        assert len(on_disk) >= offset, (len(on_disk), offset)
+        assert on_disk[:offset] == data[:offset], "durable bytes differ from what was sent"
+        return
+    from uploads.models import StoredPiece
+
+    covered = 0
+    listed = {}
+    if offset:
+        assert upload.store_session, "a durable offset without a multipart upload"
+        answer = where.client.list_parts(Bucket=where.bucket, Key=where.final(key), UploadId=upload.store_session)
+        listed = {part["PartNumber"]: part for part in answer.get("Parts", [])}
+    for piece in StoredPiece.objects.filter(upload_id=upload.pk).order_by("start"):
+        if piece.start > covered:
+            break
+        expected = data[piece.start : piece.end]
+        if piece.kind == StoredPiece.Kind.TAIL:
+            body = where.client.get_object(Bucket=where.bucket, Key=piece.name)["Body"].read()
+            assert body == expected, f"{piece} differs from what was sent"
+        else:
+            sent = listed.get(piece.number)
+            assert sent is not None, f"{piece} is not in the multipart upload"
+            assert sent["Size"] == len(expected), (piece, sent["Size"])
+            assert sent["ETag"].strip('"') == hashlib.md5(expected).hexdigest(), f"{piece} differs from what was sent"
+        covered = max(covered, piece.end)
+    assert covered >= offset, (covered, offset)
