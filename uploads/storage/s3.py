@@ -266,6 +266,8 @@ class S3Part(PartWriter):
             _check(interrupt)
             _write_all(self.spool, self._get(tail.name, tail.end - tail.start))
             self.bytes_read_back += tail.end - tail.start
+        if boundary + self.bytes_read_back != offset:  # recorded tails always end at the offset
+            raise PartShort(self.where.final(self.key), 0, offset)
 
     def _ensure_session(self) -> str:
         """The multipart upload, made when first needed; recorded by the next commit."""
@@ -396,7 +398,8 @@ class S3Part(PartWriter):
                     self._tails.append(tail)
                     self._tail_state = state
                 else:  # its part was handed off meanwhile: the part supersedes it too
-                    self._superseded.setdefault(self.numbers_used, []).append(tail)
+                    number = next(p.number for p, _f in self._uploads if p.start == part_start)
+                    self._superseded.setdefault(number, []).append(tail)
         with self._lock:
             session = self._ensure_session()
         return Durable(
@@ -425,6 +428,9 @@ class S3Part(PartWriter):
             for end in [end for end in self._ends if end <= durable.offset]:
                 del self._ends[end]
             self.reserved = max(self.reserved, durable.numbers)
+            doomed = bool(self._doomed)
+        if doomed:  # called on the event loop: the deletes go to a thread, and a failed one is only a leftover
+            self.store.pool.submit(self._delete_doomed)
 
     def _delete_doomed(self) -> None:
         with self._lock:
