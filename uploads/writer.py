@@ -468,7 +468,11 @@ class UploadWriter:
         if not moves:  # a mere lease renewal
             await db_call(writer_commit, self.grant, self.durable)
             return self.durable, started
-        durable = await self._in_thread(part.sync, checkpoint)
+        try:
+            durable = await self._in_thread(part.sync, checkpoint)
+        except FileNotFoundError:
+            await db_call(writer_check, self.grant)  # the upload was deleted or taken: say so, not a fault
+            raise
         await db_call(writer_commit, self.grant, durable.offset, hash_state=durable.hash_state, durable=durable)
         part.committed(durable)
         # A commit of new bytes, sync + UPDATE; a mere lease renewal would flatter the histogram.

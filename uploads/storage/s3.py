@@ -144,6 +144,17 @@ def _store_call():
         raise
 
 
+@contextlib.contextmanager
+def _gone_as_missing(session: str):
+    """A multipart upload aborted under its writer (a DELETE, fsck) is a missing part, as an unlinked file is."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        if _error_code(exc) == "NoSuchUpload":
+            raise FileNotFoundError(f"multipart upload {session} is gone") from exc
+        raise
+
+
 def _not_found(exc: Exception) -> bool:
     return _error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
 
@@ -334,7 +345,7 @@ class S3Part(PartWriter):
     def _send_part(self, piece: Piece, path: Path, spool) -> Piece:
         try:
             spool.seek(0)
-            with _store_call():
+            with _store_call(), _gone_as_missing(self.session):
                 answer = self.where.client.upload_part(
                     Bucket=self.where.bucket,
                     Key=self.where.final(self.key),
