@@ -12,12 +12,12 @@ from django.forms.models import model_to_dict
 from django.utils import timezone
 
 from tests.conftest import write_part
+from tests.support import stored
 from uploads.exceptions import LeaseLost, NotUploading, UploadBusy
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit, writer_commit, writer_complete, writer_fail, writer_release
 from uploads.services.slots import slot_renew, slots_reap, slots_reset
 from uploads.services.uploads import upload_create, upload_delete
-from uploads.storage import local
 
 LEASE = timedelta(seconds=60)
 
@@ -187,14 +187,15 @@ def test_a_stale_writers_checksum_failure_fails_nothing_deletes_no_bytes_and_say
     old = writer_admit(alice, upload.pk, "chan-1", now=t0)
     later = t0 + LEASE
     slots_reap(now=later)
-    write_part(upload.storage_key, b"x" * 100)
-    before = rows(upload)
+    write_part(upload.storage_key, b"x" * 100, upload.size)
+    before, stored_before = rows(upload), stored.snapshot(upload.storage_key)
+    assert stored_before != stored.snapshot("nothing-stored-here")  # the part's bytes are in it
 
     with pytest.raises(LeaseLost):
         writer_fail(old, now=later)
 
     assert rows(upload) == before
-    assert local.part_path(upload.storage_key).read_bytes() == b"x" * 100
+    assert stored.snapshot(upload.storage_key) == stored_before
 
 
 def test_a_current_writers_checksum_failure_fails_the_upload_and_deletes_its_bytes(alice, upload, t0):
@@ -206,7 +207,7 @@ def test_a_current_writers_checksum_failure_fails_the_upload_and_deletes_its_byt
     upload.refresh_from_db()
     assert upload.status == Upload.Status.FAILED
     assert Slot.objects.get(pk=grant.slot_id).release_reason == Slot.ReleaseReason.FAILED
-    assert not local.part_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
 
 
 def test_complete_frees_the_slot_and_sets_the_offset_to_the_size(alice, upload, t0):

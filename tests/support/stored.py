@@ -177,3 +177,25 @@ def assert_durable_bytes(upload, data: bytes) -> None:
             assert sent["ETag"].strip('"') == hashlib.md5(expected).hexdigest(), f"{piece} differs from what was sent"
         covered = max(covered, piece.end)
     assert covered >= offset, (covered, offset)
+
+
+def snapshot(key: str) -> dict:
+    """Everything stored for ``key``, to compare before and after a step that must not touch it.
+
+    local: the bytes of the part and of the finished file. s3: the finished
+    object's and every tail's bytes, and each multipart upload of the key with
+    its parts (number, size, ETag).
+    """
+    where = _s3_where()
+    if where is None:
+        part, final = local.part_path(key), local.final_path(key)
+        return {
+            "part": part.read_bytes() if part.exists() else None,
+            "finished": final.read_bytes() if final.exists() else None,
+        }
+    uploads = {}
+    for upload_id in _multipart_uploads(where, key):
+        answer = where.client.list_parts(Bucket=where.bucket, Key=where.final(key), UploadId=upload_id)
+        uploads[upload_id] = [(p["PartNumber"], p["Size"], p["ETag"]) for p in answer.get("Parts", [])]
+    tails = {name: where.client.get_object(Bucket=where.bucket, Key=name)["Body"].read() for name in _tails(where, key)}
+    return {"finished": finished_bytes(key), "tails": tails, "multipart": uploads}
