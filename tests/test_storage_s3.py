@@ -466,3 +466,22 @@ def test_an_upload_whose_part_numbers_ran_out_starts_again_with_a_new_multipart_
     # Numbered anew, above the rewinding writer's reservation (it gave nothing back: no part_numbers).
     ahead = s3.PART_NUMBERS_AHEAD
     assert list(upload.pieces.order_by("start").values_list("number", flat=True)) == [ahead + 1, ahead + 2]
+
+
+def test_the_dashboard_shows_a_bucket_without_a_filesystem(alice, s3_storage):
+    from django.test import Client
+    from django.urls import reverse
+
+    from tests.conftest import finish_upload, make_user
+
+    finish_upload(alice, b"y" * 4096)
+    client = Client()
+    client.force_login(make_user("root", is_staff=True, is_superuser=True))
+
+    disk = client.get(reverse("admin:uploads_dashboard_data")).json()["disk"]
+    page = client.get(reverse("admin:uploads_dashboard"))
+
+    assert disk["path"].startswith(f"s3://{s3_storage.bucket}/{s3_storage.prefix}")
+    assert (disk["finished_bytes"], disk["filesystem_total_bytes"], disk["filesystem_free_bytes"]) == (4096, None, None)
+    assert page.status_code == 200
+    assert b"not reported by an object store" in page.content

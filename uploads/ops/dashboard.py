@@ -77,9 +77,10 @@ class DiskUsage:
     finished: int
     partial: int
     to_come: int
-    total: int
-    used: int
-    free: int
+    # The filesystem's room (local); None where the store does not say (a bucket).
+    total: int | None
+    used: int | None
+    free: int | None
 
     @property
     def stored(self) -> int:
@@ -100,9 +101,9 @@ def disk_usage() -> DiskUsage:
         finished=sums["finished"] or 0,
         partial=partial,
         to_come=(sums["declared"] or 0) - partial,
-        total=filesystem.total,
-        used=filesystem.used,
-        free=filesystem.free,
+        total=filesystem.total if filesystem else None,
+        used=filesystem.used if filesystem else None,
+        free=filesystem.free if filesystem else None,
     )
 
 
