@@ -10,6 +10,7 @@ from rest_framework.test import APIClient
 
 from tests.conftest import complete_upload as complete
 from tests.conftest import make_user, token_client, write_part
+from tests.support import stored
 from uploads.models import Slot, Upload, UserQuota
 from uploads.services.grants import writer_admit, writer_commit, writer_fail
 from uploads.services.slots import slots_reap
@@ -675,11 +676,13 @@ def test_delete_removes_the_partial_bytes(alice, alice_client, bob):
     write_part(upload.storage_key, b"0123456789")
     bobs, _ = upload_create(bob, filename="b.bin", size=10)
     write_part(bobs.storage_key, b"9876543210")
+    bobs_before = stored.snapshot(bobs.storage_key)
+    assert stored.part_stored(upload.storage_key) and stored.part_stored(bobs.storage_key)
 
     assert alice_client.delete(detail_url(upload_id)).status_code == 204
 
-    assert not local.part_path(upload.storage_key).exists()
-    assert local.part_path(bobs.storage_key).read_bytes() == b"9876543210"
+    assert stored.nothing_stored(upload.storage_key)
+    assert stored.snapshot(bobs.storage_key) == bobs_before
 
 
 def test_delete_of_a_cancelled_upload_removes_its_row(alice_client):
@@ -697,16 +700,17 @@ def test_delete_of_a_complete_upload_removes_its_row_and_file_and_frees_its_quot
     limits(user_quota=10)
     upload, _ = upload_create(alice, filename="a.bin", size=10)
     complete(alice, upload.pk, b"0123456789")
-    assert local.final_path(upload.storage_key).read_bytes() == b"0123456789"
+    assert stored.finished_bytes(upload.storage_key) == b"0123456789"
     assert_refused(post(alice_client, filename="b.bin", size=1), 413, "quota_exceeded")
 
     assert alice_client.delete(detail_url(upload.pk)).status_code == 204
 
     assert not Upload.objects.filter(pk=upload.pk).exists()
-    assert not local.final_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     assert post(alice_client, filename="b.bin", size=10).status_code == 201
 
 
+@pytest.mark.local_storage  # a folder planted where the local layout keeps the bytes
 @pytest.mark.parametrize("finished", [True, False], ids=["complete", "unfinished"])
 def test_a_delete_whose_bytes_cannot_be_removed_is_a_500_and_the_next_delete_finishes_it(alice, alice_client, finished):
     # A folder with something in it where the upload's bytes are: the storage refuses,
