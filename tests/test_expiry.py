@@ -8,7 +8,8 @@ import pytest
 from django.core.management import call_command
 from django.utils import timezone
 
-from uploads import storage
+from tests.conftest import write_part
+from tests.support import stored
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit, writer_commit
 from uploads.services.quota import quota_used
@@ -26,8 +27,7 @@ def day(limits):
 
 def idle_upload(user, name: str, *, idle_for: timedelta) -> Upload:
     upload, _slot = upload_create(user, filename=name, size=100, now=timezone.now() - idle_for)
-    storage.backend().prepare()
-    local.part_path(upload.storage_key).write_bytes(b"x" * 10)
+    write_part(upload.storage_key, b"x" * 10, upload.size)
     return upload
 
 
@@ -39,10 +39,10 @@ def test_idle_upload_expires_with_its_bytes_slot_and_quota(alice, day):
 
     assert [upload.pk for upload in expired] == [stale.pk]
     assert Upload.objects.get(pk=stale.pk).status == "expired"
-    assert not local.part_path(stale.storage_key).exists()
+    assert stored.nothing_stored(stale.storage_key)
     assert not Slot.objects.active().filter(upload=stale).exists()
     assert Upload.objects.get(pk=fresh.pk).status == "uploading"
-    assert local.part_path(fresh.storage_key).exists()
+    assert stored.part_stored(fresh.storage_key)
     assert quota_used(alice) == fresh.size
 
 
@@ -50,7 +50,7 @@ def test_dry_run_lists_and_changes_nothing(alice, day):
     stale = idle_upload(alice, "stale.bin", idle_for=day * 2)
     assert [upload.pk for upload in uploads_expire(dry_run=True)] == [stale.pk]
     assert Upload.objects.get(pk=stale.pk).status == "uploading"
-    assert local.part_path(stale.storage_key).exists()
+    assert stored.part_stored(stale.storage_key)
 
 
 def test_upload_written_to_after_it_was_listed_does_not_expire(alice, day):
@@ -64,17 +64,16 @@ def test_upload_written_to_after_it_was_listed_does_not_expire(alice, day):
     assert Upload.objects.get(pk=stale.pk).status == "uploading"
     assert Slot.objects.get(pk=grant.slot_id).released_at is None  # the writer keeps its slot and generation
     assert Upload.objects.get(pk=stale.pk).writer_generation == grant.generation
-    assert local.part_path(stale.storage_key).exists()
+    assert stored.part_stored(stale.storage_key)
 
 
 def test_ending_an_upload_that_already_completed_changes_nothing(alice):
     upload, slot = upload_create(alice, filename="done.bin", size=10)
     Upload.objects.filter(pk=upload.pk).update(status=Upload.Status.COMPLETE, offset=10)
-    storage.backend().prepare()
-    local.final_path(upload.storage_key).write_bytes(b"y" * 10)
+    stored.plant_finished(upload.storage_key, b"y" * 10)
 
     assert upload_end(upload, Upload.Status.CANCELLED, Slot.ReleaseReason.CANCELLED) is False
-    assert local.final_path(upload.storage_key).read_bytes() == b"y" * 10  # a finished file is never lost
+    assert stored.finished_bytes(upload.storage_key) == b"y" * 10  # a finished file is never lost
     assert Slot.objects.get(pk=slot.pk).released_at is None
 
 
@@ -100,6 +99,7 @@ def test_expire_json_lists_the_expired_uploads(alice, day):
     assert Upload.objects.get(pk=fresh.pk).status == "uploading"
 
 
+@pytest.mark.local_storage  # a folder planted where the local layout keeps the part
 def test_an_upload_whose_bytes_cannot_be_deleted_still_expires_and_the_others_go_on(alice, day, caplog):
     # A folder where the part file should be: unlink() fails (EISDIR), as on a
     # read-only or failing disk. Before, the error stopped the whole pass after the
