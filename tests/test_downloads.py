@@ -9,10 +9,14 @@ of their own.
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -20,7 +24,7 @@ from django.core.handlers.asgi import ASGIHandler
 from rest_framework.authtoken.models import Token
 
 from tests.conftest import finish_upload
-from uploads import downloads
+from uploads import downloads, storage
 from uploads.models import Slot
 from uploads.ranges import http_date
 from uploads.services.slots import slot_admit, slots_reset
@@ -351,12 +355,13 @@ def test_head_needs_no_free_download_slot(alice, bob, finished, limits):
 
 
 def test_a_complete_upload_whose_file_is_missing_is_a_500_and_takes_no_slot(alice, finished):
-    local.final_path(finished.storage_key).unlink()
+    assert storage.backend().delete(finished.storage_key)
 
     assert_refused(fetch(alice, finished.pk), 500, "internal_error")
     assert download_slots() == []
 
 
+@pytest.mark.local_storage
 def test_a_symlink_planted_at_a_finished_path_is_never_followed(alice, finished, tmp_path):
     # Before, the download opened the link and served its target: any file the server could read.
     secret = tmp_path / "secret.txt"
@@ -412,6 +417,7 @@ def test_a_download_whose_slot_is_reset_stops_short(alice, finished, monkeypatch
 # --- X-Accel-Redirect -------------------------------------------------------------------
 
 
+@pytest.mark.local_storage
 def test_with_accel_redirect_nginx_is_told_where_the_file_is_and_no_body_is_sent(alice, finished, settings):
     settings.DIRECTDRIVEX_ACCEL_REDIRECT = "/_protected/"
 
@@ -441,3 +447,106 @@ def test_with_accel_redirect_the_refusals_are_the_same(alice, bob, finished, set
     limits(global_download_slots=1)
     slot_admit(Slot.Kind.DOWNLOAD, bob)
     assert_refused(fetch(alice, finished.pk), 429, "download_slots_exhausted")
+
+
+# --- X-Accel-Redirect on s3: nginx proxies a presigned GET of the range the server decided -----------
+
+
+def accel_target(answer: Answer, s3) -> tuple[list[str], str]:
+    """The redirect's segments before the object's path, and the presigned URL on the store."""
+    redirect = answer.headers["x-accel-redirect"]
+    assert redirect.startswith("/_protected/s3/"), redirect
+    path, _, query = redirect.removeprefix("/_protected/s3/").partition("?")
+    before, marker, rest = path.partition(f"/{s3.bucket}/")
+    return before.split("/"), f"{s3.endpoint}/{marker.strip('/')}/{rest}?{query}"
+
+
+def test_on_s3_accel_redirect_names_a_presigned_get_and_the_servers_validators(alice, s3_storage, settings):
+    upload = finish_upload(alice, DATA, filename="data.bin", sha256=SHA)
+    settings.DIRECTDRIVEX_ACCEL_REDIRECT = "/_protected/"
+
+    answer = fetch(alice, upload.pk)
+
+    assert (answer.status, answer.body, answer.headers["content-length"]) == (200, b"", "0")
+    segments, url = accel_target(answer, s3_storage)
+    assert segments == [quote(f'"{SHA}"', safe=""), quote(http_date(upload.completed_at), safe="")]
+    assert urlsplit(url).path == f"/{s3_storage.bucket}/{s3_storage.prefix}files/{upload.storage_key}"
+    # Short-lived: nginx uses it at once.
+    assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["300"]
+    # The bucket is private: the object only answers the signed URL.
+    with urllib.request.urlopen(url, timeout=10) as signed:
+        assert signed.read() == DATA
+    unsigned = urllib.request.Request(url.partition("?")[0])
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(unsigned, timeout=10)
+    assert refused.value.code == 403
+    assert answer.headers["etag"] == f'"{SHA}"'
+    assert answer.headers["content-disposition"] == "attachment; filename=\"data.bin\"; filename*=UTF-8''data.bin"
+    assert Slot.objects.active().filter(kind=Slot.Kind.DOWNLOAD).count() == 0
+
+
+def test_on_s3_accel_redirect_carries_the_range_the_server_decided(alice, s3_storage, settings):
+    upload = finish_upload(alice, DATA, filename="data.bin", sha256=SHA)
+    settings.DIRECTDRIVEX_ACCEL_REDIRECT = "/_protected/"
+
+    ranged = fetch(alice, upload.pk, Range="bytes=10-19", If_Range=f'"{SHA}"')
+    stale = fetch(alice, upload.pk, Range="bytes=10-19", If_Range='"0123"')
+    several = fetch(alice, upload.pk, Range="bytes=0-0,5-9")
+    past_the_end = fetch(alice, upload.pk, Range=f"bytes={len(DATA)}-")
+
+    segments, url = accel_target(ranged, s3_storage)
+    assert segments[0] == "bytes=10-19"
+    assert "content-range" not in ranged.headers
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": segments[0]}), timeout=10) as part:
+        assert (part.status, part.read()) == (206, DATA[10:20])
+    # If-Range judged by the server (the store knows nothing of our ETag): no range, the whole file.
+    assert len(accel_target(stale, s3_storage)[0]) == 2
+    assert len(accel_target(several, s3_storage)[0]) == 2
+    assert_refused(past_the_end, 416, "range_not_satisfiable")
+
+
+# --- the s3 backend's reader: ranged GETs pinned to the object ------------------------------------
+
+
+def test_the_s3_reader_fetches_what_a_small_range_needs_then_growing_windows(alice, s3_storage):
+    upload = finish_upload(alice, DATA)
+    reader = storage.backend().open_finished(upload.storage_key)
+    gets = []
+
+    class CountingClient:
+        def get_object(self, **params):
+            gets.append(params["Range"])
+            return s3_storage.client.get_object(**params)
+
+    reader.where = dataclasses.replace(reader.where, client=CountingClient())
+    try:
+        assert reader.read(5, 10) == DATA[5:15]
+        assert reader.read(15, 1) == DATA[15:16]
+        assert gets == ["bytes=5-14", "bytes=15-34"]
+        whole = b"".join(reader.read(position, MiB) for position in range(0, len(DATA), MiB))
+        assert whole == DATA
+        assert reader.read(len(DATA), MiB) == b""
+    finally:
+        reader.close()
+    assert gets[2:] == ["bytes=0-1048575", "bytes=1048576-3145727", f"bytes=3145728-{len(DATA) - 1}"]
+
+
+def test_the_s3_reader_ends_with_file_gone_once_the_object_is_deleted_or_replaced(alice, s3_storage):
+    upload = finish_upload(alice, DATA)
+    deleted = storage.backend().open_finished(upload.storage_key)
+    replaced_upload = finish_upload(alice, DATA)
+    replaced = storage.backend().open_finished(replaced_upload.storage_key)
+    try:
+        assert deleted.read(0, MiB) == DATA[:MiB]
+        assert replaced.read(0, MiB) == DATA[:MiB]
+        storage.backend().delete(upload.storage_key)
+        s3_storage.client.put_object(
+            Bucket=s3_storage.bucket, Key=f"{s3_storage.prefix}files/{replaced_upload.storage_key}", Body=b"other"
+        )
+        with pytest.raises(storage.FileGone):
+            deleted.read(3 * MiB, MiB)
+        with pytest.raises(storage.FileGone):
+            replaced.read(3 * MiB, MiB)
+    finally:
+        deleted.close()
+        replaced.close()

@@ -34,7 +34,7 @@ import hashlib
 import random
 from django.contrib.auth.models import User
 from uploads import storage
-from uploads.services.grants import writer_admit, writer_complete
+from uploads.services.grants import writer_admit, writer_commit, writer_committed, writer_complete
 from uploads.services.uploads import upload_create
 
 user = User.objects.get(username={username!r})
@@ -42,17 +42,29 @@ size = {size}
 block = random.Random(size).randbytes(4 * 1024 * 1024)
 upload, _slot = upload_create(user, filename={filename!r}, size=size)
 grant = writer_admit(user, upload.pk, "live-test-writer")
-part = storage.backend().open_part(grant.storage_key, storage.Committed(), grant.size)
+part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
 digest = hashlib.sha256()
+
+
+def commit():
+    # As the writer commits (every 32 MiB): an object store's parts are recorded, its part numbers renewed.
+    durable = part.sync()
+    writer_commit(grant, durable.offset, hash_state=durable.hash_state, durable=durable)
+    part.committed(durable)
+
+
 try:
     while part.offset < size:
         piece = block[: min(len(block), size - part.offset)]
         part.append([piece])
         digest.update(piece)
-    part.finalize()
+        if part.offset % (32 * 1024 * 1024) == 0:
+            commit()
+    commit()
+    part.finalize(writer_committed(grant))
 finally:
     part.close()
-writer_complete(grant)
+writer_complete(grant, sha256=digest.hexdigest())
 print("UPLOAD", upload.pk, digest.hexdigest())
 """
 
@@ -326,7 +338,15 @@ def test_a_reader_that_pauses_longer_than_a_lease_still_gets_the_whole_file(back
 
 
 def test_a_delete_answered_204_ends_every_download_of_the_file_at_once(backend, start_server):
-    server = start_server()
+    delete_mid_download(backend, start_server())
+
+
+def test_on_s3_a_delete_answered_204_ends_a_download_at_once(backend, start_server, s3_storage):
+    # Its slot is revoked by the DELETE, and the object it reads in windows is gone (FileGone).
+    delete_mid_download(backend, start_server())
+
+
+def delete_mid_download(backend, server: LiveServer) -> None:
     upload_id, _sha256 = finished_upload(server, 256 * MiB, "deleted.bin")
     reader = RawDownload(server, backend.alice_token, upload_id)
     try:
@@ -374,18 +394,26 @@ def test_a_download_abandoned_while_its_view_waits_for_the_database_frees_its_sl
 
 
 def test_a_slow_reader_of_a_1_gib_file_grows_the_server_by_at_most_32_mib(backend, start_server):
-    server = start_server()
+    slow_reader_growth(backend, start_server(), GiB)
+
+
+def test_on_s3_a_slow_reader_of_a_512_mib_file_grows_the_server_by_at_most_32_mib(backend, start_server, s3_storage):
+    # One window (8 MiB) per download: the object is read with ranged GETs, never whole.
+    slow_reader_growth(backend, start_server(), 512 * MiB)
+
+
+def slow_reader_growth(backend, server: LiveServer, size: int) -> None:
     warm_id, _ = finished_upload(server, 8 * MiB, "warm.bin")
-    upload_id, _sha256 = finished_upload(server, GiB, "slow.bin")
+    upload_id, _sha256 = finished_upload(server, size, "slow.bin")
     # One whole download first, so that code, threads and buffers are in place before we measure.
     assert http_call(server, "GET", f"/api/uploads/{warm_id}/content", token=backend.alice_token).status == 200
     idle = server.rss()["VmRSS"]
 
     reader = RawDownload(server, backend.alice_token, upload_id)
     assert reader.status == 200
-    assert reader.headers["content-length"] == str(GiB)
+    assert reader.headers["content-length"] == str(size)
     peak = idle
-    # About 8 MB/s for 30 s: 240 MiB read of the 1 GiB; a server that did not
+    # About 8 MB/s for 30 s: 240 MiB read of the file; a server that did not
     # wait for the client would have buffered the rest of the file by then.
     started = time.monotonic()
     next_sample = started

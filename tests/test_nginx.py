@@ -13,21 +13,28 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import websockets
 
+from tests.support import seaweedfs
 from tests.support.files import file_sha256, write_random
 from tests.support.live_backend import Backend, http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.nginx import TEMPLATE, Nginx, nginx_binary, render
+from tests.support.tcp_proxy import TcpProxy
+from tests.test_downloads_live import finished_upload
 
 pytestmark = pytest.mark.slow
 
@@ -408,3 +415,183 @@ def test_a_download_the_server_streams_itself_comes_through_nginx_byte_identical
     part = http_call(streaming_nginx, "GET", uri, token=token, headers={"Range": "bytes=1000-1999"})
     assert (part.status, part.headers["Content-Range"]) == (206, f"bytes 1000-1999/{UPLOAD_SIZE}")
     assert part.body == uploaded.source.read_bytes()[1000:2000]
+
+
+# --- downloads on the s3 backend: nginx proxies a short-lived presigned GET --------------------------
+
+S3_FILE_SIZE = 24 * MiB + 5
+
+
+class RecordingProxy(TcpProxy):
+    """The s3 deployment's way to the store: it keeps every byte sent to the store, so tests can read the requests.
+
+    The servers and nginx both use its address as the store's endpoint, so the
+    host the URLs are signed for is the host nginx sends.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.sent = bytearray()
+        super().__init__(host, port)
+
+    def _take(self, data: bytes, *, outbound: bool) -> bytes:
+        piece = super()._take(data, outbound=outbound)
+        if outbound:
+            self.sent += piece
+        return piece
+
+    def presigned_gets(self) -> list[dict[str, str]]:
+        """The presigned GETs the store received, each as its request line and headers (lowercase names)."""
+        requests = []
+        for head in bytes(self.sent).split(b"\r\n\r\n"):
+            line, *fields = head.decode("latin-1").split("\r\n")
+            if line.partition("GET ")[2].split(" ")[0].find("X-Amz-Signature=") > 0:
+                requests.append({"": line, **{k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}})
+        return requests
+
+
+@dataclass(frozen=True)
+class S3Deployment:
+    backend: Backend
+    server: LiveServer
+    nginx: Nginx
+    store: RecordingProxy
+    upload_id: str
+    data: bytes
+
+
+@pytest.fixture(scope="module")
+def s3_deployment(nginx_installed, s3_server, tmp_path_factory) -> S3Deployment:
+    """A server on the s3 backend (its own prefix on the session's SeaweedFS) behind nginx, with a finished file."""
+    endpoint, bucket = s3_server
+    with live_backend(tmp_path_factory, "nginx-s3") as backend, contextlib.ExitStack() as cleanup:
+        store = cleanup.enter_context(RecordingProxy(*urlsplit(endpoint).netloc.split(":")))
+        store_url = store.via(endpoint)
+        server = LiveServer(
+            tmp_path_factory.mktemp("nginx-s3-server"),
+            database_url=backend.database_url,
+            redis_url=backend.redis_url,
+            SECURE_PROXY_SSL_HEADER="1",
+            DIRECTDRIVEX_ACCEL_REDIRECT=ACCEL_REDIRECT,
+            DIRECTDRIVEX_STORAGE_BACKEND="s3",
+            DIRECTDRIVEX_S3_ENDPOINT_URL=store_url,
+            DIRECTDRIVEX_S3_BUCKET=bucket,
+            DIRECTDRIVEX_S3_PREFIX=f"t/{uuid.uuid4().hex}/",
+            DIRECTDRIVEX_S3_REGION=seaweedfs.REGION,
+            DIRECTDRIVEX_SPOOL_DIR=str(tmp_path_factory.mktemp("nginx-s3-spool")),
+            AWS_ACCESS_KEY_ID=seaweedfs.ACCESS_KEY_ID,
+            AWS_SECRET_ACCESS_KEY=seaweedfs.SECRET_ACCESS_KEY,
+        )
+        cleanup.callback(server.stop)
+        server.start()
+        nginx = Nginx(
+            tmp_path_factory.mktemp("nginx-s3"),
+            [server],
+            static_root=tmp_path_factory.mktemp("nginx-s3-static"),
+            accel_redirect=ACCEL_REDIRECT,
+            s3_endpoint=store_url,
+        )
+        cleanup.callback(nginx.stop)
+        nginx.start()
+        upload_id, _sha256 = finished_upload(server, S3_FILE_SIZE, "on-s3.bin")
+        # The bytes tests/test_downloads_live.py's finished_upload writes: a repeated random block.
+        block = random.Random(S3_FILE_SIZE).randbytes(4 * MiB)
+        data = (block * (S3_FILE_SIZE // len(block) + 1))[:S3_FILE_SIZE]
+        assert hashlib.sha256(data).hexdigest() == _sha256
+        yield S3Deployment(backend, server, nginx, store, upload_id, data)
+
+
+def s3_download(s3: S3Deployment, method: str = "GET", **headers: str):
+    uri = f"/api/uploads/{s3.upload_id}/content"
+    return http_call(s3.nginx, method, uri, token=s3.backend.alice_token, headers=headers)
+
+
+def test_on_s3_a_download_through_nginx_is_the_whole_object_with_the_servers_headers(s3_deployment):
+    s3 = s3_deployment
+    sha256 = hashlib.sha256(s3.data).hexdigest()
+
+    answer = s3_download(s3)
+    head = s3_download(s3, "HEAD")
+
+    assert answer.status == 200
+    assert hashlib.sha256(answer.body).hexdigest() == sha256
+    assert answer.headers["Content-Length"] == str(S3_FILE_SIZE)
+    assert answer.headers["ETag"] == f'"{sha256}"'
+    for name in SERVER_DOWNLOAD_HEADERS:
+        assert (name, answer.headers.get_all(name)) == (name, head.headers.get_all(name))
+    # Nothing of the store's own shows: not its ETag (an MD5), not its request ids or owner.
+    assert not [name for name in answer.headers if name.lower().startswith(("x-amz", "seaweed"))]
+    assert "X-Accel-Redirect" not in answer.headers
+
+
+def test_on_s3_ranges_and_if_range_through_nginx_are_the_servers_decisions(s3_deployment):
+    s3 = s3_deployment
+    sha256 = hashlib.sha256(s3.data).hexdigest()
+    first, last = S3_FILE_SIZE - 3 * MiB - 7, S3_FILE_SIZE - 2 * MiB + 3
+
+    ranged = s3_download(s3, Range=f"bytes={first}-{last}", **{"If-Range": f'"{sha256}"'})
+    suffix = s3_download(s3, Range="bytes=-100")
+    by_date = s3_download(s3, Range="bytes=1-2", **{"If-Range": ranged.headers["Last-Modified"]})
+    stale = s3_download(s3, Range="bytes=0-0", **{"If-Range": '"0123abcd"'})
+    several = s3_download(s3, Range="bytes=0-0,5-9")
+    past_the_end = s3_download(s3, Range=f"bytes={S3_FILE_SIZE}-")
+
+    assert ranged.status == 206
+    assert ranged.headers["Content-Range"] == f"bytes {first}-{last}/{S3_FILE_SIZE}"
+    assert ranged.headers["Content-Length"] == str(last - first + 1)
+    assert ranged.body == s3.data[first : last + 1]
+    assert ranged.headers["ETag"] == f'"{sha256}"'
+    assert (suffix.status, suffix.body) == (206, s3.data[-100:])
+    assert (by_date.status, by_date.body) == (206, s3.data[1:3])
+    assert stale.status == 200 and hashlib.sha256(stale.body).hexdigest() == sha256
+    assert several.status == 200 and len(several.body) == S3_FILE_SIZE
+    assert (past_the_end.status, past_the_end.json()["code"]) == (416, "range_not_satisfiable")
+    assert past_the_end.headers["Content-Range"] == f"bytes */{S3_FILE_SIZE}"
+
+
+def test_on_s3_the_store_sees_a_short_lived_signed_get_and_nothing_of_the_clients_request(s3_deployment):
+    s3 = s3_deployment
+    s3.store.sent.clear()
+
+    answer = s3_download(s3, Range="bytes=5-9", Cookie="sessionid=not-for-the-store")
+    direct = http_call(s3.server, "GET", f"/api/uploads/{s3.upload_id}/content", token=s3.backend.alice_token).headers[
+        "X-Accel-Redirect"
+    ]
+
+    assert (answer.status, answer.body) == (206, s3.data[5:10])
+    (request,) = s3.store.presigned_gets()
+    assert request["range"] == "bytes=5-9"
+    assert request["host"] == urlsplit(s3.server.env["DIRECTDRIVEX_S3_ENDPOINT_URL"]).netloc
+    # The client sent a token and a cookie: neither reaches the store (nor does anything else of its request).
+    assert sorted(request) == ["", "connection", "host", "range"]
+    query = parse_qs(urlsplit(direct).query)
+    assert query["X-Amz-Expires"] == ["300"]
+    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - signed_at).total_seconds()) < 60
+    assert query["X-Amz-SignedHeaders"] == ["host"]
+    # The bucket stays private: the same object without the signature is refused.
+    object_path = "/" + urlsplit(direct).path.split("/", 5)[5]
+    unsigned = http.client.HTTPConnection(*s3.store.address, timeout=10)
+    try:
+        unsigned.request("GET", object_path)
+        assert unsigned.getresponse().status == 403
+    finally:
+        unsigned.close()
+    # internal: a client asking for the location itself gets nginx's 404, and the store sees nothing.
+    s3.store.sent.clear()
+    assert http_call(s3.nginx, "GET", direct).status == 404
+    assert s3.store.presigned_gets() == []
+
+
+def test_on_s3_an_object_deleted_after_the_servers_check_is_the_apis_404_not_the_stores_xml(s3_deployment):
+    s3 = s3_deployment
+    upload_id, _sha256 = finished_upload(s3.server, 10, "deleted-on-s3.bin")
+    redirect = http_call(s3.server, "GET", f"/api/uploads/{upload_id}/content", token=s3.backend.alice_token).headers[
+        "X-Accel-Redirect"
+    ]
+    client = seaweedfs.s3_client(s3.server.env["DIRECTDRIVEX_S3_ENDPOINT_URL"])
+    # Gone behind the server's back (its row still says complete): the store answers 404 to nginx.
+    client.delete_object(Bucket=s3.server.env["DIRECTDRIVEX_S3_BUCKET"], Key=urlsplit(redirect).path.split("/", 6)[6])
+    answer = http_call(s3.nginx, "GET", f"/api/uploads/{upload_id}/content", token=s3.backend.alice_token)
+
+    assert (answer.status, answer.content_type) == (404, "application/json")
+    assert answer.json()["code"] == "not_found"

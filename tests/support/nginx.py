@@ -90,7 +90,10 @@ http {{
 
 
 class Nginx:
-    """nginx on 127.0.0.1:<free port> in front of ``upstreams`` (started or not), serving their storage."""
+    """nginx on 127.0.0.1:<free port> in front of ``upstreams`` (started or not), serving their storage.
+
+    ``s3_endpoint``: the S3 server the s3 location proxies presigned GETs to (the servers' s3 backend's).
+    """
 
     def __init__(
         self,
@@ -100,6 +103,7 @@ class Nginx:
         static_root: Path,
         accel_redirect: str = "/_protected/",
         max_request_bytes: int = 1024 * 1024,
+        s3_endpoint: str = "http://127.0.0.1:9",
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -113,6 +117,8 @@ class Nginx:
             "static_root": str(static_root),
             "accel_redirect": accel_redirect,
             "storage_dir": str(upstreams[0].storage),
+            # The s3 location's store (DIRECTDRIVEX_S3_ENDPOINT_URL); on local storage nothing is sent there.
+            "s3_endpoint": s3_endpoint,
         }
         self.site_path = self.workdir / "directdrivex.conf"
         self.config_path = self.workdir / "nginx.conf"
