@@ -111,14 +111,14 @@ def seed(spec_json: str) -> None:
             for pk, generation in Upload.objects.filter(owner=user).values_list("pk", "writer_generation")
         }
     for key in result["part_keys"]:
-        write_part(key, b"x" * 5)
+        write_part(key, b"x" * 5, 10)  # of an upload of 10 bytes
     print("RESULT", json.dumps(result))  # noqa: T201 - read by the test process
 
 
 def inspect(tag: str) -> None:
     """Print the state of user ``tag``'s rows and files as ``RESULT {json}``."""
+    from tests.support import stored
     from uploads.models import Slot, Upload
-    from uploads.storage import local
 
     slots = Slot.objects.filter(user__username=tag)
     uploads = Upload.objects.filter(owner__username=tag)
@@ -129,7 +129,7 @@ def inspect(tag: str) -> None:
             str(pk): {"status": status, "generation": generation}
             for pk, status, generation in uploads.values_list("pk", "status", "writer_generation")
         },
-        "part_files": [str(u.pk) for u in uploads if local.part_path(u.storage_key).exists()],
+        "part_files": [str(u.pk) for u in uploads if stored.part_stored(u.storage_key)],
     }
     print("RESULT", json.dumps(state))  # noqa: T201 - read by the test process
 
@@ -468,6 +468,7 @@ def read_only_storage(tmp_path):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+@pytest.mark.local_storage  # the local storage folder's filesystem remounted read-only
 @pytest.mark.slow
 def test_reaper_keeps_running_when_the_storage_turns_read_only(backend, read_only_storage, reapers, tmp_path):
     # Before, an expiry committed, the delete of its bytes raised (EROFS), and the reaper
