@@ -259,7 +259,8 @@ def test_an_unreachable_store_is_unavailable_not_a_crash(alice, s3_storage, tmp_
 def check_ids(settings) -> list[tuple[str, str]]:
     from uploads.checks import check_configuration
 
-    return [(error.id, error.msg) for error in check_configuration(None) if error.id in ("uploads.E014", "uploads.E015")]
+    ours = ("uploads.E014", "uploads.E015")
+    return [(error.id, error.msg) for error in check_configuration(None) if error.id in ours]
 
 
 def test_a_usable_bucket_passes_the_start_up_check(s3_storage, settings):
@@ -411,7 +412,7 @@ def test_fsck_fails_a_complete_upload_whose_object_is_gone_and_sets_an_orphan_ob
     assert kinds(report) == ["missing_file", "orphan_file"]
     assert all(finding.repaired for finding in report.findings)
     assert Upload.objects.get(pk=lost.pk).status == Upload.Status.FAILED
-    moved = [f.action for f in report.findings if f.kind == "orphan_file"][0]
+    moved = next(f.action for f in report.findings if f.kind == "orphan_file")
     kept = where.client.list_objects_v2(Bucket=where.bucket, Prefix=f"{where.prefix}{s3.LOST_AND_FOUND}/")
     assert [item["Key"] for item in kept["Contents"]] == [moved.split()[2]]
     assert storage.backend().entry_size(where.final(orphan)) is None

@@ -615,6 +615,8 @@ class S3Storage(Storage):
 
     def __init__(self, *, endpoint_url: str, bucket: str, prefix: str, region: str, spool_dir: Path):
         config = Config(
+            # SigV4 for presigned URLs too (botocore presigns with the deprecated SigV2 unless told).
+            signature_version="s3v4",
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=5,
             read_timeout=30,
@@ -678,7 +680,7 @@ class S3Storage(Storage):
         this GET and the store's host, for ``accel_presign_seconds``.
         """
         url = urlsplit(
-            self._presigner().generate_presigned_url(
+            self.where.client.generate_presigned_url(
                 "get_object",
                 Params={"Bucket": self.where.bucket, "Key": self.where.final(key)},
                 ExpiresIn=self.accel_presign_seconds,
@@ -688,20 +690,6 @@ class S3Storage(Storage):
         if content_range := answer.get("Content-Range"):  # "bytes first-last/size"
             segments.insert(0, "bytes=" + content_range.removeprefix("bytes ").partition("/")[0])
         return "s3/" + "/".join(segments) + f"{url.path}?{url.query}"
-
-    _accel_client = None
-
-    def _presigner(self):
-        """The backend's client, but presigning with SigV4 (botocore presigns with the deprecated SigV2 unless told)."""
-        if self._accel_client is None:
-            meta = self.where.client.meta
-            self._accel_client = boto3.session.Session().client(
-                "s3",
-                endpoint_url=meta.endpoint_url,
-                region_name=meta.region_name,
-                config=meta.config.merge(Config(signature_version="s3v4")),
-            )
-        return self._accel_client
 
     # --- every ending ----------------------------------------------------------------------
 
