@@ -14,12 +14,12 @@ from django.urls import reverse
 from django.utils import timezone
 
 from tests.conftest import PASSWORD, finish_upload, make_user, write_part
+from tests.support import stored
 from uploads.exceptions import LeaseLost, NotUploading
 from uploads.models import Slot, Upload, UserQuota
 from uploads.services.grants import writer_admit, writer_commit
 from uploads.services.slots import slot_admit, slots_reset
 from uploads.services.uploads import upload_create, upload_end
-from uploads.storage import local
 
 pytestmark = pytest.mark.django_db
 
@@ -127,13 +127,13 @@ def test_slots_cannot_be_edited_in_the_admin(admin_client, alice):
 
 def test_delete_action_removes_a_finished_uploads_row_and_file(admin_client, alice):
     upload = finished(alice, b"0123456789")
-    assert local.final_path(upload.storage_key).read_bytes() == b"0123456789"
+    assert stored.finished_bytes(upload.storage_key) == b"0123456789"
 
     response = run_action(admin_client, "upload", "delete_selected_uploads", upload.pk)
 
     assert response.status_code == 200
     assert not Upload.objects.filter(pk=upload.pk).exists()
-    assert not local.final_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     assert "Deleted 1 upload(s) and their files." in [str(m) for m in response.context["messages"]]
 
 
@@ -143,11 +143,11 @@ def test_delete_action_cancels_an_unfinished_upload_deletes_its_part_file_and_fr
     limits(user_upload_slots=1)
     upload, _slot = upload_create(alice, filename="big.iso", size=1000)
     grant = writer_admit(alice, upload.pk, "live.writer!1")
-    write_part(upload.storage_key, b"x" * 100)
+    write_part(upload.storage_key, b"x" * 100, upload.size)
 
     run_action(admin_client, "upload", "delete_selected_uploads", upload.pk)
 
-    assert not local.part_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     assert Upload.objects.get(pk=upload.pk).status == Upload.Status.CANCELLED
     assert not Slot.objects.active().filter(upload=upload).exists()
     with pytest.raises(NotUploading):  # the live writer is fenced off
@@ -162,12 +162,14 @@ def test_delete_action_cancels_an_unfinished_upload_deletes_its_part_file_and_fr
 def test_delete_action_leaves_unselected_uploads_alone(admin_client, alice, bob):
     mine = finished(alice, b"alice")
     bobs, bobs_slot = upload_create(bob, filename="b.bin", size=10)
-    write_part(bobs.storage_key, b"bob")
+    write_part(bobs.storage_key, b"bob", bobs.size)
+    bobs_bytes = stored.snapshot(bobs.storage_key)
+    assert stored.part_stored(bobs.storage_key)
 
     run_action(admin_client, "upload", "delete_selected_uploads", mine.pk)
 
     assert Upload.objects.get(pk=bobs.pk).status == Upload.Status.UPLOADING
-    assert local.part_path(bobs.storage_key).read_bytes() == b"bob"
+    assert stored.snapshot(bobs.storage_key) == bobs_bytes
     assert Slot.objects.get(pk=bobs_slot.pk).released_at is None
 
 
@@ -187,7 +189,7 @@ def test_a_forged_delete_selected_post_deletes_nothing(admin_client, alice):
     run_action(admin_client, "slot", "delete_selected", slot.pk)
 
     assert Upload.objects.filter(pk=upload.pk).exists()
-    assert local.final_path(upload.storage_key).read_bytes() == b"keep"
+    assert stored.finished_bytes(upload.storage_key) == b"keep"
     assert Slot.objects.get(pk=slot.pk).released_at is None
 
 
@@ -203,7 +205,7 @@ def test_the_delete_views_are_refused(admin_client, alice, method):
         assert getattr(admin_client, method)(url, {"post": "yes"}).status_code == 403
 
     assert Upload.objects.filter(pk=upload.pk).exists()
-    assert local.final_path(upload.storage_key).exists()
+    assert stored.finished_stored(upload.storage_key)
     assert Slot.objects.filter(pk=slot.pk, released_at__isnull=True).exists()
 
 
@@ -243,7 +245,7 @@ def test_staff_with_view_permission_only_sees_rows_but_can_run_no_action(viewer_
     run_action(viewer_client, "upload", "delete_selected_uploads", upload.pk)
     run_action(viewer_client, "slot", "release_selected", live_slot.pk)
 
-    assert local.final_path(upload.storage_key).read_bytes() == b"keep"
+    assert stored.finished_bytes(upload.storage_key) == b"keep"
     assert Slot.objects.get(pk=live_slot.pk).released_at is None
 
 
@@ -261,7 +263,7 @@ def test_a_user_who_owns_uploads_cannot_be_deleted_around_the_services(admin_cli
 
     assert response.status_code == 403
     assert Upload.objects.filter(pk=upload.pk, owner=alice).exists()
-    assert local.final_path(upload.storage_key).read_bytes() == b"alice's"
+    assert stored.finished_bytes(upload.storage_key) == b"alice's"
 
 
 # --- who may look: staff with the view permission; everyone else is sent to the admin's login ------
@@ -461,19 +463,19 @@ def test_expire_action_ends_unfinished_uploads_now_and_leaves_finished_ones_alon
     limits(user_upload_slots=1)
     upload, slot = upload_create(alice, filename="stale.iso", size=1000)
     grant = writer_admit(alice, upload.pk, "stale.writer!1")
-    write_part(upload.storage_key, b"x" * 100)
+    write_part(upload.storage_key, b"x" * 100, upload.size)
     done = finished(make_user("carol"), b"done")
 
     response = run_action(admin_client, "upload", "expire_selected", upload.pk, done.pk)
 
     assert Upload.objects.get(pk=upload.pk).status == Upload.Status.EXPIRED
-    assert not local.part_path(upload.storage_key).exists()
+    assert stored.nothing_stored(upload.storage_key)
     assert Slot.objects.get(pk=grant.slot_id).release_reason == Slot.ReleaseReason.EXPIRED
     with pytest.raises(NotUploading):
         writer_commit(grant, 100)
     upload_create(alice, filename="next.iso", size=10)  # alice's only slot is free again
     assert Upload.objects.get(pk=done.pk).status == Upload.Status.COMPLETE
-    assert local.final_path(done.storage_key).read_bytes() == b"done"
+    assert stored.finished_bytes(done.storage_key) == b"done"
     texts = [str(m) for m in response.context["messages"]]
     assert "Expired 1 upload(s)." in texts
     assert slot.pk == grant.slot_id  # the reserved slot was claimed by the writer, then expired
