@@ -400,6 +400,7 @@ def test_the_json_lists_recent_releases_newest_first_with_their_reasons(operator
     assert releases[0]["filename"] == "a.bin"
 
 
+@pytest.mark.local_storage  # the capacity of the local storage folder's filesystem
 def test_the_json_sums_disk_usage_from_the_rows_against_the_filesystem(operator_client, alice, storage_dir):
     finish_upload(alice, b"y" * 4096)
     unfinished, _slot = upload_create(alice, filename="half.bin", size=1000)
@@ -416,6 +417,7 @@ def test_the_json_sums_disk_usage_from_the_rows_against_the_filesystem(operator_
     assert abs(disk["filesystem_free_bytes"] - filesystem.free) < 64 * MiB  # other tests write meanwhile
 
 
+@pytest.mark.local_storage  # the capacity of the local storage folder's filesystem
 def test_the_json_answers_before_the_storage_folder_exists(operator_client, settings, tmp_path):
     settings.DIRECTDRIVEX_STORAGE_DIR = tmp_path / "not" / "yet"
 

@@ -22,13 +22,13 @@ from django.urls import include, path
 from django.utils import timezone
 
 from tests.conftest import PASSWORD, finish_upload, write_part
+from tests.support import stored
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import LiveServer
 from uploads.models import Slot, Upload
 from uploads.services.grants import writer_admit, writer_commit
 from uploads.services.quota import QuotaSummary, quota_summary
 from uploads.services.uploads import upload_create, upload_delete
-from uploads.storage import local
 from uploads.throttles import client_address
 
 FILES = "/files/"
@@ -150,7 +150,7 @@ def uploading(user, name="part.bin", *, size=10, received=b""):
     """An unfinished upload with ``received`` durable bytes, as a writer leaves it."""
     upload, _ = upload_create(user, filename=name, size=size)
     if received:
-        write_part(upload.storage_key, received)
+        write_part(upload.storage_key, received, size)
         writer_commit(writer_admit(user, upload.pk, "test-writer"), len(received))
     upload.refresh_from_db()
     return upload
@@ -317,7 +317,7 @@ def test_deleting_a_file_asks_first_then_removes_its_row_and_bytes(alice):
 
     assert (response.status_code, response["Location"]) == (302, FILES)
     assert not Upload.objects.filter(pk=done.pk).exists()
-    assert not local.final_path(done.storage_key).exists()
+    assert stored.nothing_stored(done.storage_key)
     listing = page(client.get(FILES))
     assert listing.messages() == ["Deleted big.iso."]
     assert listed_ids(listing) == []
@@ -325,7 +325,7 @@ def test_deleting_a_file_asks_first_then_removes_its_row_and_bytes(alice):
 
 def test_cancelling_an_unfinished_upload_deletes_its_partial_bytes_and_keeps_it_listed_as_cancelled(alice):
     running = uploading(alice, "half.iso", size=100, received=b"x" * 50)
-    assert local.part_path(running.storage_key).exists()
+    assert stored.part_stored(running.storage_key)
     client = signed_in(alice)
 
     assert page(client.get(delete_url(running))).one("h1").text == "Cancel the upload of half.iso?"
@@ -333,7 +333,7 @@ def test_cancelling_an_unfinished_upload_deletes_its_partial_bytes_and_keeps_it_
 
     running.refresh_from_db()
     assert running.status == Upload.Status.CANCELLED
-    assert not local.part_path(running.storage_key).exists()
+    assert stored.nothing_stored(running.storage_key)
     assert not Slot.objects.active().filter(upload=running).exists()
     listing = page(client.get(FILES))
     assert listing.messages() == ["Cancelled half.iso; its partial bytes are deleted."]
@@ -366,7 +366,7 @@ def test_deleting_bobs_upload_or_one_already_deleted_is_a_404_page_and_changes_n
     assert page(client.get(delete_url(bobs)), 404).one("h1").text == "Page not found"
     assert page(client.post(delete_url(bobs)), 404).one("h1").text == "Page not found"
     assert Upload.objects.filter(pk=bobs.pk, status=Upload.Status.COMPLETE).exists()
-    assert local.final_path(bobs.storage_key).exists()
+    assert stored.finished_stored(bobs.storage_key)
 
 
 def test_delete_needs_a_signed_in_owner_and_a_post(alice):
