@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from tests.support import stored
 from tests.support.files import file_sha256, write_random
 from tests.support.live_backend import http_call, live_backend
 from tests.support.live_server import ROOT, LiveServer
@@ -333,12 +334,12 @@ def test_reference_client_uploads_200_mib_and_the_stored_bytes_match_its_sha256(
     assert upload["status"] == "complete"
     assert upload["offset"] == upload["size"] == big_file.size
     assert upload["sha256"] == big_file.sha256
-    [stored] = stored_files(server)
-    assert stored.stat().st_size == big_file.size
-    assert file_sha256(stored) == big_file.sha256
-    assert part_files(server) == []
+    [key] = stored.finished_keys(server.storage)
+    assert stored.finished_sha256(key, server.storage) == big_file.sha256
+    assert stored.part_keys(server.storage) == []
 
 
+@pytest.mark.local_storage  # kills the server once the part file on disk holds enough bytes
 def test_client_resumes_after_the_server_is_killed_at_a_random_byte_and_restarted(
     backend, start_server, run_client, big_file, tmp_path
 ):
@@ -378,6 +379,8 @@ def test_client_resumes_after_the_server_is_killed_at_a_random_byte_and_restarte
     assert part_files(server) == []
 
 
+# The frozen writer keeps its part file's flock (B is refused busy) and the part is read back under it.
+@pytest.mark.local_storage
 async def test_writer_frozen_past_its_lease_writes_nothing_after_waking_and_is_closed_with_4410(backend, start_server):
     token = backend.alice_token
     server_a = start_server("a", DIRECTDRIVEX_SLOT_LEASE_SECONDS=LEASE_SECONDS)
@@ -469,8 +472,8 @@ async def test_second_writer_on_one_server_is_refused_busy_with_retry_after(back
 
     assert complete["sha256"] == hashlib.sha256(data).hexdigest()
     assert upload_detail(server, token, upload["id"])["status"] == "complete"
-    [stored] = stored_files(server)
-    assert stored.read_bytes() == data
+    [key] = stored.finished_keys(server.storage)
+    assert stored.finished_sha256(key, server.storage) == hashlib.sha256(data).hexdigest()
 
 
 async def test_server_shutdown_makes_received_bytes_durable_and_frees_the_slot(backend, start_server):

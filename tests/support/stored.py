@@ -11,7 +11,7 @@ from pathlib import Path
 import botocore.exceptions
 from django.conf import settings
 
-from tests.support.files import lock_is_free
+from tests.support.files import file_sha256, lock_is_free
 from uploads import storage
 from uploads.storage import local
 
@@ -199,3 +199,45 @@ def snapshot(key: str) -> dict:
         uploads[upload_id] = [(p["PartNumber"], p["Size"], p["ETag"]) for p in answer.get("Parts", [])]
     tails = {name: where.client.get_object(Bucket=where.bucket, Key=name)["Body"].read() for name in _tails(where, key)}
     return {"finished": finished_bytes(key), "tails": tails, "multipart": uploads}
+
+
+# --- a live server's storage: its own folder on local, the test's prefix (shared through the environment) on s3 ---
+
+
+def finished_keys(folder: Path) -> list[str]:
+    """Keys of every finished file: in ``folder``/files (local), under the prefix's files/ (s3)."""
+    where = _s3_where()
+    if where is None:
+        return sorted(path.name for path in (folder / storage.Area.FILES).glob("*"))
+    prefix = where.final("")
+    listing = where.client.list_objects_v2(Bucket=where.bucket, Prefix=prefix)
+    return sorted(item["Key"].removeprefix(prefix) for item in listing.get("Contents", []))
+
+
+def part_keys(folder: Path) -> list[str]:
+    """Keys of every unfinished part: in ``folder``/partial (local); multipart uploads and tails (s3)."""
+    where = _s3_where()
+    if where is None:
+        return sorted(path.name.removesuffix(local.PART_SUFFIX) for path in (folder / storage.Area.PARTIAL).glob("*"))
+    prefix, tails = where.final(""), where.tails("")
+    listing = where.client.list_multipart_uploads(Bucket=where.bucket, Prefix=prefix)
+    keys = {upload["Key"].removeprefix(prefix) for upload in listing.get("Uploads", [])}
+    listing = where.client.list_objects_v2(Bucket=where.bucket, Prefix=tails)
+    keys |= {item["Key"].removeprefix(tails).split("/")[0] for item in listing.get("Contents", [])}
+    return sorted(keys)
+
+
+def finished_sha256(key: str, folder: Path) -> str:
+    """sha256 of the finished file of ``key`` (in ``folder`` on local), read in blocks."""
+    if _s3_where() is None:
+        return file_sha256(folder / storage.Area.FILES / key)
+    digest = hashlib.sha256()
+    reader = storage.backend().open_finished(key)
+    try:
+        position = 0
+        while block := reader.read(position, 8 * 1024 * 1024):
+            digest.update(block)
+            position += len(block)
+    finally:
+        reader.close()
+    return digest.hexdigest()
