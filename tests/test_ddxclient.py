@@ -36,6 +36,7 @@ from websockets.sync.server import serve
 import ddxclient.uploader
 from ddxclient.__main__ import main
 from ddxclient.uploader import EXIT_FAILED, EXIT_REFUSED, FIRST_BACKOFF, retry_after
+from tests.support import stored
 from tests.support.live_backend import live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
@@ -562,7 +563,7 @@ def uploads_named(server: LiveServer, token: str, filename: str) -> list[dict]:
 
 
 def stored_sha256(server: LiveServer) -> list[str]:
-    return sorted(hashlib.sha256(path.read_bytes()).hexdigest() for path in (server.storage / "files").glob("*"))
+    return sorted(stored.finished_sha256(key, server.storage) for key in stored.finished_keys(server.storage))
 
 
 def wait_for(condition, what: str, diagnose=lambda: ""):

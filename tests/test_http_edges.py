@@ -249,6 +249,7 @@ def test_an_unreachable_database_is_503_unavailable_with_retry_after(backend, tm
         assert http_call(server, "GET", "/api/nothing-here/").status == 404
 
 
+@pytest.mark.local_storage  # the fault is a file planted where the local layout has a folder
 def test_an_unknown_fault_is_a_json_500_internal_error_with_a_log_line(alice_client, storage_dir, caplog):
     created = alice_client.post("/api/uploads/", {"filename": "a.bin", "size": 10}, format="json")
     assert created.status_code == 201
