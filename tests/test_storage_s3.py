@@ -486,3 +486,24 @@ def test_the_dashboard_shows_a_bucket_without_a_filesystem(alice, s3_storage):
     assert (disk["finished_bytes"], disk["filesystem_total_bytes"], disk["filesystem_free_bytes"]) == (4096, None, None)
     assert page.status_code == 200
     assert b"not reported by an object store" in page.content
+
+
+def test_fsck_reports_parts_a_crashed_writer_sent_and_the_completion_leaves_them_out(alice, s3_storage):
+    from tests.conftest import complete_upload
+    from uploads.ops.fsck import fsck_run
+
+    data = os.urandom(3 * PART)
+    upload = paused(alice, data[:PART], len(data))
+    grant = writer_admit(alice, upload.pk, "crashing-writer")
+    part = storage.backend().open_part(grant.storage_key, grant.committed(), grant.size)
+    part.append([b"X" * PART])  # a whole part, sent, never committed: the process died here
+    part.sync()  # only to wait for the send; nothing is recorded
+    part.close()
+    writer_release(grant, "error")
+
+    report = fsck_run(repair=True)
+
+    assert kinds(report) == ["extra_parts"]
+    assert "no commit records" in report.findings[0].detail and report.findings[0].repaired
+    complete_upload(alice, upload.pk, data[PART:])
+    assert object_bytes(s3_storage, upload.storage_key) == data

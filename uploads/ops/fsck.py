@@ -78,6 +78,7 @@ class Kind(TextChoices):
         "multipart upload in the object store that no unfinished upload records (older than a lease and a margin)",
     )
     LEFTOVER_TAIL = "leftover_tail", "tail object in the object store that no commit records"
+    EXTRA_PARTS = "extra_parts", "parts in an unfinished multipart upload that no commit records (a crashed writer's)"
     NOT_A_FILE = (
         "not_a_file",
         "something other than a regular file (a symlink, a folder, a device) where an upload's bytes belong",
@@ -401,6 +402,14 @@ def _find_unfinished_pieces(report: FsckReport, upload: Upload) -> None:
                 missing.append(f"part {piece.number} (bytes {piece.start}-{piece.end}) is missing or different")
         elif piece.kind == StoredPiece.Kind.TAIL and in_store.get(piece.name, (None,))[0] != piece.end - piece.start:
             missing.append(f"tail {piece.name} (bytes {piece.start}-{piece.end}) is missing or different")
+    extra = sorted(set(parts or ()) - {piece.number for piece in recorded if piece.kind == StoredPiece.Kind.PART})
+    if extra:
+        report.add(
+            Kind.EXTRA_PARTS,
+            f"{len(extra)} part(s) of multipart upload {upload.store_session} no commit records "
+            f"(numbers {', '.join(map(str, extra[:10]))}{'…' if len(extra) > 10 else ''})",
+            **_about(upload, path),
+        )
     if missing and not _finished_in_place(upload):
         report.add(
             Kind.MISSING_PART if parts is None else Kind.PART_SHORT,
@@ -751,6 +760,11 @@ def _repair_abandoned_session(finding: Finding, batch: str) -> None:
         finding.done("left alone: an upload records it now")
 
 
+def _repair_extra_parts(finding: Finding, batch: str) -> None:
+    # S3 has no call to delete one part; completion leaves out every part it is not given.
+    finding.done("nothing to remove: the completion uses only the recorded parts, and the store drops the rest then")
+
+
 def _repair_leftover_tail(finding: Finding, batch: str) -> None:
     if store_delete_unrecorded_tail(finding.seen["key"], finding.path):
         finding.done("deleted (no commit recorded it)")
@@ -761,6 +775,7 @@ def _repair_leftover_tail(finding: Finding, batch: str) -> None:
 REPAIRS = {
     Kind.ABANDONED_SESSION: _repair_abandoned_session,
     Kind.LEFTOVER_TAIL: _repair_leftover_tail,
+    Kind.EXTRA_PARTS: _repair_extra_parts,
     Kind.SLOT_FOR_ENDED_UPLOAD: _repair_slot_for_ended_upload,
     Kind.IDLE_EXPIRED: _repair_idle_expired,
     Kind.MISSING_PART: _repair_short,
