@@ -188,3 +188,19 @@ def test_tus_bodies_stream_and_no_other_body_does():
     assert not server.streams_request_body(b"DELETE", b"/api/tus/abc")
     assert not server.streams_request_body(b"POST", b"/api/uploads/")
     assert not server.streams_request_body(b"PATCH", b"/api/tusx")
+
+
+def test_serve_caps_the_malloc_arenas_unless_the_environment_says_otherwise(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from directdrivex import server
+
+    # In a fresh process: mallopt's cap is for the whole process and must come before its threads.
+    code = "from directdrivex import server; print(server.limit_malloc_arenas())"
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_ARENA_MAX"}
+    capped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert capped.stdout.strip() == "True"  # glibc here
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert server.limit_malloc_arenas() is False  # the operator's own setting wins

@@ -31,6 +31,7 @@ class Command(BaseCommand):
         if print_only:
             self.stdout.write("daphne " + shlex.join(arguments))
             return
+        server.limit_malloc_arenas()  # before any thread of ours allocates
         storage.backend().prepare()
         # Multiprocess metrics (PROMETHEUS_MULTIPROC_DIR): clean up after processes that stopped or crashed,
         # and let this one's open-connection gauges go when it stops (uploads.metrics).
