@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import stored
 from tests.support.live_backend import live_backend
 from tests.support.live_server import ROOT, LiveServer
 from tests.support.tcp_proxy import TcpProxy
@@ -218,8 +219,8 @@ def test_releasing_a_live_uploads_slot_in_the_admin_closes_it_with_4410_and_the_
     # fenced at its next commit would have said LeaseLost's default sentence instead.
     assert "lease_lost (4410): An administrator reset this upload's slot." in log, log
     assert f"complete {upload_id} {SIZE} bytes sha256 {sha256}" in log, log
-    stored = server.storage / "files"
-    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in stored.iterdir()] == [sha256]
+    finished = stored.finished_keys(server.storage)
+    assert [stored.finished_sha256(key, server.storage) for key in finished] == [sha256]
     history = [
         (release["id"], release["release_reason"])
         for release in operator.dashboard()["recent_releases"]
@@ -228,7 +229,7 @@ def test_releasing_a_live_uploads_slot_in_the_admin_closes_it_with_4410_and_the_
     # Newest first: the resumed connection's slot completed; the one the operator released was reset.
     assert history[-1] == (slot_id, "reset")
     assert history[0][1] == "completed" and len(history) == 2, history
-    assert list((server.storage / "partial").glob("*")) == []
+    assert stored.part_keys(server.storage) == []
 
 
 def test_releasing_a_downloads_slot_in_the_admin_ends_its_stream_at_once(server, backend):

@@ -37,6 +37,10 @@ from uploads.services.slots import lease_duration, slot_admit
 from uploads.services.uploads import upload_create, upload_end
 from uploads.storage import local
 
+# The local layout's findings and repairs: files planted, truncated, linked and moved aside in the folder.
+# (fsck on s3 is tested in tests/test_storage_s3.py.)
+pytestmark = pytest.mark.local_storage
+
 KiB = 1024
 MiB = 1024 * KiB
 

@@ -61,6 +61,7 @@ def write_part(data: bytes) -> bytes:
         part.close()
 
 
+@pytest.mark.local_storage  # re-reads a part file on disk (an s3 part is never read back)
 def test_a_part_resumed_with_its_saved_state_does_not_read_its_bytes_again(layout):
     original = os.urandom(3 * 1024 * 1024)
     state = write_part(original)
@@ -81,6 +82,7 @@ def test_a_part_resumed_with_its_saved_state_does_not_read_its_bytes_again(layou
         reread.close()
 
 
+@pytest.mark.local_storage  # re-reads a part file on disk (an s3 part is never read back)
 def test_a_stale_state_makes_the_part_read_again(layout):
     original = os.urandom(1024 * 1024)
     state = write_part(original)

@@ -13,6 +13,9 @@ import pytest
 from uploads import storage
 from uploads.storage import local
 
+# The local backend itself: its folder layout, links, FIFOs, flocks and renames.
+pytestmark = pytest.mark.local_storage
+
 KEY = "0123456789abcdef0123456789abcdef"
 
 
