@@ -496,6 +496,8 @@ def complete(where: Bucket, key: str, session: str, parts: list[Piece], size: in
         if _object_size(where, key) == size:
             log.info("multipart completion answered %s but the object is whole key=%s", type(exc).__name__, key)
             return
+        if _error_code(exc) == "NoSuchUpload":  # aborted under us (a DELETE): as a part file removed is
+            raise FileNotFoundError(f"multipart upload {session} is gone") from exc
         raise
 
 
