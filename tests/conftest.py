@@ -168,10 +168,46 @@ def use_s3_storage(settings, monkeypatch, tmp_path: Path, endpoint: str, bucket:
     return s3
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_servers_on_s3(request, tmp_path_factory):
+    """With DIRECTDRIVEX_TEST_STORAGE=s3, servers a module starts once for all its tests store in the bucket too.
+
+    Such a server is started before the per-test fixture below sets each
+    test's own prefix, and keeps the environment it was started with: this
+    gives it a prefix of the session's. tests/support/stored.py reads a live
+    server's storage from that server's own environment.
+    """
+    if TEST_STORAGE != "s3":
+        yield None
+        return
+    endpoint, bucket = request.getfixturevalue("s3_server")
+    values = {
+        "DIRECTDRIVEX_STORAGE_BACKEND": "s3",
+        "DIRECTDRIVEX_S3_ENDPOINT_URL": endpoint,
+        "DIRECTDRIVEX_S3_BUCKET": bucket,
+        "DIRECTDRIVEX_S3_PREFIX": f"t/shared-{uuid.uuid4().hex}/",
+        "DIRECTDRIVEX_S3_REGION": seaweedfs.REGION,
+        "DIRECTDRIVEX_SPOOL_DIR": str(tmp_path_factory.mktemp("shared-spool")),
+        "AWS_ACCESS_KEY_ID": seaweedfs.ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.SECRET_ACCESS_KEY,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(name, raising=False)
+        yield values
+
+
 @pytest.fixture(autouse=True)
 def storage_backend(request, settings, monkeypatch, tmp_path) -> S3TestStorage | None:
     """With DIRECTDRIVEX_TEST_STORAGE=s3, the test's S3TestStorage (unless marked local_storage); else None."""
-    if TEST_STORAGE != "s3" or request.node.get_closest_marker("local_storage"):
+    if TEST_STORAGE != "s3":
+        return None
+    if request.node.get_closest_marker("local_storage"):
+        # The session's environment points servers at the bucket (shared_servers_on_s3): not this test's.
+        settings.DIRECTDRIVEX_STORAGE_BACKEND = "local"
+        monkeypatch.setenv("DIRECTDRIVEX_STORAGE_BACKEND", "local")
         return None
     return use_s3_storage(settings, monkeypatch, tmp_path, *request.getfixturevalue("s3_server"))
 

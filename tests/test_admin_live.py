@@ -219,8 +219,8 @@ def test_releasing_a_live_uploads_slot_in_the_admin_closes_it_with_4410_and_the_
     # fenced at its next commit would have said LeaseLost's default sentence instead.
     assert "lease_lost (4410): An administrator reset this upload's slot." in log, log
     assert f"complete {upload_id} {SIZE} bytes sha256 {sha256}" in log, log
-    finished = stored.finished_keys(server.storage)
-    assert [stored.finished_sha256(key, server.storage) for key in finished] == [sha256]
+    finished = stored.finished_keys(server)
+    assert [stored.finished_sha256(key, server) for key in finished] == [sha256]
     history = [
         (release["id"], release["release_reason"])
         for release in operator.dashboard()["recent_releases"]
@@ -229,7 +229,7 @@ def test_releasing_a_live_uploads_slot_in_the_admin_closes_it_with_4410_and_the_
     # Newest first: the resumed connection's slot completed; the one the operator released was reset.
     assert history[-1] == (slot_id, "reset")
     assert history[0][1] == "completed" and len(history) == 2, history
-    assert stored.part_keys(server.storage) == []
+    assert stored.part_keys(server) == []
 
 
 def test_releasing_a_downloads_slot_in_the_admin_ends_its_stream_at_once(server, backend):

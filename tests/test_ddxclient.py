@@ -563,7 +563,7 @@ def uploads_named(server: LiveServer, token: str, filename: str) -> list[dict]:
 
 
 def stored_sha256(server: LiveServer) -> list[str]:
-    return sorted(stored.finished_sha256(key, server.storage) for key in stored.finished_keys(server.storage))
+    return sorted(stored.finished_sha256(key, server) for key in stored.finished_keys(server))
 
 
 def wait_for(condition, what: str, diagnose=lambda: ""):

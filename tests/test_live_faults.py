@@ -148,8 +148,8 @@ async def test_database_cut_mid_upload_is_4503_the_server_stays_up_and_the_uploa
             assert ws.close_code == 1000
 
     assert complete["sha256"] == hashlib.sha256(data).hexdigest()
-    [key] = stored.finished_keys(server.storage)
-    assert stored.finished_sha256(key, server.storage) == hashlib.sha256(data).hexdigest()
+    [key] = stored.finished_keys(server)
+    assert stored.finished_sha256(key, server) == hashlib.sha256(data).hexdigest()
 
 
 def _detail_when_up(server: LiveServer, token: str, upload_id: str) -> dict | None:
@@ -186,7 +186,7 @@ def test_reference_client_resumes_by_itself_after_the_database_comes_back(backen
                 cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
             )  # fmt: skip
         try:
-            wait_for(lambda: stored.part_keys(server.storage), "the part", 60)
+            wait_for(lambda: stored.part_keys(server), "the part", 60)
             wait_for(lambda: durable_offset(server, backend.alice_token, path.name) >= 8 * MiB, "8 MiB durable", 60)
             database.cut()
             time.sleep(4)  # the client meets 4503 / 503 and keeps retrying
@@ -197,8 +197,8 @@ def test_reference_client_resumes_by_itself_after_the_database_comes_back(backen
             if client.poll() is None:
                 client.kill()
     assert exit_code == 0, log_path.read_text() + diagnostics(server)
-    [key] = stored.finished_keys(server.storage)
-    assert stored.finished_sha256(key, server.storage) == file_sha256(path)
+    [key] = stored.finished_keys(server)
+    assert stored.finished_sha256(key, server) == file_sha256(path)
 
 
 def durable_offset(server: LiveServer, token: str, filename: str) -> int:
@@ -402,7 +402,7 @@ async def test_a_delete_answers_at_once_while_redis_is_stalled_and_the_fence_sto
     assert took < 10, f"DELETE took {took:.1f}s against a stalled Redis"
     assert close_code == 4409, messages
     assert [m["code"] for m in messages if m["type"] == "error"] == ["not_uploading"], messages
-    assert stored.part_keys(server.storage) == [] and stored.finished_keys(server.storage) == []
+    assert stored.part_keys(server) == [] and stored.finished_keys(server) == []
 
 
 async def test_a_takeover_that_reaps_while_redis_is_stalled_is_admitted_not_left_holding_a_slot(backend, servers):

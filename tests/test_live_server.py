@@ -334,9 +334,9 @@ def test_reference_client_uploads_200_mib_and_the_stored_bytes_match_its_sha256(
     assert upload["status"] == "complete"
     assert upload["offset"] == upload["size"] == big_file.size
     assert upload["sha256"] == big_file.sha256
-    [key] = stored.finished_keys(server.storage)
-    assert stored.finished_sha256(key, server.storage) == big_file.sha256
-    assert stored.part_keys(server.storage) == []
+    [key] = stored.finished_keys(server)
+    assert stored.finished_sha256(key, server) == big_file.sha256
+    assert stored.part_keys(server) == []
 
 
 @pytest.mark.local_storage  # kills the server once the part file on disk holds enough bytes
@@ -472,8 +472,8 @@ async def test_second_writer_on_one_server_is_refused_busy_with_retry_after(back
 
     assert complete["sha256"] == hashlib.sha256(data).hexdigest()
     assert upload_detail(server, token, upload["id"])["status"] == "complete"
-    [key] = stored.finished_keys(server.storage)
-    assert stored.finished_sha256(key, server.storage) == hashlib.sha256(data).hexdigest()
+    [key] = stored.finished_keys(server)
+    assert stored.finished_sha256(key, server) == hashlib.sha256(data).hexdigest()
 
 
 async def test_server_shutdown_makes_received_bytes_durable_and_frees_the_slot(backend, start_server):

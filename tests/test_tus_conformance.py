@@ -34,13 +34,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import websockets
 
 from tests.support.live_backend import Answer, http_call, live_backend
 from tests.support.live_server import LiveServer
+from tests.support.stored import stored_holding
 
 pytestmark = pytest.mark.slow
 
@@ -267,18 +267,6 @@ def assert_complete(server: LiveServer, token: str, upload_id: str, data: bytes)
     assert (upload["status"], upload["offset"], upload["size"]) == ("complete", len(data), len(data)), upload
     assert upload["sha256"] == sha256
     assert content_sha256(server, token, upload_id) == sha256
-
-
-def stored_holding(server: LiveServer, data: bytes) -> list[Path]:
-    """The part and finished files in the storage folder that begin with ``data``'s first bytes (random: unique)."""
-    prefix = data[:4096]
-    found = []
-    for folder in ("partial", "files"):
-        for path in sorted((server.storage / folder).glob("*")):
-            with contextlib.suppress(OSError), open(path, "rb") as handle:
-                if handle.read(len(prefix)) == prefix:
-                    found.append(path)
-    return found
 
 
 def http_date(value: str) -> datetime:

@@ -5,7 +5,10 @@ from its bucket (the finished object, the tails, the multipart uploads of the
 key). Tests assert on these instead of building a path or an object name.
 """
 
+import contextlib
+import functools
 import hashlib
+import tempfile
 from pathlib import Path
 
 import botocore.exceptions
@@ -201,38 +204,57 @@ def snapshot(key: str) -> dict:
     return {"finished": finished_bytes(key), "tails": tails, "multipart": uploads}
 
 
-# --- a live server's storage: its own folder on local, the test's prefix (shared through the environment) on s3 ---
+# --- a live server's storage: its own folder on local, the bucket prefix in its environment on s3 ---
 
 
-def finished_keys(folder: Path) -> list[str]:
-    """Keys of every finished file: in ``folder``/files (local), under the prefix's files/ (s3)."""
-    where = _s3_where()
-    if where is None:
-        return sorted(path.name for path in (folder / storage.Area.FILES).glob("*"))
+def _server_backend(server) -> storage.Storage | None:
+    """The s3 backend a live server (tests.support.live_server.LiveServer) writes to, or None for a folder."""
+    env = server.env
+    if env.get("DIRECTDRIVEX_STORAGE_BACKEND") != "s3":
+        return None
+    return _s3_backend(
+        env["DIRECTDRIVEX_S3_ENDPOINT_URL"],
+        env["DIRECTDRIVEX_S3_BUCKET"],
+        env.get("DIRECTDRIVEX_S3_PREFIX", ""),
+        env.get("DIRECTDRIVEX_S3_REGION", ""),
+    )
+
+
+@functools.cache
+def _s3_backend(endpoint: str, bucket: str, prefix: str, region: str) -> storage.Storage:
+    from uploads.storage.s3 import S3Storage
+
+    spool = Path(tempfile.gettempdir()) / "ddx-test-inspect-spool"  # never written: inspection only
+    return S3Storage(endpoint_url=endpoint, bucket=bucket, prefix=prefix, region=region, spool_dir=spool)
+
+
+def finished_keys(server) -> list[str]:
+    """Keys of every finished file of a live server: in its folder's files/ (local), under its prefix's files/ (s3)."""
+    backend = _server_backend(server)
+    if backend is None:
+        return sorted(path.name for path in (server.storage / storage.Area.FILES).glob("*"))
+    where = backend.where
     prefix = where.final("")
     listing = where.client.list_objects_v2(Bucket=where.bucket, Prefix=prefix)
     return sorted(item["Key"].removeprefix(prefix) for item in listing.get("Contents", []))
 
 
-def part_keys(folder: Path) -> list[str]:
-    """Keys of every unfinished part: in ``folder``/partial (local); multipart uploads and tails (s3)."""
-    where = _s3_where()
-    if where is None:
-        return sorted(path.name.removesuffix(local.PART_SUFFIX) for path in (folder / storage.Area.PARTIAL).glob("*"))
-    prefix, tails = where.final(""), where.tails("")
-    listing = where.client.list_multipart_uploads(Bucket=where.bucket, Prefix=prefix)
-    keys = {upload["Key"].removeprefix(prefix) for upload in listing.get("Uploads", [])}
-    listing = where.client.list_objects_v2(Bucket=where.bucket, Prefix=tails)
-    keys |= {item["Key"].removeprefix(tails).split("/")[0] for item in listing.get("Contents", [])}
-    return sorted(keys)
+def part_keys(server) -> list[str]:
+    """Keys of a live server's unfinished parts: its folder's partial/ (local); multipart uploads, tails (s3)."""
+    backend = _server_backend(server)
+    if backend is None:
+        folder = server.storage / storage.Area.PARTIAL
+        return sorted(path.name.removesuffix(local.PART_SUFFIX) for path in folder.glob("*"))
+    return sorted({session.key for session in backend.sessions()} | set(backend.tail_keys()))
 
 
-def finished_sha256(key: str, folder: Path) -> str:
-    """sha256 of the finished file of ``key`` (in ``folder`` on local), read in blocks."""
-    if _s3_where() is None:
-        return file_sha256(folder / storage.Area.FILES / key)
+def finished_sha256(key: str, server) -> str:
+    """sha256 of a live server's finished file of ``key``, read in blocks."""
+    backend = _server_backend(server)
+    if backend is None:
+        return file_sha256(server.storage / storage.Area.FILES / key)
     digest = hashlib.sha256()
-    reader = storage.backend().open_finished(key)
+    reader = backend.open_finished(key)
     try:
         position = 0
         while block := reader.read(position, 8 * 1024 * 1024):
@@ -241,3 +263,39 @@ def finished_sha256(key: str, folder: Path) -> str:
     finally:
         reader.close()
     return digest.hexdigest()
+
+
+def stored_holding(server, data: bytes) -> list[str]:
+    """A live server's stored entries (parts and finished files) whose bytes begin with ``data``'s first 4 KiB.
+
+    Random data makes them unique to one upload. On s3, an unfinished upload's
+    bytes are only partly readable (its tails): it counts when a tail or the
+    finished object begins with them, or when it has a multipart upload and
+    ``data`` is shorter than a part (then it is all in tails or nowhere yet).
+    """
+    head = data[:4096]
+    backend = _server_backend(server)
+    if backend is None:
+        found = []
+        for folder in (storage.Area.PARTIAL, storage.Area.FILES):
+            for path in sorted((server.storage / folder).glob("*")):
+                with contextlib.suppress(OSError), open(path, "rb") as handle:
+                    if handle.read(len(head)) == head:
+                        found.append(str(path))
+        return found
+    where = backend.where
+    found = []
+    for key in finished_keys(server):
+        reader = backend.open_finished(key)
+        try:
+            if reader.read(0, len(head)) == head:
+                found.append(where.final(key))
+        finally:
+            reader.close()
+    for key in backend.tail_keys():
+        for name in backend.tails(key):
+            if name.removeprefix(where.tails(key)).startswith("0-"):
+                body = where.client.get_object(Bucket=where.bucket, Key=name, Range=f"bytes=0-{len(head) - 1}")
+                if body["Body"].read() == head:
+                    found.append(name)
+    return found
