@@ -507,3 +507,25 @@ def test_fsck_reports_parts_a_crashed_writer_sent_and_the_completion_leaves_them
     assert "no commit records" in report.findings[0].detail and report.findings[0].repaired
     complete_upload(alice, upload.pk, data[PART:])
     assert object_bytes(s3_storage, upload.storage_key) == data
+
+
+def test_the_reaper_empties_the_spool_folders_of_processes_that_are_gone(s3_storage, db):
+    import socket
+    import subprocess
+    import sys
+
+    from uploads.services.uploads import store_sweep
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead = s3_storage.spool / f"{host}-{gone.stdout.strip()}"  # killed with -9 mid-part: its spool stays
+    alive = s3_storage.spool / f"{host}-1"  # pid 1 is alive
+    elsewhere = s3_storage.spool / "another-host-123"  # not this host's to judge
+    for folder in (dead, alive, elsewhere):
+        folder.mkdir(parents=True)
+        (folder / "key.0000.part").write_bytes(b"x" * 1000)
+
+    store_sweep()
+
+    assert not dead.exists()
+    assert (alive / "key.0000.part").exists() and (elsewhere / "key.0000.part").exists()

@@ -43,6 +43,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,8 @@ ANSWER_SECONDS = 2.0
 EXPECTED_STATUSES = {"OPTIONS /api/tus/": {204}, "GET /api/uploads/": {200}}
 SOCKET_TIMEOUT = 120
 SAMPLE_SECONDS = 0.02
+# The s3 backend's spool: one part filling, three in flight.
+SPOOL_PARTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -152,18 +155,25 @@ def probes(server: LiveServer, token: str) -> dict:
 
 
 class Sampler(threading.Thread):
-    """The server's VmRSS every SAMPLE_SECONDS, until stopped: ``peak(since, until)`` over a stretch of time."""
+    """The server's VmRSS every SAMPLE_SECONDS, until stopped: ``peak(since, until)`` over a stretch of time.
 
-    def __init__(self, pid: int):
+    With ``spool`` (the s3 backend's spool folder), also the bytes in it: ``spool_peak``.
+    """
+
+    def __init__(self, pid: int, spool: Path | None = None):
         super().__init__(daemon=True)
         self.pid = pid
+        self.spool = spool
         self.samples: list[tuple[float, int]] = []
+        self.spool_peak = 0
         self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.is_set():
             with contextlib.suppress(OSError):
                 self.samples.append((time.monotonic(), proc_status(self.pid)["VmRSS"]))
+            if self.spool is not None:
+                self.spool_peak = max(self.spool_peak, folder_bytes(self.spool))
             time.sleep(SAMPLE_SECONDS)
 
     def peak(self, since: float = 0.0, until: float = float("inf")) -> int:
@@ -232,6 +242,21 @@ def mib(value: float) -> float:
     return value / MiB
 
 
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def spool_of(server: LiveServer) -> Path | None:
+    """The s3 backend's spool folder of ``server``; None on a folder backend."""
+    if server.env.get("DIRECTDRIVEX_STORAGE_BACKEND") != "s3":
+        return None
+    return Path(server.env["DIRECTDRIVEX_SPOOL_DIR"])
+
+
 # --- 1. the reference upload -------------------------------------------------------------
 
 
@@ -248,7 +273,8 @@ def test_reference_upload_keeps_the_server_flat(backend, server):
         if not third and body.given >= REFERENCE_SIZE // 3:
             third.update(server.rss(), at=time.monotonic())
 
-    sampler = Sampler(server.pid)
+    spool = spool_of(server)
+    sampler = Sampler(server.pid, spool)
     sampler.start()
     cpu_before, started = server.cpu_seconds(), time.monotonic()
     try:
@@ -268,11 +294,15 @@ def test_reference_upload_keeps_the_server_flat(backend, server):
         f"{cpu / (REFERENCE_SIZE / GiB):.2f} s/GiB); idle VmRSS {mib(idle['VmRSS']):.1f} MiB, growth {growth:.1f} MiB "
         f"(VmHWM +{hwm_growth:.1f}; at one third {mib(third['VmRSS'] - idle['VmRSS']):.1f} MiB); "
         f"from the first third to the end: {late_sampled:+.1f} MiB sampled peak, {late_hwm:+.1f} MiB VmHWM"
+        + (f"; spool peak {mib(sampler.spool_peak):.1f} MiB" if spool is not None else "")
     )
     log.info("reference tus upload: %s", figures)
     assert (status, headers.get("upload-offset")) == (204, str(REFERENCE_SIZE)), (status, answer, figures)
     assert growth <= UPLOAD_GROWTH_MIB and hwm_growth <= UPLOAD_GROWTH_MIB, figures
     assert max(late_sampled, late_hwm) <= LATE_GROWTH_MIB, figures
+    if spool is not None:
+        # The s3 backend: the part filling and at most three on their way to the store (uploads.storage.s3).
+        assert 0 < sampler.spool_peak <= SPOOL_PARTS * 8 * MiB, figures
     stored = detail(server, token, upload_id)
     assert (stored["status"], stored["sha256"]) == ("complete", body.sha256), figures
     assert http_call(server, "DELETE", f"/api/uploads/{upload_id}/", token=token).status == 204

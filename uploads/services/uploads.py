@@ -273,12 +273,15 @@ def store_delete_unrecorded_tail(key: str, name: str) -> bool:
 def store_sweep(*, now=None) -> int:
     """The reaper's pass over an object store: abort abandoned multipart uploads, delete unrecorded tails.
 
+    Also empties this host's spool folders of server processes that are gone.
+
     Only what is older than ``store_leftover_cutoff``; returns how many were
     removed. A disk has nothing of the kind (0).
     """
     backend = storage.backend()
     if not backend.keeps_pieces:
         return 0
+    backend.sweep_spool()  # this host's spool folders of processes that died (kill -9 leaves them)
     cutoff = store_leftover_cutoff(now or timezone.now())
     removed = 0
     for session in backend.sessions():

@@ -383,6 +383,9 @@ class Storage(abc.ABC):
 
     keeps_pieces = False
 
+    def sweep_spool(self) -> None:  # noqa: B027 - a disk has no spool
+        """Remove what processes of this host that are gone left in the local spool (an object store's)."""
+
     def sessions(self) -> Iterator[Session]:
         """Every unfinished multipart upload in the store."""
         return iter(())

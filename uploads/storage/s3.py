@@ -716,6 +716,9 @@ class S3Storage(Storage):
     def prepare(self) -> None:
         self.spool.clean()
 
+    def sweep_spool(self) -> None:
+        self.spool.clean()
+
     def problems(self) -> list[str]:
         """Try what a writer and the reaper will do, once, quickly: write, read, list and delete in the bucket."""
         found = []
