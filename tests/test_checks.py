@@ -506,7 +506,7 @@ def test_manage_check_starts_with_a_large_chunk_and_warns():
 # --- uploads.E010: an X-Accel-Redirect prefix nginx could never match ----------------------
 
 
-@pytest.mark.parametrize("prefix", ["_protected/", "/_protected", "/", "_protected"])
+@pytest.mark.parametrize("prefix", ["_protected/", "/_protected", "/", "_protected", "/_pro.tected/", "/a b/"])
 def test_e010_an_accel_redirect_prefix_without_both_slashes(good_settings, prefix):
     good_settings.DIRECTDRIVEX_ACCEL_REDIRECT = prefix
 

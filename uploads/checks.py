@@ -200,16 +200,21 @@ def _check_trusted_proxies() -> list[Error]:
     ]
 
 
+ACCEL_PREFIX = re.compile(r"/[A-Za-z0-9_\-/]*/")
+
+
 def _check_accel_redirect() -> list[Error]:
     # The header is the prefix followed by the storage key: without both slashes nginx
     # would look for "/_protectedKEY" or "_protected/KEY", match no internal location, and
     # answer every download 404 — a misconfiguration that only shows when someone downloads.
+    # Plain characters only: the s3 location of deploy/nginx.conf.template puts it in a regular expression.
     prefix = settings.DIRECTDRIVEX_ACCEL_REDIRECT
-    if not prefix or (prefix.startswith("/") and prefix.endswith("/") and len(prefix) > 1):
+    if not prefix or ACCEL_PREFIX.fullmatch(prefix):
         return []
     return [
         Error(
-            f"DIRECTDRIVEX_ACCEL_REDIRECT is {prefix!r}: it must be a location prefix that starts and ends with '/'.",
+            f"DIRECTDRIVEX_ACCEL_REDIRECT is {prefix!r}: it must be a location prefix that starts and ends with '/', "
+            "of letters, digits, '_', '-' and '/'.",
             hint="Use the path of the nginx `internal` location, e.g. /_protected/ (deploy/nginx.conf.template).",
             id="uploads.E010",
             obj="DIRECTDRIVEX_ACCEL_REDIRECT",
