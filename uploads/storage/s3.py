@@ -236,6 +236,7 @@ class S3Part(PartWriter):
         self._tail_state: bytes | None = None  # sha256 state at the end of the last tail
         self._superseded: dict[int, list[Piece]] = {}  # a part's tails, unneeded once the part is recorded
         self._doomed: list[str] = []  # objects a commit made unneeded, deleted at the next sync or finalize
+        self._deleting: Future | None = None  # the last deletion of unneeded tails, sent to a thread
         # Part numbers: above every number an earlier writer may have used, and only those reserved for us.
         self.numbers_used = committed.numbers
         self.reserved = committed.reserved
@@ -441,7 +442,7 @@ class S3Part(PartWriter):
             self.reserved = max(self.reserved, durable.numbers)
             doomed = bool(self._doomed)
         if doomed:  # called on the event loop: the deletes go to a thread, and a failed one is only a leftover
-            self.store.pool.submit(self._delete_doomed)
+            self._deleting = self.store.pool.submit(self._delete_doomed)
 
     def _delete_doomed(self) -> None:
         with self._lock:
@@ -466,6 +467,9 @@ class S3Part(PartWriter):
         if _contiguous(parts, 0) != self.size or committed.session != self.session:
             raise PartShort(self.where.final(self.key), _contiguous(parts, 0), self.size)
         complete(self.where, self.key, self.session, parts, self.size)
+        # Nothing of the upload but its object once it is complete: the deletes in flight, then the rest.
+        if self._deleting is not None:
+            self._deleting.result()
         self._delete_doomed()
 
     def close(self) -> None:
@@ -877,12 +881,16 @@ class S3Storage(Storage):
         return found
 
     def tail_keys(self) -> Iterator[str]:
+        # From the objects themselves: a store built on a filer (SeaweedFS) keeps listing an emptied
+        # "folder" as a common prefix after its last object is deleted.
         prefix = f"{self.where.prefix}tails/"
-        paginator = self.where.client.get_paginator("list_objects_v2")
+        keys = set()
         with _store_call():
-            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=prefix, Delimiter="/"):
-                for common in page.get("CommonPrefixes", []):
-                    yield common["Prefix"].removeprefix(prefix).rstrip("/")
+            for name in self._list(prefix):
+                key = name.removeprefix(prefix).split("/", 1)[0]
+                if key not in keys:
+                    keys.add(key)
+                    yield key
 
     def abort_session(self, key, session) -> None:
         try:
