@@ -77,6 +77,8 @@ def deployment(nginx_installed, tmp_path_factory):
             SECURE_PROXY_SSL_HEADER="1",
             DIRECTDRIVEX_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
             DIRECTDRIVEX_ACCEL_REDIRECT=ACCEL_REDIRECT,
+            # The folder: nginx's local location aliases it (the s3 location has s3_deployment, below).
+            DIRECTDRIVEX_STORAGE_BACKEND="local",
         )
         servers = [first, first.sibling(tmp_path_factory.mktemp("nginx-server-b"))]
         for server in servers:
