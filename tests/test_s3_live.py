@@ -35,6 +35,7 @@ from tests.support.files import write_random
 from tests.support.live_backend import Answer, http_call, live_backend
 from tests.support.live_server import LiveServer
 from tests.support.tcp_proxy import TcpProxy
+from tests.test_live_faults import send_until
 from tests.test_live_server import (
     WS_TIMEOUT,
     create_upload,
@@ -173,20 +174,6 @@ class OffsetWatch:
 
 
 # --- clients -----------------------------------------------------------------------------------
-
-
-async def send_until(ws, data: bytes, start: int, end: int, *, chunk: int, window: int) -> int:
-    """Send data[start:end] within the window; return once it is all acknowledged (the last ack)."""
-    view, sent, acked = memoryview(data), start, start
-    while acked < end:
-        while sent < end and sent + min(chunk, end - sent) - acked <= window:
-            frame = view[sent : min(sent + chunk, end)]
-            await ws.send(frame)
-            sent += len(frame)
-        message = await receive(ws)
-        assert message["type"] == "ack", message
-        acked = message["offset"]
-    return acked
 
 
 async def admitted(server: LiveServer, ws_url: str, timeout: float = 3 * LEASE_SECONDS):

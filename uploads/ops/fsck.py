@@ -376,8 +376,8 @@ def _find_unfinished_pieces(report: FsckReport, upload: Upload) -> None:
     """
     backend, key, path = storage.backend(), upload.storage_key, _part(upload)
     cutoff = store_leftover_cutoff(report.started_at)
-    for session in backend.sessions():
-        if session.key == key and session.session != upload.store_session and session.started < cutoff:
+    for session in backend.sessions(key):
+        if session.session != upload.store_session and session.started < cutoff:
             report.add(
                 Kind.ABANDONED_SESSION,
                 f"multipart upload {session.session} started {session.started.isoformat()} is not the recorded one",

@@ -254,14 +254,13 @@ def writer_rewind(grant: WriterGrant, offset: int, *, now=None) -> WriterGrant:
             raise _why_fenced(grant)
         # An object store's pieces past the new offset are no longer the upload's; from zero, nor its session.
         StoredPiece.objects.filter(upload_id=grant.upload_id, end__gt=offset).delete()
+        ahead = storage.backend().part_numbers_ahead
         if offset == 0:  # a new multipart upload: its part numbers start again (reserved anew)
-            ahead = storage.backend().part_numbers_ahead
             _fenced_upload(grant).update(store_session="", hash_state=None, part_numbers=ahead)
     log.error(
         "durable offset rewound upload=%s user=%s from=%s to=%s", grant.upload_id, grant.user_id, grant.offset, offset
     )
     if offset == 0:
-        ahead = storage.backend().part_numbers_ahead
         return replace(grant, offset=0, pieces=(), store_session="", hash_state=None, part_numbers=0, reserved=ahead)
     return replace(grant, offset=offset, pieces=tuple(piece for piece in grant.pieces if piece.end <= offset))
 

@@ -386,8 +386,8 @@ class Storage(abc.ABC):
     def sweep_spool(self) -> None:  # noqa: B027 - a disk has no spool
         """Remove what processes of this host that are gone left in the local spool (an object store's)."""
 
-    def sessions(self) -> Iterator[Session]:
-        """Every unfinished multipart upload in the store."""
+    def sessions(self, key: str = "") -> Iterator[Session]:
+        """Every unfinished multipart upload in the store, or only those of ``key``."""
         return iter(())
 
     def session_parts(self, key: str, session: str) -> dict[int, tuple[int, str]] | None:

@@ -845,17 +845,20 @@ class S3Storage(Storage):
 
     keeps_pieces = True
 
-    def sessions(self) -> Iterator[Session]:
+    def sessions(self, key: str = "") -> Iterator[Session]:
+        # Listed by the store under the key's own name when one is asked for: one small request,
+        # not every unfinished upload of the bucket.
         files = f"{self.where.prefix}{Area.FILES}/"
         paginator = self.where.client.get_paginator("list_multipart_uploads")
         with _store_call():
-            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=files):
+            for page in paginator.paginate(Bucket=self.where.bucket, Prefix=files + key):
                 for upload in page.get("Uploads", []):
-                    key = upload["Key"].removeprefix(files)
-                    yield Session(key, upload["UploadId"], upload["Initiated"])
+                    found = upload["Key"].removeprefix(files)
+                    if not key or found == key:
+                        yield Session(found, upload["UploadId"], upload["Initiated"])
 
     def _key_sessions(self, key: str) -> list[Session]:
-        return [session for session in self.sessions() if session.key == key]
+        return list(self.sessions(key))
 
     def session_parts(self, key, session) -> dict[int, tuple[int, str]] | None:
         parts: dict[int, tuple[int, str]] = {}
