@@ -230,6 +230,8 @@ DIRECTDRIVEX_CHUNK_SIZE = env.int("DIRECTDRIVEX_CHUNK_SIZE", 1 * MiB)
 DIRECTDRIVEX_WINDOW = env.int("DIRECTDRIVEX_WINDOW", 8 * MiB)
 DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS = env.int("DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS", 86400)
 DIRECTDRIVEX_SIGNUP = env.bool("DIRECTDRIVEX_SIGNUP", False)
+# Longest a share link may live (uploads.services.shares); a link asked for without an expiry gets this.
+DIRECTDRIVEX_SHARE_MAX_DAYS = env.int("DIRECTDRIVEX_SHARE_MAX_DAYS", 30, minimum=1)
 # Other sites whose pages may call the API and the tus endpoint from a browser (Uppy on another domain):
 # exact origins. The tus consumer (uploads.transports.tus) answers its own CORS; django-cors-headers the API.
 # No credentials: a page on another origin authenticates with a token, never with this site's cookies.
@@ -242,6 +244,9 @@ CORS_EXPOSE_HEADERS = ["Retry-After", "Link", "Content-Disposition", "Content-Ra
 DIRECTDRIVEX_LOGIN_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_ATTEMPTS", 10)
 DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS = env.int("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", 20)
 DIRECTDRIVEX_SIGNUP_ATTEMPTS = env.int("DIRECTDRIVEX_SIGNUP_ATTEMPTS", 10)
+# Wrong share-link passwords: per client address a minute, per link an hour (uploads.throttles).
+DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS = env.int("DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS", 10)
+DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS = env.int("DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS", 30)
 # Addresses or networks of the reverse proxies in front: from them, the client's address is taken
 # from X-Forwarded-For (uploads.throttles.client_address; uploads.E013 rejects what is not an address).
 DIRECTDRIVEX_TRUSTED_PROXIES = env.list("DIRECTDRIVEX_TRUSTED_PROXIES")

@@ -11,6 +11,8 @@ from rest_framework.views import APIView
 from uploads.downloads import download_response
 from uploads.serializers import (
     ErrorSerializer,
+    ShareCreateSerializer,
+    ShareSerializer,
     SlotSummarySerializer,
     UploadCreatedSerializer,
     UploadCreateSerializer,
@@ -18,6 +20,7 @@ from uploads.serializers import (
     UploadSerializer,
     cursor_after,
 )
+from uploads.services.shares import share_create, share_revoke, shares_of
 from uploads.services.slots import slots_summary
 from uploads.services.uploads import upload_create, upload_delete, upload_for, uploads_of
 
@@ -210,3 +213,55 @@ class UploadContent(APIView):
 
     def head(self, request, upload_id):
         return download_response(request.user, upload_id, request.headers, head=True)
+
+
+class UploadShares(APIView):
+    """POST / GET /api/uploads/<id>/shares/: links to a finished file (docs/sharing.md)."""
+
+    @extend_schema(
+        parameters=[NO_STORE, RETRY_AFTER],
+        responses={200: ShareSerializer(many=True), 401: UNAUTHENTICATED, 404: NOT_FOUND, 503: UNAVAILABLE},
+    )
+    def get(self, request, upload_id):
+        links = shares_of(request.user, upload_id)
+        data = ShareSerializer(links, many=True, context={"request": request}).data
+        # Counts and states change with every download: never a cached copy.
+        return Response(data, headers={"Cache-Control": "no-store"})
+
+    @extend_schema(
+        request=ShareCreateSerializer,
+        parameters=[RETRY_AFTER],
+        responses={
+            201: ShareSerializer,
+            400: INVALID,
+            401: UNAUTHENTICATED,
+            403: NO_CSRF,
+            404: NOT_FOUND,
+            409: refusal("409 not_complete: only a finished file can be shared."),
+            415: refusal("415 unsupported_media_type: the body is not application/json."),
+            503: UNAVAILABLE,
+        },
+    )
+    def post(self, request, upload_id):
+        given = ShareCreateSerializer(data=request.data)
+        given.is_valid(raise_exception=True)
+        fields = {name: value for name, value in given.validated_data.items() if value is not None}
+        link, token = share_create(request.user, upload_id, **fields)
+        data = ShareSerializer(link, context={"request": request, "token": token}).data
+        return Response(data, status=status.HTTP_201_CREATED, headers={"Cache-Control": "no-store"})
+
+
+class ShareDetail(APIView):
+    @extend_schema(
+        parameters=[RETRY_AFTER],
+        responses={
+            204: None,
+            401: UNAUTHENTICATED,
+            403: NO_CSRF,
+            404: refusal("404 not_found: no such share link, or another user's."),
+            503: UNAVAILABLE,
+        },
+    )
+    def delete(self, request, share_id):
+        share_revoke(request.user, share_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)

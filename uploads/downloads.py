@@ -26,6 +26,7 @@ import re
 import threading
 import unicodedata
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
@@ -35,8 +36,9 @@ from django.http import HttpResponse, HttpResponseNotModified, StreamingHttpResp
 
 from uploads import metrics, ranges, storage
 from uploads.exceptions import LeaseLost, NotComplete, RangeNotSatisfiable
-from uploads.models import Slot, Upload
+from uploads.models import ShareLink, Slot, Upload
 from uploads.services.calls import db_call
+from uploads.services.shares import share_download_ended
 from uploads.services.slots import slot_admit, slot_release, slot_renew
 from uploads.services.uploads import upload_for
 
@@ -96,6 +98,22 @@ def _file_headers(upload: Upload, decision: ranges.Decision) -> dict[str, str]:
     return headers
 
 
+@dataclass(frozen=True)
+class Downloader:
+    """Who a download is for: the owner, signed in, or the visitors of one share link.
+
+    The slot is the owner's either way (``user``); a link's downloads count
+    against the per-user limit as one user of their own (slot_admit's ``share``).
+    """
+
+    user: object
+    share: ShareLink | None = None
+
+    def describe(self) -> str:
+        # For log lines: a link is named by its id, never by its token.
+        return f"user={self.user.pk}" + (f" share={self.share.pk}" if self.share else "")
+
+
 def download_response(user, upload_id, request_headers: Mapping[str, str], *, head: bool = False):
     """The answer to GET (or HEAD) /api/uploads/<id>/content, or the named refusal.
 
@@ -106,6 +124,19 @@ def download_response(user, upload_id, request_headers: Mapping[str, str], *, he
     upload = upload_for(user, upload_id)
     if upload.status != Upload.Status.COMPLETE:
         raise NotComplete(f"The upload is {upload.status}: there is nothing to download yet.")
+    return _file_response(upload, Downloader(user), request_headers, head=head)
+
+
+def share_download_response(link: ShareLink, request_headers: Mapping[str, str], *, head: bool = False):
+    """The answer to GET (or HEAD) /s/<token>/download for a link that opens (uploads.services.shares.share_open).
+
+    The same contract as the owner's download; what it sends is counted
+    against the link when it ends (share_download_ended).
+    """
+    return _file_response(link.upload, Downloader(link.upload.owner, share=link), request_headers, head=head)
+
+
+def _file_response(upload: Upload, who: Downloader, request_headers: Mapping[str, str], *, head: bool):
     accel_prefix = settings.DIRECTDRIVEX_ACCEL_REDIRECT
     # Behind X-Accel-Redirect to a file nginx answers Range itself; we still answer the conditionals.
     nginx_ranges = accel_prefix and not head and storage.backend().accel_answers_ranges
@@ -126,11 +157,18 @@ def download_response(user, upload_id, request_headers: Mapping[str, str], *, he
     if head:
         return HttpResponse(status=decision.status, headers=headers)
     if accel_prefix:
-        return _accel_redirect(user, upload, accel_prefix, headers)
-    return _stream(user, upload, decision, headers)
+        return _accel_redirect(who, upload, accel_prefix, headers, decision, request_headers)
+    return _stream(who, upload, decision, headers)
 
 
-def _accel_redirect(user, upload: Upload, prefix: str, headers: dict[str, str]) -> HttpResponse:
+def _accel_redirect(
+    who: Downloader,
+    upload: Upload,
+    prefix: str,
+    headers: dict[str, str],
+    decision: ranges.Decision,
+    request_headers: Mapping[str, str],
+) -> HttpResponse:
     """No body: nginx gets the file where the backend says, below ``prefix``, and computes its length.
 
     nginx's status and Content-Range are those of what it sends (a 206 for a range).
@@ -138,30 +176,54 @@ def _accel_redirect(user, upload: Upload, prefix: str, headers: dict[str, str]) 
     # nginx, not this process, sends the bytes, so no slot can be held while
     # they flow; admitting one for an instant still refuses downloads with 429
     # once direct streams hold every slot (nginx bounds its own: limit_conn).
-    slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload)
+    slot = slot_admit(Slot.Kind.DOWNLOAD, who.user, upload=upload, share=who.share)
     slot_release(slot.pk, Slot.ReleaseReason.COMPLETED, generation=slot.generation)
     target = prefix + storage.backend().accel_path(upload.storage_key, headers)
     headers = {name: value for name, value in headers.items() if name not in ("Content-Length", "Content-Range")}
     headers["X-Accel-Redirect"] = target
-    log.info("download handed to nginx upload=%s user=%s", upload.pk, user.pk)
+    log.info("download handed to nginx upload=%s %s", upload.pk, who.describe())
+    if who.share is not None:
+        # What nginx will send, counted now: this process never sees its end (docs/sharing.md).
+        first, length = _span(upload, decision, request_headers if storage.backend().accel_answers_ranges else None)
+        share_download_ended(who.share, sent=length, reached_end=first + length == upload.size)
     return HttpResponse(headers=headers)
 
 
-def _stream(user, upload: Upload, decision: ranges.Decision, headers: dict[str, str]) -> "DownloadResponse":
-    first, length = (decision.byte_range.first, decision.byte_range.length) if decision.byte_range else (0, upload.size)
+def _span(upload: Upload, decision: ranges.Decision, nginx_headers: Mapping[str, str] | None) -> tuple[int, int]:
+    """(first byte, length) a response sends. With ``nginx_headers``, nginx answers the Range: decided here alike."""
+    if nginx_headers is not None and nginx_headers.get("Range"):
+        decision = ranges.decide(
+            size=upload.size,
+            etag=etag_of(upload),
+            last_modified=modified_at(upload),
+            range_header=nginx_headers.get("Range"),
+            if_range=nginx_headers.get("If-Range"),
+            if_none_match=None,
+            if_modified_since=None,
+        )
+    if decision.byte_range is not None:
+        return decision.byte_range.first, decision.byte_range.length
+    return 0, upload.size
+
+
+def _stream(who: Downloader, upload: Upload, decision: ranges.Decision, headers: dict[str, str]) -> "DownloadResponse":
+    first, length = _span(upload, decision, None)
     # Opened before the slot is taken: a missing file is a server fault (fsck
     # finds it), answered 500 with a log line, and must not cost a slot.
     reader = storage.backend().open_finished(upload.storage_key)
     try:
         channel = _new_channel()
-        slot = slot_admit(Slot.Kind.DOWNLOAD, user, upload=upload, holder_channel=channel)
+        slot = slot_admit(Slot.Kind.DOWNLOAD, who.user, upload=upload, share=who.share, holder_channel=channel)
     except BaseException:
         reader.close()
         raise
     log.info(
-        "download started upload=%s user=%s slot=%s first=%s length=%s", upload.pk, user.pk, slot.pk, first, length
+        "download started upload=%s %s slot=%s first=%s length=%s", upload.pk, who.describe(), slot.pk, first, length
     )
-    hold = DownloadHold(slot, channel, reader, upload_id=upload.pk, user_id=user.pk)
+    hold = DownloadHold(
+        slot, channel, reader, upload_id=upload.pk, user_id=who.user.pk, share=who.share,
+        ends_at_eof=first + length == upload.size,
+    )  # fmt: skip
     return DownloadResponse(hold, _body(hold, first, length), status=decision.status, headers=headers)
 
 
@@ -193,7 +255,17 @@ class DownloadHold:
     slot's channel; the body stops at its next block.
     """
 
-    def __init__(self, slot: Slot, channel: str, reader: storage.FinishedReader, *, upload_id, user_id):
+    def __init__(
+        self,
+        slot: Slot,
+        channel: str,
+        reader: storage.FinishedReader,
+        *,
+        upload_id,
+        user_id,
+        share: ShareLink | None = None,
+        ends_at_eof: bool = False,
+    ):
         self.slot = slot
         self.channel = channel
         self.reader = reader
@@ -202,6 +274,11 @@ class DownloadHold:
         self.upload_id = upload_id
         self.user_id = user_id
         self.revoked = ""  # why, once revoked
+        # A download through a share link is counted against it when it ends (share_download_ended):
+        # the bytes it sent, and one download if it sent the file's last byte.
+        self.share = share
+        self.ends_at_eof = ends_at_eof
+        self.sent = 0
         self._claim = threading.Lock()
         self._released = False
 
@@ -247,14 +324,20 @@ class DownloadHold:
             first, self._released = not self._released, True
             return first
 
-    async def release(self, *, sent: int) -> None:
+    def _end(self) -> None:
+        """In a thread: give the slot back and count what a share link's visitor got."""
+        slot_release(self.slot.pk, self.outcome, generation=self.slot.generation)
+        if self.share is not None and self.sent:
+            reached_end = self.ends_at_eof and self.outcome == Slot.ReleaseReason.COMPLETED
+            share_download_ended(self.share, sent=self.sent, reached_end=reached_end)
+
+    async def release(self) -> None:
         """From the body, however it ended (``outcome`` says how); a cancellation does not stop the release."""
         if not self._first_release():
             return
         self.reader.close()  # a descriptor: closing it does not block
-        release = asyncio.ensure_future(
-            db_call(slot_release, self.slot.pk, self.outcome, generation=self.slot.generation, timeout=None)
-        )
+        sent = self.sent
+        release = asyncio.ensure_future(db_call(self._end, timeout=None))
         release.add_done_callback(lambda done: self._log_release(done, sent))
         # Shielded: a client that leaves as the body ends cancels this task here, and the release
         # must still happen (it goes on in its thread either way; the callback says how it went).
@@ -284,7 +367,7 @@ class DownloadHold:
             return
         self.reader.close()
         try:
-            slot_release(self.slot.pk, self.outcome, generation=self.slot.generation)
+            self._end()
         except Exception:
             log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
             return
@@ -346,6 +429,7 @@ async def _body(hold: DownloadHold, first: int, length: int) -> AsyncIterator[by
                 return
             position += len(block)
             remaining -= len(block)
+            hold.sent += len(block)
             if not remaining:
                 # Before the last block is handed over: a client that has every byte may close the
                 # connection while that send still waits, and Django then closes this body there.
@@ -361,4 +445,4 @@ async def _body(hold: DownloadHold, first: int, length: int) -> AsyncIterator[by
         # left as the body ended) must not skip it.
         keeper.cancel()
         metrics.CONNECTIONS_OPEN.labels("download").dec()
-        await hold.release(sent=position - first)
+        await hold.release()

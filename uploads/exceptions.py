@@ -201,6 +201,12 @@ class UserDownloadSlotsExhausted(DownloadSlotsExhausted):
     default_detail = "You already have the maximum number of downloads in progress; try again when one ends."
 
 
+class ShareDownloadSlotsExhausted(DownloadSlotsExhausted):
+    """The downloads through one share link already hold the per-user number of download slots."""
+
+    default_detail = "This link already has the maximum number of downloads in progress; try again when one ends."
+
+
 class IdleTimeout(DirectDriveXError):
     """A connected writer delivered no bytes for DIRECTDRIVEX_IDLE_SECONDS; its slot is freed."""
 
@@ -304,3 +310,15 @@ class RangeNotSatisfiable(DirectDriveXError):
     def http_headers(self) -> dict[str, str]:
         # RFC 9110 15.5.17: a 416 says how long the file is.
         return {"Content-Range": f"bytes */{self.size}"}
+
+
+class ShareNotFound(DirectDriveXError):
+    """No such share link, or another user's; on the public page also an expired, revoked or used-up one."""
+
+    code = "not_found"
+    http_status = 404
+    default_detail = "No such share link."
+
+
+class InvalidShare(InvalidRequest):
+    """A share link's expiry or download limit is out of range (the API's serializer says so first)."""

@@ -55,7 +55,18 @@ _SHORT_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t
 # escaped value for the whole traceback would be as sound but unreadable.)
 _CONTINUATION = "  "
 
+# A share link's token is its whole secret, and it is in the link's path (/s/<token>): whoever reads
+# the logs must not be able to download the files. Masked in every line, whoever logs the path
+# (this middleware, django.request's "Not Found: …", the server's refusals); the views log the link's id.
+_SHARE_TOKEN = re.compile(r"(/s/)[^/\s?#\"']+")
+SHARE_TOKEN_MASK = "[token]"
+
 http_log = logging.getLogger("uploads.http")
+
+
+def mask_share_tokens(text: str) -> str:
+    """``text`` with every share-link token replaced by SHARE_TOKEN_MASK."""
+    return _SHARE_TOKEN.sub(rf"\g<1>{SHARE_TOKEN_MASK}", text) if "/s/" in text else text
 
 
 def new_request_id() -> str:
@@ -90,7 +101,7 @@ def _escape(match: re.Match) -> str:
 
 
 def _value(value) -> str:
-    text = str(value)
+    text = mask_share_tokens(str(value))
     if text == "" or _NEEDS_QUOTES.search(text):
         return '"' + _QUOTED_ESCAPES.sub(_escape, text) + '"'
     return text
@@ -131,7 +142,7 @@ class LogfmtFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         # record.exc_text stays as Python printed it: other handlers format the same record.
         if record.exc_text:
-            line += _continuation(record.exc_text)
+            line += _continuation(mask_share_tokens(record.exc_text))
         if record.stack_info:
             line += _continuation(self.formatStack(record.stack_info))
         return line
@@ -177,6 +188,8 @@ class RequestIdMiddleware:
                     "status": response.status_code,
                     "duration_ms": round((time.monotonic() - started) * 1000),
                     "user": _user_id(request),
+                    # A share link's page or download: which link (its token is masked in the path).
+                    "share": getattr(request, "share_id", None),
                 }
             },
         )

@@ -98,6 +98,19 @@ COMMIT_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 
+SHARE_LINKS = Counter(
+    "directdrivex_share_links",
+    "Share link events: created, used (a download through a link ended or was handed to nginx), revoked.",
+    ["event"],
+)
+SHARE_DOWNLOADS = Counter(
+    "directdrivex_share_downloads",
+    "Downloads through share links that sent the file's last byte: what a link's download limit counts.",
+)
+
+for _event in ("created", "used", "revoked"):
+    SHARE_LINKS.labels(_event)
+
 for _kind in ("upload", "download"):
     # Present from the start, at 0: an alert on them must not depend on the first connection.
     CONNECTIONS_OPEN.labels(_kind)

@@ -161,6 +161,10 @@ class Slot(models.Model):
     kind = models.CharField(max_length=8, choices=Kind.choices)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="slots")
     upload = models.ForeignKey(Upload, on_delete=models.CASCADE, null=True, blank=True, related_name="slots")
+    # A download through a share link: ``user`` is then the file's owner, and the per-user limit
+    # counts the link's downloads apart from the owner's own (the downloads through one link are
+    # one user, spec "Configuration").
+    share = models.ForeignKey("ShareLink", on_delete=models.CASCADE, null=True, blank=True, related_name="slots")
     # Position among the kind's slots, 0 <= global_index < global limit, unique
     # among active slots: this is what makes the global limit a DB constraint.
     global_index = models.PositiveSmallIntegerField()
@@ -192,9 +196,15 @@ class Slot(models.Model):
             ),
             models.UniqueConstraint(
                 fields=["kind", "user", "user_index"],
-                condition=Q(released_at__isnull=True),
+                condition=Q(released_at__isnull=True, share__isnull=True),
                 name="slot_user_limit",
                 violation_error_message="No free slot for this user.",
+            ),
+            models.UniqueConstraint(
+                fields=["kind", "share", "user_index"],
+                condition=Q(released_at__isnull=True, share__isnull=False),
+                name="slot_share_limit",
+                violation_error_message="No free slot for this share link.",
             ),
             models.UniqueConstraint(
                 fields=["upload"],
@@ -228,6 +238,62 @@ class Slot(models.Model):
     @property
     def is_active(self):
         return self.released_at is None
+
+
+class ShareLink(models.Model):
+    """A link that lets anyone who has it download one finished file (uploads.services.shares).
+
+    The token itself is never stored: it is derived from ``nonce`` and the
+    server's SECRET_KEY (so the owner can copy the link again), and looked
+    up by its SHA-256, ``token_hash``. A copy of the database alone opens
+    nothing. Deleting the file deletes its links (CASCADE).
+    """
+
+    upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="shares")
+    # Random per link; with SECRET_KEY it gives the token (uploads.services.shares.token_for).
+    nonce = models.CharField(max_length=64, editable=False)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    # Django's password hash ("" = no password).
+    password = models.CharField(max_length=256, blank=True, default="", editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    max_downloads = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: no limit.")
+    downloads = models.PositiveIntegerField(default=0, help_text="Downloads that sent the file's last byte.")
+    # Every byte sent through the link: with max_downloads, at most max_downloads x size may go
+    # out, however the requests cut the file (docs/sharing.md, "What counts as a download").
+    bytes_sent = models.BigIntegerField(default=0)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(max_downloads__isnull=True) | Q(max_downloads__gt=0), name="share_max_positive"
+            ),
+            models.CheckConstraint(condition=Q(bytes_sent__gte=0), name="share_bytes_sent_not_negative"),
+        ]
+        indexes = [models.Index(fields=["upload", "-created_at"], name="share_upload_created")]
+
+    def __str__(self):
+        return f"share link #{self.pk} of {self.upload_id}"
+
+    @property
+    def owner_id(self):
+        return self.upload.owner_id
+
+    def state(self, now=None) -> str:
+        """``active``, ``revoked``, ``expired`` or ``used_up``: what the link's page would do now."""
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= now:
+            return "expired"
+        if self.max_downloads is not None and (
+            self.downloads >= self.max_downloads or self.bytes_sent >= self.max_downloads * self.upload.size
+        ):
+            return "used_up"
+        return "active"
 
 
 class UserQuota(models.Model):

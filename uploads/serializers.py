@@ -13,7 +13,10 @@ from django.core.validators import ProhibitNullCharactersValidator, RegexValidat
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from uploads.models import Upload
+from django.urls import reverse
+
+from uploads.models import ShareLink, Upload
+from uploads.services.shares import MAX_PASSWORD_LENGTH, share_max_seconds, token_for
 from uploads.services.uploads import upload_expires_at
 from uploads.tickets import ws_url
 
@@ -71,6 +74,17 @@ class QueryIntegerField(serializers.IntegerField):
         if not isinstance(data, str) or not re.fullmatch(r"[0-9]{1,20}", data):
             self.fail("invalid")
         return int(data)
+
+
+class JSONIntegerField(serializers.IntegerField):
+    """A JSON integer: not a string of digits, a float or a boolean, which DRF's IntegerField would coerce."""
+
+    default_error_messages = {"invalid": "Must be a JSON integer."}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
 
 
 class JSONStringField(serializers.CharField):
@@ -221,6 +235,89 @@ class SlotKindSummarySerializer(serializers.Serializer):
 class SlotSummarySerializer(serializers.Serializer):
     upload = SlotKindSummarySerializer()
     download = SlotKindSummarySerializer()
+
+
+class ShareCreateSerializer(serializers.Serializer):
+    expires_in = JSONIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Seconds the link lives; at most DIRECTDRIVEX_SHARE_MAX_DAYS days, which is also the default.",
+    )
+    max_downloads = JSONIntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        max_value=2**31 - 1,
+        help_text="Downloads the link allows (each one that sends the file's last byte counts); absent: no limit.",
+    )
+    password = JSONStringField(
+        required=False,
+        allow_blank=True,
+        max_length=MAX_PASSWORD_LENGTH,
+        # As typed: a password's spaces are part of it.
+        trim_whitespace=False,
+        help_text="Visitors must give it before they see or download the file; absent or empty: none.",
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Read per instance, so that the schema and the check follow the setting.
+        self.fields["expires_in"].max_value = share_max_seconds()
+        self.fields["expires_in"].validators.append(_at_most(share_max_seconds()))
+
+
+def _at_most(limit: int):
+    def check(value):
+        if value is not None and value > limit:
+            raise serializers.ValidationError(
+                f"Must be at most {limit} seconds ({settings.DIRECTDRIVEX_SHARE_MAX_DAYS} days)."
+            )
+
+    return check
+
+
+class ShareSerializer(serializers.ModelSerializer):
+    url = serializers.SerializerMethodField(
+        help_text="The link to hand out; null if the server's SECRET_KEY changed since (the link still works)."
+    )
+    upload = serializers.UUIDField(source="upload_id", read_only=True)
+    password = serializers.SerializerMethodField(help_text="Whether the link asks for a password.")
+    status = serializers.SerializerMethodField(help_text="What the link does now.")
+    downloads = serializers.IntegerField(read_only=True, min_value=0, help_text="Downloads counted so far.")
+    bytes_sent = serializers.IntegerField(read_only=True, min_value=0, max_value=BIGINT_MAX)
+
+    class Meta:
+        model = ShareLink
+        fields = [
+            "id",
+            "url",
+            "upload",
+            "created_at",
+            "expires_at",
+            "max_downloads",
+            "downloads",
+            "bytes_sent",
+            "password",
+            "revoked_at",
+            "status",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, link) -> str | None:
+        token = self.context.get("token") or token_for(link)
+        if token is None:
+            return None
+        path = reverse("share", args=[token])
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request is not None else path
+
+    def get_password(self, link) -> bool:
+        return bool(link.password)
+
+    @extend_schema_field(serializers.ChoiceField(choices=["active", "expired", "revoked", "used_up"]))
+    def get_status(self, link) -> str:
+        return link.state()
 
 
 class ErrorSerializer(serializers.Serializer):

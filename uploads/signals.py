@@ -20,6 +20,15 @@ and some one more:
 * ``upload_expired``: an unfinished upload idled past ``DIRECTDRIVEX_UPLOAD_EXPIRY_SECONDS``; its bytes are deleted.
 * ``upload_deleted``: ``status``, what the upload was (``complete``, ``failed``, …); row and file are gone.
 
+Share links have three more, with ``sender`` ``uploads.models.ShareLink`` and the keyword
+arguments ``share_id``, ``upload_id`` and ``user_id`` (the file's owner):
+
+* ``share_created``: ``expires_at``, ``max_downloads``, ``password`` (bool: whether one is set).
+* ``share_used``: ``sent`` (bytes of this download), ``counted`` (whether it counted toward the
+  link's download limit: it sent the file's last byte). Sent when a download through the link ends,
+  or is handed to nginx.
+* ``share_revoked``: ``reason`` (``"revoked"`` by its owner, ``"admin"``).
+
 Receivers run with ``send_robust``: one that raises is logged and does not
 stop the others nor the service that sent it. A receiver runs inside the
 service call, so it must be quick (queue slow work, e.g. with a task queue).
@@ -49,3 +58,9 @@ BY_OUTCOME = {
     "expired": upload_expired,
     "deleted": upload_deleted,
 }
+
+share_created = Signal()
+share_used = Signal()
+share_revoked = Signal()
+
+SHARE_BY_OUTCOME = {"created": share_created, "used": share_used, "revoked": share_revoked}

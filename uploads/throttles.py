@@ -119,6 +119,27 @@ SIGN_UP_BY_ADDRESS = Throttle(
 )
 
 
+# Wrong share-link passwords (uploads.share_pages): per client address, and per link whoever tries,
+# so that guessing from many addresses gets no further than from one.
+SHARE_PASSWORD_BY_ADDRESS = Throttle(
+    "share-password-address",
+    "DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS",
+    MINUTE,
+    "ip",
+    "Too many wrong passwords were tried from your network address.",
+)
+
+
+def share_password_by_link(link) -> Throttle:
+    return Throttle(
+        "share-password-link",
+        "DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS",
+        HOUR,
+        lambda group, request: f"share:{link.pk}",
+        "Too many wrong passwords were tried for this link.",
+    )
+
+
 def _sign_in_throttles(request) -> list[Throttle]:
     # An empty username is not an account: all such attempts would otherwise share one count.
     return [SIGN_IN_BY_ADDRESS, SIGN_IN_BY_USERNAME] if _attempted_username(None, request) else [SIGN_IN_BY_ADDRESS]

@@ -22,7 +22,7 @@ import logging
 from django.db import transaction
 
 from uploads import metrics, signals
-from uploads.models import Upload
+from uploads.models import ShareLink, Upload
 
 # Named for what operators filter on (docs/operations.md, "Logs"), not for the module: a stable interface.
 log = logging.getLogger("uploads.events")
@@ -44,6 +44,10 @@ class Event(enum.StrEnum):
     SLOT_REVOKED = "slot.revoked"
     # Taken because its lease ran out (the reaper, an admission, a takeover).
     SLOT_REAPED = "slot.reaped"
+    SHARE_CREATED = "share.created"
+    # A download through the link ended (or was handed to nginx); ``counted`` if it sent the last byte.
+    SHARE_USED = "share.used"
+    SHARE_REVOKED = "share.revoked"
 
 
 # What an operator should notice; the rest is the normal life of an upload.
@@ -54,6 +58,11 @@ LEVELS = {
 }
 # Per signal, the fields passed on besides upload_id, user_id and size (uploads.signals).
 SIGNAL_FIELDS = {"started": ("filename",), "completed": ("sha256",), "failed": ("reason",), "deleted": ("status",)}
+SHARE_SIGNAL_FIELDS = {
+    "created": ("expires_at", "max_downloads", "password"),
+    "used": ("sent", "counted"),
+    "revoked": ("reason",),
+}
 
 
 def record(
@@ -61,6 +70,7 @@ def record(
     *,
     upload=None,
     user=None,
+    share=None,
     slot=None,
     generation=None,
     kind=None,
@@ -69,10 +79,19 @@ def record(
 ) -> None:
     """Log, count and signal ``event`` when the current transaction commits (see the module docstring).
 
-    ``upload``, ``user``, ``slot``: ids (not model instances). ``details``
+    ``upload``, ``user``, ``share``, ``slot``: ids (not model instances); ``share`` is a
+    share link's id, never its token. ``details``
     are logged too (``size``, ``status``, ``holder``, …).
     """
-    fields = {"upload": upload, "user": user, "slot": slot, "gen": generation, "kind": kind, "reason": reason}
+    fields = {
+        "upload": upload,
+        "user": user,
+        "share": share,
+        "slot": slot,
+        "gen": generation,
+        "kind": kind,
+        "reason": reason,
+    }
     fields.update(details)
     # robust: a failure here is logged by Django and never undoes or fails the service's change.
     transaction.on_commit(functools.partial(_emit, Event(event), fields), robust=True)
@@ -84,6 +103,11 @@ def _emit(event: Event, fields: dict) -> None:
     if group == "upload":
         metrics.UPLOAD_COUNTERS[outcome].inc()
         _send(outcome, fields)
+    elif group == "share":
+        metrics.SHARE_LINKS.labels(outcome).inc()
+        if fields.get("counted"):
+            metrics.SHARE_DOWNLOADS.inc()
+        _send_share(outcome, fields)
     elif event == Event.SLOT_ADMITTED:
         metrics.SLOTS_ADMITTED.labels(fields["kind"]).inc()
     elif group == "slot":
@@ -96,6 +120,18 @@ def _send(outcome: str, fields: dict) -> None:
     answers = signal.send_robust(
         sender=Upload, upload_id=fields["upload"], user_id=fields["user"], size=fields.get("size"), **extra
     )
+    _log_failed_receivers(answers, fields, f"upload_{outcome}")
+
+
+def _send_share(outcome: str, fields: dict) -> None:
+    extra = {name: fields.get(name) for name in SHARE_SIGNAL_FIELDS[outcome]}
+    answers = signals.SHARE_BY_OUTCOME[outcome].send_robust(
+        sender=ShareLink, share_id=fields["share"], upload_id=fields["upload"], user_id=fields["user"], **extra
+    )
+    _log_failed_receivers(answers, fields, f"share_{outcome}")
+
+
+def _log_failed_receivers(answers, fields: dict, signal: str) -> None:
     for receiver, answer in answers:
         if isinstance(answer, Exception):
             # django.dispatch has logged the traceback; this line says which upload it was about.
@@ -103,5 +139,5 @@ def _send(outcome: str, fields: dict) -> None:
                 "signal receiver failed: %s: %r",
                 getattr(receiver, "__qualname__", receiver),
                 answer,
-                extra={"ddx": {"upload": fields["upload"], "user": fields["user"], "signal": f"upload_{outcome}"}},
+                extra={"ddx": {"upload": fields["upload"], "user": fields["user"], "signal": signal}},
             )

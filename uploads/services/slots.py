@@ -37,6 +37,7 @@ from uploads.exceptions import (
     GlobalSlotsExhausted,
     LeaseLost,
     NotUploading,
+    ShareDownloadSlotsExhausted,
     UploadBusy,
     UserDownloadSlotsExhausted,
     UserSlotsExhausted,
@@ -107,8 +108,14 @@ def _busy_retry_after(holders, now: datetime) -> int:
     return min(BUSY_RETRY_SECONDS, _retry_after(list(holders), now))
 
 
-def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel: str = "", now=None) -> Slot:
+def slot_admit(
+    kind: str, user, *, upload: Upload | None = None, share=None, holder_channel: str = "", now=None
+) -> Slot:
     """Take a free slot of ``kind`` for ``user`` or raise the named *SlotsExhausted refusal.
+
+    With ``share`` (a ShareLink; ``user`` is then the file's owner) the per-user
+    limit counts the link's slots, not the owner's: everyone downloading through
+    one link is one user, and none of them uses up the owner's own downloads.
 
     Expired leases of the kind are reclaimed first, so a crashed holder never
     blocks an admission for longer than one lease. The common case is two
@@ -127,22 +134,26 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
         list(Slot.objects.active().filter(upload=upload, kind=kind).select_for_update())
     reaped = False
     for _attempt in range(ADMIT_ATTEMPTS):
-        # (global_index, user_id, user_index, lease_expires_at) of every active slot of the kind.
+        # (global_index, user_id, share_id, user_index, lease_expires_at) of every active slot of the kind.
         active = list(
             Slot.objects.active()
             .filter(kind=kind)
-            .values_list("global_index", "user_id", "user_index", "lease_expires_at")
+            .values_list("global_index", "user_id", "share_id", "user_index", "lease_expires_at")
         )
         if not reaped and any(expires <= now for *_rest, expires in active):
             with transaction.atomic():  # committed before we insert, unless the caller holds a transaction
                 _reap(kind=kind, now=now)
             reaped = True
             continue
-        mine = [row for row in active if row[1] == user.pk]
-        taken = {row[2] for row in mine}
+        if share is not None:
+            mine = [row for row in active if row[2] == share.pk]
+        else:
+            mine = [row for row in active if row[1] == user.pk and row[2] is None]
+        taken = {row[3] for row in mine}
         free = [i for i in range(limits.user_limit) if i not in taken]
         if not free:
-            raise EXHAUSTED[kind][0](retry_after=_retry_after(mine, now))
+            refusal = ShareDownloadSlotsExhausted if share is not None else EXHAUSTED[kind][0]
+            raise refusal(retry_after=_retry_after(mine, now))
         user_index = free[0]
         taken = {row[0] for row in active}
         free = [i for i in range(limits.global_limit) if i not in taken]
@@ -152,6 +163,7 @@ def slot_admit(kind: str, user, *, upload: Upload | None = None, holder_channel:
             "kind": kind,
             "user": user,
             "upload": upload,
+            "share": share,
             # Random, so that processes racing for the last few slots spread out.
             "global_index": random.choice(free),
             "user_index": user_index,
@@ -295,6 +307,13 @@ def slots_revoke_for_upload(upload: Upload, reason: str, error: DirectDriveXErro
     """Inside the caller's transaction: release the upload's active slots and fence its writer."""
     now = now or timezone.now()
     locked = list(Slot.objects.active().filter(upload=upload).select_for_update().order_by("pk"))
+    return _revoke(locked, reason, now, error)
+
+
+def slots_revoke_for_share(share, reason: str, error: DirectDriveXError, *, now=None) -> list[Slot]:
+    """Inside the caller's transaction: release the downloads going on through a share link, which stop at once."""
+    now = now or timezone.now()
+    locked = list(Slot.objects.active().filter(share=share).select_for_update().order_by("pk"))
     return _revoke(locked, reason, now, error)
 
 
