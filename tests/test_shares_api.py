@@ -144,7 +144,7 @@ def test_share_open_refuses_every_closed_link_alike(alice, finished):
     assert share_open(token).pk == opened.pk
     from uploads.exceptions import ShareNotFound
 
-    expired, expired_token = share_create(alice, finished.pk, expires_in=60, now=now - timedelta(seconds=61))
+    _expired, expired_token = share_create(alice, finished.pk, expires_in=60, now=now - timedelta(seconds=61))
     used, used_token = share_create(alice, finished.pk, max_downloads=1)
     ShareLink.objects.filter(pk=used.pk).update(downloads=1)
     bytes_used, bytes_token = share_create(alice, finished.pk, max_downloads=2)

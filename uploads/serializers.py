@@ -10,10 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.core.validators import ProhibitNullCharactersValidator, RegexValidator
+from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
-
-from django.urls import reverse
 
 from uploads.models import ShareLink, Upload
 from uploads.services.shares import MAX_PASSWORD_LENGTH, share_max_seconds, token_for
