@@ -63,6 +63,7 @@ from zope.interface import implementer  # noqa: E402
 
 from uploads import budgets  # noqa: E402
 from uploads.exceptions import RequestTooLarge  # noqa: E402
+from uploads.logs import mask_share_tokens  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +451,21 @@ class BoundedHTTPFactory(HTTPFactory):
         return protocol
 
 
+def _masked_action(action_logger, protocol, action, details):
+    """Daphne's access log line, with share-link tokens masked as in every line of ours (uploads.logs)."""
+    if isinstance(details.get("path"), str):
+        details = {**details, "path": mask_share_tokens(details["path"])}
+    action_logger(protocol, action, details)
+
+
 class BackpressureServer(Server):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.action_logger is not None:
+            # Daphne writes its access log (stdout) itself, outside Python's logging: a token there
+            # would be readable by whoever reads the logs.
+            self.action_logger = partial(_masked_action, self.action_logger)
+
     @property
     def http_factory(self):
         return self._http_factory

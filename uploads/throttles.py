@@ -135,7 +135,8 @@ def share_password_by_link(link) -> Throttle:
         "share-password-link",
         "DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS",
         HOUR,
-        lambda group, request: f"share:{link.pk}",
+        # The hash, not the id: ids start again in a new database, and the counters (Redis) outlive it.
+        lambda group, request: f"share:{link.token_hash}",
         "Too many wrong passwords were tried for this link.",
     )
 
