@@ -1,14 +1,15 @@
-"""Django admin for uploads, slots and quotas: a view of the rows, actions that call the services, and the dashboard.
+"""Django admin for uploads, slots, share links and quotas: the rows, actions through the services, the dashboard.
 
-Upload and Slot rows change only through the services (uploads.services).
+Upload, Slot and ShareLink rows change only through the services (uploads.services).
 The admin has no add form, no change form that saves (a full-row save writes
 back every column as it was read, and could roll back an offset commit or a
 release that landed in between) and no default delete (a bare row delete would
 leave the bytes on disk and skip the fencing): the actions below do all of it,
 each through the same service as the API or the command. Each action needs the
-model's Django permission (change_* to release, reset, cancel or expire,
+model's Django permission (change_* to release, reset, cancel, expire or revoke,
 delete_upload to delete), so a staff member with view permission only can look
-but not act.
+but not act. A share link's secrets (its nonce, token hash and password hash)
+are never shown: with the nonce and SECRET_KEY anyone could rebuild the link.
 
 The operations dashboard (``admin:uploads_dashboard``) lives under the Slot
 admin's URLs, so admin_view makes it staff-only like every admin page; its data
@@ -30,8 +31,9 @@ from django.utils.timesince import timesince
 from django.views.decorators.http import require_GET, require_POST
 
 from uploads.exceptions import UploadNotFound
-from uploads.models import Slot, Upload, UserQuota
+from uploads.models import ShareLink, Slot, Upload, UserQuota
 from uploads.ops import dashboard
+from uploads.services.shares import share_revoke_link
 from uploads.services.slots import slots_reap, slots_reset
 from uploads.services.uploads import upload_delete, upload_end
 
@@ -48,6 +50,14 @@ admin.site.index_template = "admin/directdrivex_index.html"
 
 def rate(bytes_per_second: int | None) -> str:
     return "-" if bytes_per_second is None else f"{bytes_per_second / MiB:.1f} MiB/s"
+
+
+def upload_link(upload: Upload | None) -> str:
+    """The upload's name, linking to its admin page."""
+    if upload is None:
+        return "-"
+    url = reverse("admin:uploads_upload_change", args=[upload.pk])
+    return format_html('<a href="{}">{}</a>', url, upload.display_name)
 
 
 class ServicesOnlyAdmin(admin.ModelAdmin):
@@ -110,6 +120,39 @@ class UploadActivityFilter(admin.SimpleListFilter):
         return queryset
 
 
+class YesNoFilter(admin.SimpleListFilter):
+    """A yes/no question about a share link, answered by ``matching(queryset, now)``."""
+
+    def lookups(self, request, model_admin):
+        return [("yes", "yes"), ("no", "no")]
+
+    def matching(self, queryset, now):
+        raise NotImplementedError
+
+    def queryset(self, request, queryset):
+        if self.value() not in ("yes", "no"):
+            return queryset
+        matching = self.matching(queryset, timezone.now())
+        return matching if self.value() == "yes" else queryset.exclude(pk__in=matching.values("pk"))
+
+
+class ShareRevokedFilter(YesNoFilter):
+    title = "revoked"
+    parameter_name = "revoked"
+
+    def matching(self, queryset, now):
+        return queryset.filter(revoked_at__isnull=False)
+
+
+class ShareExpiredFilter(YesNoFilter):
+    # Past its expiry, whether or not it was revoked first: the two filters combine.
+    title = "expired"
+    parameter_name = "expired"
+
+    def matching(self, queryset, now):
+        return queryset.filter(expires_at__lte=now)
+
+
 @admin.register(Slot)
 class SlotAdmin(ServicesOnlyAdmin):
     list_display = [
@@ -129,6 +172,7 @@ class SlotAdmin(ServicesOnlyAdmin):
         "generation",
         "released_at",
         "release_reason",
+        "share_link",
     ]
     list_filter = [SlotStateFilter, "kind", "release_reason", ("user", admin.RelatedOnlyFieldListFilter)]
     # "=id" is an exact match on the slot number; "upload__id" finds an upload by (part of) its UUID.
@@ -149,10 +193,15 @@ class SlotAdmin(ServicesOnlyAdmin):
 
     @admin.display(description="file", ordering="upload__display_name")
     def file(self, slot):
-        if slot.upload is None:
+        return upload_link(slot.upload)
+
+    @admin.display(description="share", ordering="share")
+    def share_link(self, slot):
+        """The share link a download goes through (by id: no query per row), "-" for the owner's own."""
+        if slot.share_id is None:
             return "-"
-        url = reverse("admin:uploads_upload_change", args=[slot.upload.pk])
-        return format_html('<a href="{}">{}</a>', url, slot.upload.display_name)
+        url = reverse("admin:uploads_sharelink_change", args=[slot.share_id])
+        return format_html('<a href="{}">#{}</a>', url, slot.share_id)
 
     @admin.display(description="size", ordering="upload__size")
     def file_size(self, slot):
@@ -292,6 +341,31 @@ class SlotAdmin(ServicesOnlyAdmin):
         return HttpResponseRedirect(reverse("admin:uploads_dashboard"))
 
 
+class ShareLinkInline(admin.TabularInline):
+    """The upload's share links on its page, read-only; the link's own page has the revoke action."""
+
+    model = ShareLink
+    # Listed by name: the inline would otherwise show every form field, and the secrets must never be.
+    fields = readonly_fields = ["created_at", "expires_at", "downloads", "bytes_sent", "state", "revoked_at"]
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        # state() reads the file's size: one query for all the links, not one per link.
+        return super().get_queryset(request).select_related("upload")
+
+    @admin.display(description="state")
+    def state(self, link):
+        return link.state(timezone.now())
+
+
 @admin.register(Upload)
 class UploadAdmin(ServicesOnlyAdmin):
     list_display = [
@@ -312,6 +386,7 @@ class UploadAdmin(ServicesOnlyAdmin):
     list_select_related = ["owner"]
     actions = ["cancel_selected", "expire_selected", "delete_selected_uploads"]
     readonly_fields = [f.name for f in Upload._meta.fields]
+    inlines = [ShareLinkInline]
 
     def has_cancel_permission(self, request):
         return self._may(request, "change")
@@ -391,6 +466,86 @@ class UploadAdmin(ServicesOnlyAdmin):
             )
         if gone:
             self.message_user(request, f"{gone} upload(s) were already gone.", messages.WARNING)
+
+
+@admin.register(ShareLink)
+class ShareLinkAdmin(ServicesOnlyAdmin):
+    """Share links of every user: what each gave out and how much went through it; revoking goes through the service."""
+
+    list_display = [
+        "id",
+        "owner",
+        "file",
+        "created_at",
+        "expires_at",
+        "downloads_of",
+        "bytes_sent",
+        "has_password",
+        "state",
+        "revoked_at",
+    ]
+    list_filter = [ShareRevokedFilter, ShareExpiredFilter, "created_at"]
+    # "=id" is an exact match on the link's number (the API's share id).
+    search_fields = ["=id", "upload__owner__username", "upload__display_name"]
+    list_select_related = ["upload__owner"]
+    actions = ["revoke_selected"]
+    # Listed by name, not taken from the model: nonce, token_hash and password stay off every page.
+    fields = readonly_fields = [
+        "id",
+        "owner",
+        "file",
+        "created_at",
+        "expires_at",
+        "max_downloads",
+        "downloads",
+        "bytes_sent",
+        "last_used_at",
+        "has_password",
+        "state",
+        "revoked_at",
+    ]
+
+    def has_revoke_permission(self, request):
+        return self._may(request, "change")
+
+    @admin.display(description="owner", ordering="upload__owner__username")
+    def owner(self, link):
+        return link.upload.owner.get_username()
+
+    @admin.display(description="file", ordering="upload__display_name")
+    def file(self, link):
+        return upload_link(link.upload)
+
+    @admin.display(description="downloads", ordering="downloads")
+    def downloads_of(self, link):
+        return link.downloads if link.max_downloads is None else f"{link.downloads} of {link.max_downloads}"
+
+    @admin.display(description="password", boolean=True)
+    def has_password(self, link):
+        return bool(link.password)
+
+    @admin.display(description="state")
+    def state(self, link):
+        return link.state(timezone.now())
+
+    @admin.action(description="Revoke selected links", permissions=["revoke"])
+    def revoke_selected(self, request, queryset):
+        # Through the service for every link, revoked already or not: it is idempotent, and it
+        # also stops the downloads still streaming through a link.
+        now = timezone.now()
+        revoked = already = 0
+        for link in queryset.select_related("upload"):
+            share_revoke_link(link, reason="admin", now=now)
+            # Ours if it carries our time; another admin or the owner may have revoked it meanwhile.
+            if link.revoked_at == now:
+                revoked += 1
+            else:
+                already += 1
+        self.message_user(
+            request, f"Revoked {revoked} share link(s).", messages.SUCCESS if revoked else messages.WARNING
+        )
+        if already:
+            self.message_user(request, f"{already} selected link(s) had been revoked already.", messages.INFO)
 
 
 @admin.register(UserQuota)

@@ -144,7 +144,8 @@ class LogfmtFormatter(logging.Formatter):
         if record.exc_text:
             line += _continuation(mask_share_tokens(record.exc_text))
         if record.stack_info:
-            line += _continuation(self.formatStack(record.stack_info))
+            # Masked like the traceback: no part of a record is written with a token in it.
+            line += _continuation(mask_share_tokens(self.formatStack(record.stack_info)))
         return line
 
 

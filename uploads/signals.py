@@ -23,7 +23,8 @@ and some one more:
 Share links have three more, with ``sender`` ``uploads.models.ShareLink`` and the keyword
 arguments ``share_id``, ``upload_id`` and ``user_id`` (the file's owner):
 
-* ``share_created``: ``expires_at``, ``max_downloads``, ``password`` (bool: whether one is set).
+* ``share_created``: ``expires_at`` (an ISO 8601 string, as logged), ``max_downloads``, ``password``
+  (bool: whether one is set).
 * ``share_used``: ``sent`` (bytes of this download), ``counted`` (whether it counted toward the
   link's download limit: it sent the file's last byte). Sent when a download through the link ends,
   or is handed to nginx.

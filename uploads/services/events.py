@@ -134,10 +134,17 @@ def _send_share(outcome: str, fields: dict) -> None:
 def _log_failed_receivers(answers, fields: dict, signal: str) -> None:
     for receiver, answer in answers:
         if isinstance(answer, Exception):
-            # django.dispatch has logged the traceback; this line says which upload it was about.
+            # django.dispatch has logged the traceback; this line says which upload (and link) it was about.
             log.error(
                 "signal receiver failed: %s: %r",
                 getattr(receiver, "__qualname__", receiver),
                 answer,
-                extra={"ddx": {"upload": fields["upload"], "user": fields["user"], "signal": signal}},
+                extra={
+                    "ddx": {
+                        "upload": fields["upload"],
+                        "user": fields["user"],
+                        "share": fields["share"],
+                        "signal": signal,
+                    }
+                },
             )
