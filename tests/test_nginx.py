@@ -419,6 +419,44 @@ def test_a_download_the_server_streams_itself_comes_through_nginx_byte_identical
     assert part.body == uploaded.source.read_bytes()[1000:2000]
 
 
+# --- share links through nginx ---------------------------------------------------------------------
+
+
+def share_through(nginx: Nginx, token: str, upload_id: str, **body) -> tuple[str, int]:
+    """A new share link of the upload, made through ``nginx``: its path (/s/<token>) and id."""
+    answer = http_call(nginx, "POST", f"/api/uploads/{upload_id}/shares/", body=json.dumps(body).encode(), token=token)
+    assert answer.status == 201, answer.body
+    return "/s/" + answer.json()["url"].rsplit("/s/", 1)[1], answer.json()["id"]
+
+
+def test_a_share_link_through_nginx_is_sent_by_nginx_and_its_token_is_in_no_log(deployment, uploaded, completed):
+    token = deployment.backend.alice_token
+    path, link_id = share_through(deployment.nginx, token, completed["id"], max_downloads=5)
+
+    page = http_call(deployment.nginx, "GET", path)
+    assert page.status == 200 and uploaded.sha256.encode() in page.body
+    whole = http_call(deployment.nginx, "GET", path + "/download")
+    assert whole.status == 200 and hashlib.sha256(whole.body).hexdigest() == uploaded.sha256
+    assert whole.headers["Referrer-Policy"] == "no-referrer"
+    assert whole.headers["ETag"] == f'"{uploaded.sha256}"' and "X-Accel-Redirect" not in whole.headers
+    first = UPLOAD_SIZE - MiB
+    tail = http_call(deployment.nginx, "GET", path + "/download", headers={"Range": f"bytes={first}-"})
+    assert tail.status == 206 and tail.body == uploaded.source.read_bytes()[first:]
+
+    # nginx sent both bodies; the server counted them as it handed them over: the whole file and
+    # the range that reached the last byte, two downloads.
+    listed = http_call(deployment.nginx, "GET", f"/api/uploads/{completed['id']}/shares/", token=token).json()
+    (link,) = [link for link in listed if link["id"] == link_id]
+    assert (link["downloads"], link["bytes_sent"]) == (2, UPLOAD_SIZE + MiB)
+
+    served = [line for line in deployment.nginx.access_log() if line[1].startswith("/s/")]
+    assert {line[1] for line in served} == {"/s/[token]", "/s/[token]/download"}
+    secret = path.removeprefix("/s/")
+    assert secret not in deployment.nginx.access_log_path.read_text()
+    for server in deployment.servers:
+        assert secret not in server.log_path.read_text()
+
+
 # --- downloads on the s3 backend: nginx proxies a short-lived presigned GET --------------------------
 
 S3_FILE_SIZE = 24 * MiB + 5
@@ -597,3 +635,12 @@ def test_on_s3_an_object_deleted_after_the_servers_check_is_the_apis_404_not_the
 
     assert (answer.status, answer.content_type) == (404, "application/json")
     assert answer.json()["code"] == "not_found"
+
+
+def test_on_s3_a_share_link_through_nginx_is_the_object_from_the_store(s3_deployment):
+    s3 = s3_deployment
+    path, _link_id = share_through(s3.nginx, s3.backend.alice_token, s3.upload_id)
+    whole = http_call(s3.nginx, "GET", path + "/download")
+    assert whole.status == 200 and whole.body == s3.data
+    part = http_call(s3.nginx, "GET", path + "/download", headers={"Range": "bytes=100-199"})
+    assert (part.status, part.body) == (206, s3.data[100:200])

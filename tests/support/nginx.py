@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)(?P<before>.*?)\{\{ (?P<name>\w+) \}\}", re.MULTILINE)
-ACCESS_LOG_FORMAT = "$request_method $request_uri $status $upstream_addr"
+# $ddx_loggable_uri: the site's own masked URI (deploy/nginx.conf.template), query string included,
+# which the tests match on (it tells requests of one test apart).
+ACCESS_LOG_FORMAT = "$request_method $ddx_loggable_uri $status $upstream_addr"
 
 
 def nginx_binary() -> str | None:
@@ -78,7 +80,8 @@ http {{
     include /etc/nginx/mime.types;
     default_type application/octet-stream;
     log_format ddx '{ACCESS_LOG_FORMAT}';
-    access_log {workdir / "access.log"} ddx;
+    # The site file names its own access log ({{{{ access_log }}}}).
+    access_log off;
     client_body_temp_path {temp["client_body"]};
     proxy_temp_path {temp["proxy"]};
     fastcgi_temp_path {temp["fastcgi"]};
@@ -119,6 +122,8 @@ class Nginx:
             "storage_dir": str(upstreams[0].storage),
             # The s3 location's store (DIRECTDRIVEX_S3_ENDPOINT_URL); on local storage nothing is sent there.
             "s3_endpoint": s3_endpoint,
+            # The tests' own format (main_context): what the assertions parse.
+            "access_log": f"{self.workdir / 'access.log'} ddx",
         }
         self.site_path = self.workdir / "directdrivex.conf"
         self.config_path = self.workdir / "nginx.conf"

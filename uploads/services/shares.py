@@ -209,9 +209,11 @@ def share_download_ended(link: ShareLink, *, sent: int, reached_end: bool, now=N
     Atomic increments, so downloads ending together on several processes all count.
     """
     now = now or timezone.now()
-    ShareLink.objects.filter(pk=link.pk).update(
+    counted = ShareLink.objects.filter(pk=link.pk).update(
         downloads=F("downloads") + (1 if reached_end else 0), bytes_sent=F("bytes_sent") + sent, last_used_at=now
     )
+    if not counted:
+        return  # the file was deleted meanwhile, and its links with it: nothing left to count against
     record(
         Event.SHARE_USED,
         share=link.pk,
