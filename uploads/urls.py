@@ -15,6 +15,8 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("files/", views.files, name="files"),
     path("files/<uuid:upload_id>/delete/", views.file_delete, name="file-delete"),
+    path("files/<uuid:upload_id>/share/", views.file_share, name="file-share"),
+    path("files/shares/<int:share_id>/revoke/", views.share_revoke_page, name="share-revoke"),
     path("accounts/signup/", views.signup, name="signup"),
     # A share link's page and its download: anyone with the token (uploads.share_pages).
     path("s/<str:token>", share_pages.share_page, name="share"),

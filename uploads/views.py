@@ -8,17 +8,20 @@ from django.contrib import messages
 from django.contrib.auth import login, user_logged_in, user_logged_out
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Prefetch
 from django.dispatch import receiver
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.urls import reverse
-from django.views.decorators.http import require_http_methods
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.views.decorators.http import require_http_methods, require_POST
 
 from uploads import throttles
-from uploads.exceptions import UploadNotFound
-from uploads.forms import SignupForm
-from uploads.models import Upload
+from uploads.exceptions import InvalidShare, NotComplete, ShareNotFound, UploadNotFound
+from uploads.forms import ShareForm, SignupForm
+from uploads.models import ShareLink, Upload
 from uploads.services.quota import QuotaSummary, quota_summary
+from uploads.services.shares import share_create, share_revoke, token_for
 from uploads.services.uploads import upload_delete, upload_for, uploads_of
 
 FILES_PER_PAGE = 25
@@ -47,6 +50,27 @@ def upload_page(request):
 # --- my files ----------------------------------------------------------------------
 
 
+SHARE_STATES = {"active": "Active", "expired": "Expired", "revoked": "Revoked", "used_up": "Used up"}
+
+# Every link of the page's uploads in one query, newest first (the order shares_of gives the API).
+# The prefetch also sets each link's upload, which ShareLink.state reads for the file's size.
+_LINKS_NEWEST_FIRST = Prefetch("shares", queryset=ShareLink.objects.order_by("-created_at", "-pk"))
+
+
+@dataclass(frozen=True)
+class ShareRow:
+    """One share link of a file, as the my-files page shows it to its owner."""
+
+    link: ShareLink
+    # None once SECRET_KEY changed since the link was made: it still opens, but cannot be shown.
+    url: str | None
+    state: str
+
+    @property
+    def state_label(self) -> str:
+        return SHARE_STATES[self.state]
+
+
 @dataclass(frozen=True)
 class FileRow:
     """One upload as the my-files page shows it."""
@@ -55,6 +79,9 @@ class FileRow:
     # Rounded down: 100 only once every byte is durable.
     percent: int
     download_url: str
+    # Only a finished file has links and a share form.
+    shares: tuple[ShareRow, ...] = ()
+    share_form: ShareForm | None = None
 
 
 @dataclass(frozen=True)
@@ -65,9 +92,29 @@ class QuotaBar:
     reserved: str
 
 
-def _file_row(upload: Upload) -> FileRow:
+def _file_row(request, upload: Upload, now) -> FileRow:
     # Downloads are the API's (uploads.downloads): a session is enough to follow the link.
-    return FileRow(upload, upload.offset * 100 // upload.size, reverse("api-upload-content", args=[upload.pk]))
+    percent, download_url = upload.offset * 100 // upload.size, reverse("api-upload-content", args=[upload.pk])
+    if upload.status != Upload.Status.COMPLETE:
+        return FileRow(upload, percent, download_url)
+    shares = tuple(_share_row(request, link, now) for link in upload.shares.all())
+    # Ids of the upload's own: each row has a share form, and a label must find its one input.
+    form = ShareForm(auto_id=f"share-{upload.pk}-%s")
+    return FileRow(upload, percent, download_url, shares, form)
+
+
+def _share_row(request, link: ShareLink, now) -> ShareRow:
+    token = token_for(link)
+    url = request.build_absolute_uri(reverse("share", args=[token])) if token else None
+    return ShareRow(link, url, link.state(now))
+
+
+def _zip_url() -> str | None:
+    """Where the selected files download as one ZIP; None while no such endpoint is installed."""
+    try:
+        return reverse("files-zip")
+    except NoReverseMatch:
+        return None
 
 
 def _quota_bar(quota: QuotaSummary) -> QuotaBar:
@@ -88,13 +135,17 @@ def _files_url(page: int | None) -> str:
 
 @login_required
 def files(request):
-    """My files: the user's uploads newest first, 25 a page, with the quota they use."""
-    page = Paginator(uploads_of(request.user), FILES_PER_PAGE).get_page(request.GET.get("page"))
+    """My files: the user's uploads newest first, 25 a page, with the quota they use and each finished file's links."""
+    uploads = uploads_of(request.user).prefetch_related(_LINKS_NEWEST_FIRST)
+    page = Paginator(uploads, FILES_PER_PAGE).get_page(request.GET.get("page"))
     quota = quota_summary(request.user)
+    # One instant for the whole page: two links expiring together never show different states.
+    now = timezone.now()
     context = {
         "page": page,
         "page_links": page.paginator.get_elided_page_range(page.number, on_each_side=2, on_ends=1),
-        "rows": [_file_row(upload) for upload in page],
+        "rows": [_file_row(request, upload, now) for upload in page],
+        "zip_url": _zip_url(),
         "quota": quota,
         "quota_bar": _quota_bar(quota),
     }
@@ -125,6 +176,50 @@ def file_delete(request, upload_id):
     else:
         messages.success(request, f"Removed {upload.display_name} from your list.")
     return redirect(_files_url(back))
+
+
+@login_required
+@require_POST
+def file_share(request, upload_id):
+    """POST from My files: a new share link to a finished file. Every refusal comes back as a message there."""
+    try:
+        upload = upload_for(request.user, upload_id)
+    except UploadNotFound:
+        raise Http404("No such upload.") from None
+    back = _files_url(_page_number(request.POST.get("page")))
+    form = ShareForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, f"{upload.display_name} was not shared: {form.problems()}")
+        return redirect(back)
+    try:
+        _link, token = share_create(
+            request.user,
+            upload.pk,
+            expires_in=form.cleaned_data["days"] * 86400,
+            max_downloads=form.cleaned_data["max_downloads"],
+            password=form.cleaned_data["password"],
+        )
+    except UploadNotFound:
+        # Deleted since upload_for above (another tab): the same 404 as if it had been gone already.
+        raise Http404("No such upload.") from None
+    except (InvalidShare, NotComplete) as refusal:
+        messages.error(request, f"{upload.display_name} was not shared: {refusal.detail}")
+        return redirect(back)
+    url = request.build_absolute_uri(reverse("share", args=[token]))
+    messages.success(request, f"Shared {upload.display_name}. Anyone with this link can download it: {url}")
+    return redirect(back)
+
+
+@login_required
+@require_POST
+def share_revoke_page(request, share_id):
+    """POST from My files: the link stops opening (and its downloads in progress stop), as DELETE on the API does."""
+    try:
+        link = share_revoke(request.user, share_id)
+    except ShareNotFound:
+        raise Http404("No such share link.") from None
+    messages.success(request, f"Revoked the link to {link.upload.display_name}; it no longer opens.")
+    return redirect(_files_url(_page_number(request.POST.get("page"))))
 
 
 # --- accounts ------------------------------------------------------------------------
