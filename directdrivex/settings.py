@@ -186,6 +186,11 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Resumable uploads of very large files. The WebSocket protocol is in docs/protocol.md.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Two "status" fields with different choices (an upload's, a share link's): named, not hashed.
+    "ENUM_NAME_OVERRIDES": {
+        "UploadStatusEnum": "uploads.models.Upload.Status",
+        "ShareStatusEnum": "uploads.models.ShareLink.STATES",
+    },
 }
 
 LOGGING = {

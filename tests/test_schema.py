@@ -35,6 +35,9 @@ REFUSALS = {
     ("/api/uploads/{upload_id}/", "delete"): {"401", "403", "404", "503"},
     ("/api/slots/", "get"): {"401", "403", "503"},
     ("/api/uploads/{upload_id}/content", "get"): {"401", "404", "409", "416", "429", "503"},
+    ("/api/uploads/{upload_id}/shares/", "get"): {"401", "404", "503"},
+    ("/api/uploads/{upload_id}/shares/", "post"): {"400", "401", "403", "404", "409", "415", "503"},
+    ("/api/shares/{share_id}/", "delete"): {"401", "403", "404", "503"},
 }
 SUCCESS = {
     ("/api/uploads/", "get"): {"200"},
@@ -43,6 +46,9 @@ SUCCESS = {
     ("/api/uploads/{upload_id}/", "delete"): {"204"},
     ("/api/slots/", "get"): {"200"},
     ("/api/uploads/{upload_id}/content", "get"): {"200", "206", "304"},
+    ("/api/uploads/{upload_id}/shares/", "get"): {"200"},
+    ("/api/uploads/{upload_id}/shares/", "post"): {"201"},
+    ("/api/shares/{share_id}/", "delete"): {"204"},
 }
 CONTENT = "/api/uploads/{upload_id}/content"
 ERROR_REF = {"$ref": "#/components/schemas/Error"}

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 60
 # Fixed, so that a failure reproduces; DDX_SCHEMATHESIS_SEED explores other cases.
 SEED = int(os.environ.get("DDX_SCHEMATHESIS_SEED", "20261201"))
-OPERATIONS = 6
+OPERATIONS = 9
 RUN_TIMEOUT = 600
 MAKE_STAFF = "User.objects.filter(username='staff').update(is_staff=True)"
 

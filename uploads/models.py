@@ -249,6 +249,9 @@ class ShareLink(models.Model):
     nothing. Deleting the file deletes its links (CASCADE).
     """
 
+    # What ``state()`` answers: what the link's page does now.
+    STATES = ("active", "expired", "revoked", "used_up")
+
     upload = models.ForeignKey(Upload, on_delete=models.CASCADE, related_name="shares")
     # Random per link; with SECRET_KEY it gives the token (uploads.services.shares.token_for).
     nonce = models.CharField(max_length=64, editable=False)

@@ -314,7 +314,7 @@ class ShareSerializer(serializers.ModelSerializer):
     def get_password(self, link) -> bool:
         return bool(link.password)
 
-    @extend_schema_field(serializers.ChoiceField(choices=["active", "expired", "revoked", "used_up"]))
+    @extend_schema_field(serializers.ChoiceField(choices=ShareLink.STATES))
     def get_status(self, link) -> str:
         return link.state()
 

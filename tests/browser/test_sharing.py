@@ -115,14 +115,6 @@ def test_a_shared_file_downloads_for_a_visitor_until_the_owner_revokes_the_link(
     expect(visit.locator("h1")).to_have_text("This link does not work")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "uploads/share_pages.py answers with Referrer-Policy: no-referrer, so Chromium sends the password form "
-        "with Origin: null, which Django's CSRF check refuses: every password, right or wrong, gets the "
-        "'This form has expired' page (same-origin would keep the token on this site and let the form through)"
-    ),
-)
 def test_a_link_with_a_password_shows_the_file_only_after_the_right_password(page, visitor, live, backend, tmp_path):
     local, upload_id = uploaded(page, live, backend, tmp_path, "with-password.bin", 1 * MiB + 5)
 
