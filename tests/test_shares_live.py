@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import random
-import re
 import socket
 import time
 
