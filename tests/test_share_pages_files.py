@@ -429,3 +429,15 @@ def test_with_a_zip_endpoint_each_finished_file_has_a_checkbox_of_that_form(alic
     parsed = page(signed_in(alice).get(FILES))
 
     assert_zip_form(parsed, reverse("files-zip"), [newer, older], [running])
+
+
+def test_deleting_a_shared_file_says_its_links_stop_working(alice, done):
+    client = signed_in(alice)
+    plain = client.get(f"/files/{done.pk}/delete/")
+    assert plain.status_code == 200 and b"share link" not in plain.content
+    share_create(alice, done.pk)
+    share_create(alice, done.pk)
+    confirm = client.get(f"/files/{done.pk}/delete/").content.decode()
+    assert "Its 2 share links stop working" in confirm
+    client.post(f"/files/{done.pk}/delete/")
+    assert not ShareLink.objects.exists()
