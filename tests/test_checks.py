@@ -297,6 +297,10 @@ def test_one_slot_more_than_the_check_allows_fails_at_admission_on_postgresql(al
         ("DIRECTDRIVEX_LOGIN_ATTEMPTS", 0, 1),
         ("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", 0, 1),
         ("DIRECTDRIVEX_SIGNUP_ATTEMPTS", 0, 1),
+        ("DIRECTDRIVEX_SHARE_MAX_DAYS", 0, 1),
+        ("DIRECTDRIVEX_SHARE_MAX_DAYS", MAX_DAYS + 1, MAX_DAYS),
+        ("DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS", 0, 1),
+        ("DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS", 0, 1),
     ],
 )
 def test_e007_a_setting_outside_its_working_range(good_settings, name, bad, good):
@@ -435,6 +439,8 @@ def test_manage_check_passes_with_a_good_environment():
         ("DIRECTDRIVEX_LOGIN_ATTEMPTS", "0"),
         ("DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS", "many"),
         ("DIRECTDRIVEX_SIGNUP_ATTEMPTS", "-5"),
+        ("DIRECTDRIVEX_SHARE_MAX_DAYS", "0"),
+        ("DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS", "ten"),
     ],
 )
 def test_manage_check_fails_on_a_bad_value_and_names_e001(name, raw):

@@ -65,6 +65,10 @@ BOUNDS = {
     "DIRECTDRIVEX_LOGIN_ATTEMPTS": Bound(1, why="With no failed sign-in allowed, nobody could sign in."),
     "DIRECTDRIVEX_LOGIN_USERNAME_ATTEMPTS": Bound(1, why="With no failed sign-in allowed, nobody could sign in."),
     "DIRECTDRIVEX_SIGNUP_ATTEMPTS": Bound(1, why="With no sign-up allowed, the sign-up page could never succeed."),
+    # A link's expiry is a datetime: 100 years of days keeps it inside the dates Python and databases hold.
+    "DIRECTDRIVEX_SHARE_MAX_DAYS": Bound(1, MAX_DAYS, DATE_RANGE),
+    "DIRECTDRIVEX_SHARE_PASSWORD_ATTEMPTS": Bound(1, why="With no wrong password allowed, none could be typed."),
+    "DIRECTDRIVEX_SHARE_LINK_PASSWORD_ATTEMPTS": Bound(1, why="With no wrong password allowed, none could be typed."),
 }
 
 
