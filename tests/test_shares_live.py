@@ -9,6 +9,7 @@ backend) in CI's second stage.
 import contextlib
 import hashlib
 import json
+import logging
 import random
 import socket
 import time
@@ -21,7 +22,10 @@ from tests.test_downloads_live import finished_upload, wait_for
 
 pytestmark = pytest.mark.slow
 
+log = logging.getLogger(__name__)
+
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 SOCKET_TIMEOUT = 30
 # Headers whose values differ per request whatever the link: the rest must be the same for every closed link.
 PER_REQUEST = {"date", "x-request-id", "set-cookie"}
@@ -301,3 +305,50 @@ def test_the_token_never_reaches_the_servers_log_lines(backend, start_server):
     assert "/s/[token]" in lines
     assert f"share={open_link['id']}" in lines
     assert "msg=share.created" in lines and "msg=share.used" in lines and "msg=share.revoked" in lines
+
+
+def test_a_multi_gb_file_through_a_link_comes_whole_after_a_cut_with_flat_server_memory(backend, start_server):
+    server = start_server()
+    size = 3 * GiB + 12345
+    upload_id, sha256 = finished_upload(server, size, "dataset.tar")
+    link = share(server, backend, upload_id, max_downloads=1)
+    warm = http_call(server, "GET", link["path"] + "/download", headers={"Range": "bytes=0-1048575"})
+    assert warm.status == 206
+    idle = server.rss()["VmRSS"]
+    peak = idle
+    digest = hashlib.sha256()
+
+    def read(answer: RawGet, stop_at: int) -> int:
+        nonlocal peak
+        got, next_sample = 0, time.monotonic()
+        digest.update(answer.body)
+        got += len(answer.body)
+        while got < stop_at:
+            data = answer.sock.recv(4 * MiB)
+            if not data:
+                break
+            digest.update(data)
+            got += len(data)
+            if time.monotonic() >= next_sample:
+                peak = max(peak, server.rss()["VmRSS"])
+                next_sample += 0.25
+        return got
+
+    first = RawGet(server, link["path"] + "/download")
+    assert first.status == 200 and first.headers["content-length"] == str(size)
+    cut_at = read(first, GiB + 7)
+    first.close()
+    rest = RawGet(server, link["path"] + "/download", {"Range": f"bytes={cut_at}-", "If-Range": first.headers["etag"]})
+    assert rest.status == 206 and rest.headers["content-range"] == f"bytes {cut_at}-{size - 1}/{size}"
+    got = read(rest, size - cut_at)
+    rest.close()
+    peak = max(peak, server.rss()["VmRSS"])
+
+    assert cut_at + got == size
+    assert digest.hexdigest() == sha256
+    growth = (peak - idle) / MiB
+    log.info("a %d-byte file through a link: server %.0f -> %.0f MiB RSS", size, idle / MiB, peak / MiB)
+    assert growth <= 32, f"the server grew by {growth:.1f} MiB sending {size / GiB:.1f} GiB through a link"
+    # The one download the link allowed is the resumed one: the link is used up now.
+    used = wait_for(lambda: (found := links_of(server, backend, upload_id)[link["id"]])["downloads"] and found, "count")
+    assert (used["downloads"], used["status"]) == (1, "used_up")
