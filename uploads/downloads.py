@@ -27,6 +27,7 @@ import threading
 import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import quote
 
 from asgiref.sync import async_to_sync
@@ -244,6 +245,12 @@ def renew_interval() -> float:
     return settings.DIRECTDRIVEX_SLOT_LEASE_SECONDS / 3
 
 
+class Closable(Protocol):
+    """What a download reads from: one FinishedReader, or the several files of a ZIP (uploads.zips)."""
+
+    def close(self) -> None: ...
+
+
 class DownloadHold:
     """A streaming download's slot: renewed in the background, ended by a revocation, released exactly once.
 
@@ -259,16 +266,21 @@ class DownloadHold:
         self,
         slot: Slot,
         channel: str,
-        reader: storage.FinishedReader,
+        reader: Closable,
         *,
         upload_id,
         user_id,
         share: ShareLink | None = None,
         ends_at_eof: bool = False,
+        what: str = "download",
+        subject: str = "",
     ):
         self.slot = slot
         self.channel = channel
         self.reader = reader
+        # How its log lines name it: "download ... upload=<id>", or a ZIP's "zip download ... files=<n>".
+        self.what = what
+        self.subject = subject or f"upload={upload_id}"
         # How the download ends, as far as it got: what the slot is released with.
         self.outcome = Slot.ReleaseReason.DISCONNECTED
         self.upload_id = upload_id
@@ -298,9 +310,7 @@ class DownloadHold:
                     self._revoke("the slot was released by someone else (reset, reap or delete)")
                 except Exception:
                     # The database is down: try again next time; a lost lease shows up then.
-                    log.warning(
-                        "download lease not renewed upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True
-                    )
+                    log.warning("%s lease not renewed %s slot=%s", self.what, self.subject, self.slot.pk, exc_info=True)
         finally:
             notice.cancel()
 
@@ -309,15 +319,13 @@ class DownloadHold:
         try:
             message = await layer.receive(self.channel)
         except Exception:  # a channel layer outage: the renewals still find a revocation
-            log.warning(
-                "download cannot hear revocations upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True
-            )
+            log.warning("%s cannot hear revocations %s slot=%s", self.what, self.subject, self.slot.pk, exc_info=True)
             await asyncio.Event().wait()  # until cancelled
         self._revoke(message.get("detail", "revoked"))
 
     def _revoke(self, why: str) -> None:
         self.revoked = why
-        log.warning("download revoked upload=%s user=%s slot=%s: %s", self.upload_id, self.user_id, self.slot.pk, why)
+        log.warning("%s revoked %s user=%s slot=%s: %s", self.what, self.subject, self.user_id, self.slot.pk, why)
 
     def _first_release(self) -> bool:
         with self._claim:
@@ -335,7 +343,7 @@ class DownloadHold:
         """From the body, however it ended (``outcome`` says how); a cancellation does not stop the release."""
         if not self._first_release():
             return
-        self.reader.close()  # a descriptor: closing it does not block
+        self.reader.close()  # descriptors (or an s3 reader's buffer): closing them does not block
         sent = self.sent
         release = asyncio.ensure_future(db_call(self._end, timeout=None))
         release.add_done_callback(lambda done: self._log_release(done, sent))
@@ -348,11 +356,11 @@ class DownloadHold:
         if release.cancelled() or release.exception() is not None:
             # The database is down: the slot is freed when its lease runs out.
             error = "cancelled" if release.cancelled() else repr(release.exception())
-            log.warning("download slot not released upload=%s slot=%s: %s", self.upload_id, self.slot.pk, error)
+            log.warning("%s slot not released %s slot=%s: %s", self.what, self.subject, self.slot.pk, error)
             return
         log.info(
-            "download ended upload=%s user=%s slot=%s reason=%s sent=%s",
-            self.upload_id, self.user_id, self.slot.pk, self.outcome, sent,
+            "%s ended %s user=%s slot=%s reason=%s sent=%s",
+            self.what, self.subject, self.user_id, self.slot.pk, self.outcome, sent,
         )  # fmt: skip
 
     def release_on_close(self) -> None:
@@ -369,9 +377,9 @@ class DownloadHold:
         try:
             self._end()
         except Exception:
-            log.warning("download slot not released upload=%s slot=%s", self.upload_id, self.slot.pk, exc_info=True)
+            log.warning("%s slot not released %s slot=%s", self.what, self.subject, self.slot.pk, exc_info=True)
             return
-        log.info("download closed upload=%s slot=%s reason=%s", self.upload_id, self.slot.pk, self.outcome)
+        log.info("%s closed %s slot=%s reason=%s", self.what, self.subject, self.slot.pk, self.outcome)
 
 
 class DownloadResponse(StreamingHttpResponse):

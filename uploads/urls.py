@@ -14,6 +14,7 @@ urlpatterns = [
     path("api/slots/", api.SlotSummary.as_view(), name="api-slots"),
     path("", views.home, name="home"),
     path("files/", views.files, name="files"),
+    path("files/zip/", views.files_zip, name="files-zip"),
     path("files/<uuid:upload_id>/delete/", views.file_delete, name="file-delete"),
     path("files/<uuid:upload_id>/share/", views.file_share, name="file-share"),
     path("files/shares/<int:share_id>/revoke/", views.share_revoke_page, name="share-revoke"),

@@ -17,12 +17,20 @@ from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from uploads import throttles
-from uploads.exceptions import InvalidShare, NotComplete, ShareNotFound, UploadNotFound
+from uploads.exceptions import (
+    DownloadSlotsExhausted,
+    InvalidRequest,
+    InvalidShare,
+    NotComplete,
+    ShareNotFound,
+    UploadNotFound,
+)
 from uploads.forms import ShareForm, SignupForm
 from uploads.models import ShareLink, Upload
 from uploads.services.quota import QuotaSummary, quota_summary
 from uploads.services.shares import share_create, share_revoke, token_for
 from uploads.services.uploads import upload_delete, upload_for, uploads_of
+from uploads.zips import zip_response
 
 FILES_PER_PAGE = 25
 
@@ -259,3 +267,33 @@ def _signed_in_message(sender, request, user, **kwargs):
 def _signed_out_message(sender, request, user, **kwargs):
     if user is not None:
         messages.info(request, "You are signed out.", fail_silently=True)
+
+
+# --- several files as one ZIP ---------------------------------------------------------------
+
+
+@login_required
+@require_http_methods(["GET"])
+def files_zip(request):
+    """GET ?id=…&id=… from My files: those finished files as one streamed ZIP (uploads.zips).
+
+    Reached by the browser's navigation, so a refusal is a message back on My
+    files, not an error page; only a lack of download slots is answered 429
+    with Retry-After, as every download is, on a page saying how long to wait.
+    """
+    try:
+        return zip_response(request.user, request.GET.getlist("id"))
+    except DownloadSlotsExhausted as refusal:
+        log.info("zip download refused user=%s: no download slot", request.user.pk)
+        response = render(
+            request, "uploads/zip_refused.html", {"detail": refusal.detail, "wait": refusal.retry_after}, status=429
+        )
+        response["Retry-After"] = str(refusal.retry_after)
+        return response
+    except (InvalidRequest, UploadNotFound, NotComplete) as refusal:
+        log.info("zip download refused user=%s: %s", request.user.pk, refusal.code)
+        messages.error(request, refusal.detail)
+        # 303: the browser follows with a GET, and a reload does not ask for the ZIP again.
+        response = redirect("files")
+        response.status_code = 303
+        return response
