@@ -13,7 +13,7 @@ from django.contrib.auth.hashers import check_password
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
-from django.urls import NoReverseMatch, include, path, reverse
+from django.urls import reverse
 from django.utils import timezone
 
 from tests.conftest import finish_upload
@@ -370,13 +370,6 @@ def test_revoke_needs_a_signed_in_owner_and_a_post(alice, done):
 # --- the ZIP selection ----------------------------------------------------------------------
 
 
-def zip_endpoint() -> str | None:
-    try:
-        return reverse("files-zip")
-    except NoReverseMatch:
-        return None
-
-
 def assert_zip_form(parsed, action: str, finished: list, unfinished: list) -> None:
     form = parsed.one("form", id="zip-form")
     assert (form.attrs["method"], form.attrs["action"]) == ("get", action)
@@ -391,37 +384,7 @@ def assert_zip_form(parsed, action: str, finished: list, unfinished: list) -> No
         assert not parsed.row_of(upload).all("input", type="checkbox")
 
 
-def test_the_zip_form_is_there_exactly_when_the_zip_endpoint_is(alice, done):
-    """With the URLconf as it is today: another change adds GET /files/zip/ (files-zip)."""
-    running = uploading(alice, "running.iso", size=100)
-
-    parsed = page(signed_in(alice).get(FILES))
-
-    action = zip_endpoint()
-    if action is None:
-        assert not parsed.all("form", id="zip-form")
-        assert not parsed.all("input", type="checkbox")
-    else:
-        assert_zip_form(parsed, action, [done], [running])
-
-
-def zip_stub(request):
-    raise AssertionError("not requested by these tests")
-
-
-# This module is also the URLconf of the next test: the project's URLs with a files-zip endpoint.
-urlpatterns = [
-    path("files/zip/", zip_stub, name="files-zip"),
-    path("", include("directdrivex.urls")),
-]
-handler400 = "uploads.api_errors.bad_request"
-handler403 = "uploads.api_errors.permission_denied"
-handler404 = "uploads.api_errors.page_not_found"
-handler500 = "uploads.api_errors.server_error"
-
-
-@pytest.mark.urls(__name__)
-def test_with_a_zip_endpoint_each_finished_file_has_a_checkbox_of_that_form(alice):
+def test_each_finished_file_has_a_checkbox_of_the_zip_form(alice):
     older = finish_upload(alice, DATA, filename="older.bin")
     running = uploading(alice, "running.iso", size=100)
     newer = finish_upload(alice, DATA, filename="newer.bin")

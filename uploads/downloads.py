@@ -213,7 +213,7 @@ def _stream(who: Downloader, upload: Upload, decision: ranges.Decision, headers:
     # finds it), answered 500 with a log line, and must not cost a slot.
     reader = storage.backend().open_finished(upload.storage_key)
     try:
-        channel = _new_channel()
+        channel = new_download_channel()
         slot = slot_admit(Slot.Kind.DOWNLOAD, who.user, upload=upload, share=who.share, holder_channel=channel)
     except BaseException:
         reader.close()
@@ -228,7 +228,7 @@ def _stream(who: Downloader, upload: Upload, decision: ranges.Decision, headers:
     return DownloadResponse(hold, _body(hold, first, length), status=decision.status, headers=headers)
 
 
-def _new_channel() -> str:
+def new_download_channel() -> str:
     """A channel-layer name for the download, so that a revocation reaches it at once (notify_holders).
 
     The layer's default prefix, as the upload transports' channels have:

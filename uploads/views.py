@@ -12,7 +12,7 @@ from django.db.models import Prefetch
 from django.dispatch import receiver
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
@@ -117,14 +117,6 @@ def _share_row(request, link: ShareLink, now) -> ShareRow:
     return ShareRow(link, url, link.state(now))
 
 
-def _zip_url() -> str | None:
-    """Where the selected files download as one ZIP; None while no such endpoint is installed."""
-    try:
-        return reverse("files-zip")
-    except NoReverseMatch:
-        return None
-
-
 def _quota_bar(quota: QuotaSummary) -> QuotaBar:
     # Over quota (the limit was lowered), the bar is full and split in proportion.
     whole = max(quota.limit, quota.used + quota.reserved)
@@ -153,7 +145,7 @@ def files(request):
         "page": page,
         "page_links": page.paginator.get_elided_page_range(page.number, on_each_side=2, on_ends=1),
         "rows": [_file_row(request, upload, now) for upload in page],
-        "zip_url": _zip_url(),
+        "zip_url": reverse("files-zip"),
         "quota": quota,
         "quota_bar": _quota_bar(quota),
     }

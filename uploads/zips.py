@@ -35,7 +35,7 @@ import zipstream
 from django.utils import timezone
 
 from uploads import metrics, storage
-from uploads.downloads import BLOCK_BYTES, DownloadHold, DownloadResponse, _new_channel, content_disposition
+from uploads.downloads import BLOCK_BYTES, DownloadHold, DownloadResponse, content_disposition, new_download_channel
 from uploads.exceptions import InvalidRequest, NotComplete, UploadNotFound
 from uploads.models import Slot, Upload
 from uploads.services.slots import slot_admit
@@ -70,7 +70,7 @@ def zip_response(user, upload_ids: Iterable[str], *, now=None) -> DownloadRespon
         for index, upload in enumerate(uploads):
             stream.add(files.blocks(index, upload.size), names[index], size=upload.size)
         length = len(stream)
-        channel = _new_channel()
+        channel = new_download_channel()
         slot = slot_admit(Slot.Kind.DOWNLOAD, user, holder_channel=channel)
     except BaseException:
         files.close()
