@@ -11,12 +11,16 @@ server), then, in interleaved rounds, downloaded with curl (to /dev/null) from:
 * accel: the same URL through nginx (deploy/nginx.conf.template, via tests/support/nginx.py) in front of
   a server with DIRECTDRIVEX_ACCEL_REDIRECT: the server checks and answers X-Accel-Redirect, nginx sends
   the bytes (sendfile);
-* static: nginx serving the same file as a plain static file: the physical anchor.
+* static: nginx serving the same file as a plain static file: the physical anchor;
+* link: the same file through a share link, ``GET /s/<token>/download`` without credentials, answered
+  by Daphne (issue 15): the owner's download path plus the link's lookup and accounting;
+* zip: ``GET /files/zip/?id=<id>`` with a session, a ZIP of the file streamed by zipstream-ng (STORED,
+  ZIP64 past 4 GiB): what assembling the archive costs over sending the file.
 
 For each: MB/s (10^6 bytes/s, curl's own figure), server CPU seconds per GiB (Daphne's process; nginx's
 master and workers for accel and static, plus Daphne's for accel) and the Daphne server's RSS growth
 (VmHWM during the download minus idle). Targets (issue 7): accel >= 0.9x static; direct >= 0.25x static
-with Daphne growth <= 32 MiB.
+with Daphne growth <= 32 MiB. Issue 15: link and zip >= 0.9x direct, each with growth <= 32 MiB.
 """
 
 import argparse
@@ -35,12 +39,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.upload import GiB, MiB, make_file, mib, out  # noqa: E402
+from tests.support.live_backend import http_call  # noqa: E402
 from tests.support.live_server import LiveServer, proc_cpu_seconds, proc_status  # noqa: E402
 from tests.support.nginx import Nginx, nginx_binary  # noqa: E402
 
 TARGET_ACCEL = 0.9
 TARGET_DIRECT = 0.25
 TARGET_GROWTH = 32 * MiB
+TARGET_LINK = 0.9
+TARGET_ZIP = 0.9
+
+SIGNED_IN_SESSION = """
+from django.contrib.auth.models import User
+from django.contrib.sessions.backends.db import SessionStore
+user = User.objects.get(username="bench")
+session = SessionStore()
+session["_auth_user_id"] = str(user.pk)
+session["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+session["_auth_user_hash"] = user.get_session_auth_hash()
+session.create()
+print("SESSION", session.session_key)
+"""
 
 
 def nginx_cpu(nginx: Nginx) -> float:
@@ -51,25 +70,41 @@ def nginx_cpu(nginx: Nginx) -> float:
     return sum(proc_cpu_seconds(pid) for pid in pids)
 
 
-def curl(url: str, token: str | None) -> float:
+def curl(url: str, token: str | None, cookie: str | None = None) -> float:
     """Download ``url`` to /dev/null; returns bytes/s as curl measured them."""
     command = ["curl", "-sS", "--fail", "-o", "/dev/null", "-w", "%{speed_download}", url]
     if token:
         command[1:1] = ["-H", f"Authorization: Token {token}"]
+    if cookie:
+        command[1:1] = ["-H", f"Cookie: {cookie}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
     return float(done.stdout)
 
 
-def measure(kind: str, url: str, token: str | None, size: int, daphne: LiveServer, nginx: Nginx | None) -> dict:
+def measure(
+    kind: str,
+    url: str,
+    token: str | None,
+    size: int,
+    daphne: LiveServer,
+    nginx: Nginx | None,
+    cookie: str | None = None,
+) -> dict:
     idle = proc_status(daphne.pid)["VmRSS"]
     cpu_before = daphne.cpu_seconds() + (nginx_cpu(nginx) if nginx else 0.0)
-    speed = curl(url, token)
+    speed = curl(url, token, cookie)
     cpu = daphne.cpu_seconds() + (nginx_cpu(nginx) if nginx else 0.0) - cpu_before
     peak = proc_status(daphne.pid)["VmHWM"]
     figures = {"mb_s": speed / 1e6, "cpu_per_gib": cpu / (size / GiB), "daphne_growth": max(0, peak - idle)}
     out(f"  {kind:7} {figures['mb_s']:7.1f} MB/s  server CPU {figures['cpu_per_gib']:.2f} s/GiB  "
         f"Daphne growth {mib(figures['daphne_growth'])}")  # fmt: skip
     return figures
+
+
+def share_link(server: LiveServer, token: str, upload_id: str) -> str:
+    """A share link of the upload without limits: its path, /s/<token>."""
+    answer = http_call(server, "POST", f"/api/uploads/{upload_id}/shares/", body=b"{}", token=token)
+    return "/s/" + answer.json()["url"].rsplit("/s/", 1)[1]
 
 
 def upload_once(server: LiveServer, token: str, source: Path) -> str:
@@ -114,12 +149,17 @@ def main() -> int:
         nginx.start()
 
         content = f"/api/uploads/{upload_id}/content"
-        runs = {"direct": [], "accel": [], "static": []}
+        link = share_link(direct, token, upload_id)
+        session = "sessionid=" + direct.manage("shell", "-c", SIGNED_IN_SESSION).split("SESSION ", 1)[1].strip()
+        runs = {"direct": [], "accel": [], "static": [], "link": [], "zip": []}
         for round_ in range(1, args.rounds + 1):
             out(f"round {round_} (load {os.getloadavg()[0]:.2f})")
             runs["direct"].append(measure("direct", direct.url + content, token, size, direct, None))
             runs["accel"].append(measure("accel", nginx.url + content, token, size, accel, nginx))
             runs["static"].append(measure("static", nginx.url + "/static/file.bin", None, size, accel, nginx))
+            runs["link"].append(measure("link", direct.url + link + "/download", None, size, direct, None))
+            zip_url = f"{direct.url}/files/zip/?id={upload_id}"
+            runs["zip"].append(measure("zip", zip_url, None, size, direct, None, cookie=session))
             time.sleep(0.5)
 
     summary = {
@@ -138,6 +178,12 @@ def main() -> int:
         f"{'PASS' if direct_ratio >= TARGET_DIRECT else 'MISS'}")  # fmt: skip
     out(f"target Daphne growth (direct, worst round) <= {mib(TARGET_GROWTH)}: {mib(growth)} "
         f"{'PASS' if growth <= TARGET_GROWTH else 'MISS'}")  # fmt: skip
+    direct_speed = summary["direct"]["mb_s"]
+    for kind, target in (("link", TARGET_LINK), ("zip", TARGET_ZIP)):
+        ratio = summary[kind]["mb_s"] / direct_speed
+        worst = max(run["daphne_growth"] for run in runs[kind])
+        out(f"target {kind} >= {target}x direct: {ratio:.2f}x {'PASS' if ratio >= target else 'MISS'}; "
+            f"growth (worst round) {mib(worst)} {'PASS' if worst <= TARGET_GROWTH else 'MISS'}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"size": size, "runs": runs, "summary": summary}, indent=2))
     return 0
