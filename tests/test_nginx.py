@@ -445,6 +445,9 @@ def test_a_share_link_through_nginx_is_sent_by_nginx_and_its_token_is_in_no_log(
 
     # nginx sent both bodies; the server counted them as it handed them over: the whole file and
     # the range that reached the last byte, two downloads.
+    # A range past the end is nginx's 416, and counts nothing.
+    past = http_call(deployment.nginx, "GET", path + "/download", headers={"Range": f"bytes={UPLOAD_SIZE}-"})
+    assert past.status == 416
     listed = http_call(deployment.nginx, "GET", f"/api/uploads/{completed['id']}/shares/", token=token).json()
     (link,) = [link for link in listed if link["id"] == link_id]
     assert (link["downloads"], link["bytes_sent"]) == (2, UPLOAD_SIZE + MiB)

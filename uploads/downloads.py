@@ -186,12 +186,16 @@ def _accel_redirect(
     if who.share is not None:
         # What nginx will send, counted now: this process never sees its end (docs/sharing.md).
         first, length = _span(upload, decision, request_headers if storage.backend().accel_answers_ranges else None)
-        share_download_ended(who.share, sent=length, reached_end=first + length == upload.size)
+        if length:  # not a range nginx will refuse (416): that sends nothing
+            share_download_ended(who.share, sent=length, reached_end=first + length == upload.size)
     return HttpResponse(headers=headers)
 
 
 def _span(upload: Upload, decision: ranges.Decision, nginx_headers: Mapping[str, str] | None) -> tuple[int, int]:
-    """(first byte, length) a response sends. With ``nginx_headers``, nginx answers the Range: decided here alike."""
+    """(first byte, length) a response sends. With ``nginx_headers``, nginx answers the Range: decided here alike.
+
+    (0, 0) for a range nginx will refuse with 416.
+    """
     if nginx_headers is not None and nginx_headers.get("Range"):
         decision = ranges.decide(
             size=upload.size,
@@ -202,6 +206,8 @@ def _span(upload: Upload, decision: ranges.Decision, nginx_headers: Mapping[str,
             if_none_match=None,
             if_modified_since=None,
         )
+        if decision.status == 416:
+            return 0, 0
     if decision.byte_range is not None:
         return decision.byte_range.first, decision.byte_range.length
     return 0, upload.size
