@@ -1,5 +1,5 @@
 """Several files as one ZIP from a real server (`manage.py serve`, Daphne): a member past 4 GiB (ZIP64), and flat
-memory with one download slot held for a client that reads a 300 MiB ZIP slowly.
+memory with one download slot held for a client that reads a 192 MiB ZIP slowly.
 
 Finished uploads are made in a `manage.py shell` of the server's own
 deployment (tests.test_downloads_live.finished_upload), except the 4 GiB one:
@@ -175,13 +175,9 @@ def test_a_member_past_4_gib_comes_whole_in_a_zip64_archive(backend, start_serve
         sparse.seek(size - 4096)
         sparse.write(os.urandom(4096))
     started = time.monotonic()
-    digest = hashlib.sha256()
-    with open(path, "rb") as stored:
-        while block := stored.read(8 * MiB):
-            digest.update(block)
-    out = server.manage(
-        "shell", "-c", COMPLETE_ROW.format(name="huge.bin", size=size, sha256=digest.hexdigest(), key=key)
-    )
+    # Its row says no sha256 (none was declared, none computed): hashing 4 GiB three times cost CI
+    # 20 s a stage, and the member is compared with the file byte for byte below instead.
+    out = server.manage("shell", "-c", COMPLETE_ROW.format(name="huge.bin", size=size, sha256="", key=key))
     huge_id = next(line.split()[1] for line in out.splitlines() if line.startswith("UPLOAD "))
     # After the big one: its local header starts past 4 GiB, which only ZIP64 can say.
     after_id, after_sha256 = finished_upload(server, 3 * MiB + 7, "after.bin")
@@ -204,10 +200,16 @@ def test_a_member_past_4_gib_comes_whole_in_a_zip64_archive(backend, start_serve
         assert (after.filename, after.file_size) == ("after.bin", 3 * MiB + 7)
         assert after.header_offset > 2**32
         assert member_sha256(archive, after) == after_sha256
-        assert member_sha256(archive, huge) == digest.hexdigest()
+        # zipfile checks the member's CRC-32 as it reaches its end; every byte is compared with the file's.
+        with archive.open(huge) as member, open(path, "rb") as source:
+            compared = 0
+            while block := member.read(8 * MiB):
+                assert block == source.read(len(block)), f"the member differs from the file within 8 MiB of {compared}"
+                compared += len(block)
+        assert compared == size
     checked = time.monotonic()
     log.info(
-        "zip64: %.1f GiB; hashing the source %.1f s, streaming %.1f s, checking %.1f s",
+        "zip64: %.1f GiB; setting up %.1f s, streaming %.1f s, checking %.1f s",
         answer.length / GiB, hashed - started, streamed - hashed, checked - streamed,
     )  # fmt: skip
     slots = wait_for(lambda: (found := zip_slots(server)) and not found[0]["active"] and found, "the slot's release")
@@ -217,12 +219,13 @@ def test_a_member_past_4_gib_comes_whole_in_a_zip64_archive(backend, start_serve
 # --- a slow reader ---------------------------------------------------------------------------------
 
 
-def test_a_slow_reader_of_a_300_mib_zip_holds_one_slot_and_grows_the_server_by_at_most_32_mib(
+def test_a_slow_reader_of_a_192_mib_zip_holds_one_slot_and_grows_the_server_by_at_most_32_mib(
     backend, start_server, tmp_path
 ):
     server = start_server()
     cookie = session_cookie(server)
-    files = [finished_upload(server, 100 * MiB, f"part-{n}.bin") for n in range(3)]
+    # Six times the growth allowed: a server that read ahead of its client would show it.
+    files = [finished_upload(server, 64 * MiB, f"part-{n}.bin") for n in range(3)]
     warm, _sha256 = finished_upload(server, 4 * MiB, "warm.bin")
     # One whole ZIP first, so that code, threads and buffers are in place before we measure.
     warm_up = RawZip(server, cookie, [warm])
@@ -235,11 +238,11 @@ def test_a_slow_reader_of_a_300_mib_zip_holds_one_slot_and_grows_the_server_by_a
 
     reader = RawZip(server, cookie, [upload_id for upload_id, _sha256 in files])
     assert reader.status == 200
-    assert reader.length > 300 * MiB
+    assert reader.length > 192 * MiB
     peak = idle
     held = []
     checks_at = [reader.length // 3, 2 * reader.length // 3]
-    # About 20 MB/s: some 15 s for the whole ZIP, while a server that did not wait for the
+    # About 20 MB/s: some 10 s for the whole ZIP, while a server that did not wait for the
     # client would have read the files into its memory long before.
     target_rate = 20 * 1000 * 1000
     saved = tmp_path / "slow.zip"
@@ -270,7 +273,7 @@ def test_a_slow_reader_of_a_300_mib_zip_holds_one_slot_and_grows_the_server_by_a
         "slow zip reader: %.0f MiB in %.1f s, server %.0f -> %.0f MiB RSS (+%.1f MiB)",
         reader.received / MiB, elapsed, idle / MiB, peak / MiB, growth,
     )  # fmt: skip
-    assert elapsed >= 10
+    assert elapsed >= 8
     assert growth <= 32, f"the server grew by {growth:.1f} MiB while a client read {reader.received / MiB:.0f} MiB"
     # The same one slot for the whole body, released once the last byte was out.
     assert held == [{"active": True, "reason": ""}] * 2
