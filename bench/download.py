@@ -49,18 +49,6 @@ TARGET_GROWTH = 32 * MiB
 TARGET_LINK = 0.9
 TARGET_ZIP = 0.9
 
-SIGNED_IN_SESSION = """
-from django.contrib.auth.models import User
-from django.contrib.sessions.backends.db import SessionStore
-user = User.objects.get(username="bench")
-session = SessionStore()
-session["_auth_user_id"] = str(user.pk)
-session["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
-session["_auth_user_hash"] = user.get_session_auth_hash()
-session.create()
-print("SESSION", session.session_key)
-"""
-
 
 def nginx_cpu(nginx: Nginx) -> float:
     """CPU seconds of nginx's master and workers."""
@@ -150,7 +138,7 @@ def main() -> int:
 
         content = f"/api/uploads/{upload_id}/content"
         link = share_link(direct, token, upload_id)
-        session = "sessionid=" + direct.manage("shell", "-c", SIGNED_IN_SESSION).split("SESSION ", 1)[1].strip()
+        session = direct.session_cookie("bench")
         runs = {"direct": [], "accel": [], "static": [], "link": [], "zip": []}
         for round_ in range(1, args.rounds + 1):
             out(f"round {round_} (load {os.getloadavg()[0]:.2f})")

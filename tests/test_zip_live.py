@@ -36,18 +36,6 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 SOCKET_TIMEOUT = 30
 
-SIGNED_IN_SESSION = """
-from django.contrib.auth.models import User
-from django.contrib.sessions.backends.db import SessionStore
-user = User.objects.get(username="alice")
-session = SessionStore()
-session["_auth_user_id"] = str(user.pk)
-session["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
-session["_auth_user_hash"] = user.get_session_auth_hash()
-session.create()
-print("SESSION", session.session_key)
-"""
-
 # A finished upload whose file the test put in place itself (a sparse one): the row only.
 COMPLETE_ROW = """
 from django.contrib.auth.models import User
@@ -91,8 +79,7 @@ def start_server(backend, tmp_path):
 
 
 def session_cookie(server: LiveServer) -> str:
-    out = server.manage("shell", "-c", SIGNED_IN_SESSION)
-    return "sessionid=" + next(line.split()[1] for line in out.splitlines() if line.startswith("SESSION "))
+    return server.session_cookie("alice")
 
 
 def zip_slots(server: LiveServer) -> list[dict]:

@@ -126,6 +126,22 @@ class LiveServer:
         out = self.manage("shell", "-c", code)
         return next(line.split()[1] for line in out.splitlines() if line.startswith("TOKEN "))
 
+    def session_cookie(self, username: str) -> str:
+        """A ``Cookie`` header value signing ``username`` in (a session made in the database, as a sign-in would)."""
+        code = (
+            "from django.contrib.auth.models import User;"
+            "from django.contrib.sessions.backends.db import SessionStore;"
+            f"u=User.objects.get(username={username!r});"
+            "s=SessionStore();"
+            "s['_auth_user_id']=str(u.pk);"
+            "s['_auth_user_backend']='django.contrib.auth.backends.ModelBackend';"
+            "s['_auth_user_hash']=u.get_session_auth_hash();"
+            "s.create();"
+            "print('SESSION', s.session_key)"
+        )
+        out = self.manage("shell", "-c", code)
+        return "sessionid=" + next(line.split()[1] for line in out.splitlines() if line.startswith("SESSION "))
+
     # --- the server process -----------------------------------------------------
 
     def start(self, timeout: float = 30) -> None:
