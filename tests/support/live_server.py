@@ -100,6 +100,8 @@ class LiveServer:
             self.env.pop("REDIS_URL", None)
         self.process: subprocess.Popen | None = None
         self.log_path = self.workdir / "server.log"
+        # Interpreter arguments before manage.py: a launcher module that wraps it (tests/faults/crashpoint.py).
+        self.python_args: list[str] = []
 
     # --- management -----------------------------------------------------------
 
@@ -147,7 +149,7 @@ class LiveServer:
     def start(self, timeout: float = 30) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+            [sys.executable, *self.python_args, "manage.py", "serve", "--port", str(self.port)],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         log.close()

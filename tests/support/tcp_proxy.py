@@ -15,6 +15,11 @@ each control call returns once the change is in effect:
 * ``cut()``: every connection is reset (RST, on both sides) and new ones are
   refused (ECONNREFUSED), like a crashed host or a pulled cable.
 * ``restore()``: forward again; held bytes and held connections go on.
+* ``reset()``: every open connection is reset (RST, on both sides), new ones are
+  accepted and forwarded as before: a connection dropped by a middlebox.
+* ``limit(rate)``: bytes from clients to the target flow at no more than
+  ``rate`` bytes a second, over all connections together (``None`` lifts it):
+  a slow link.
 
 The port stays reserved while cut (a bound, non-listening socket holds it), so
 no other process can take it before ``restore()`` listens on it again.
@@ -100,6 +105,8 @@ class _Connection:
             while data:
                 await flowing.wait()  # bytes read just before a stall wait for restore()
                 piece = self.proxy._take(data, outbound=outbound)
+                if piece and outbound and self.proxy._rate:
+                    await asyncio.sleep(self.proxy._pace(len(piece)))
                 if piece:
                     await loop.sock_sendall(sink, piece)
                     data = data[len(piece) :]
@@ -120,6 +127,8 @@ class TcpProxy:
         self._accepting: asyncio.Task | None = None
         self._budget: int | None = None  # stall_after(): bytes left to forward before stalling
         self._budget_inbound = False  # whether that budget counts bytes from the target, not to it
+        self._rate: int | None = None  # limit(): bytes a second from clients to the target
+        self._paced_until = 0.0  # when the bytes sent so far under that limit will have "arrived"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"tcp-proxy-{self.port}", daemon=True)
         self._thread.start()
@@ -153,6 +162,12 @@ class TcpProxy:
 
     def cut(self) -> None:
         self._call(self._cut)
+
+    def reset(self) -> None:
+        self._call(self._reset_connections)
+
+    def limit(self, rate: int | None) -> None:
+        self._call(self._limit, rate)
 
     def restore(self) -> None:
         self._call(self._restore)
@@ -219,6 +234,16 @@ class TcpProxy:
             self.forwarded += len(data)
         return data
 
+    def _pace(self, nbytes: int) -> float:
+        """Seconds to wait before sending ``nbytes`` under limit(): the link is busy until earlier bytes passed."""
+        now = asyncio.get_running_loop().time()
+        self._paced_until = max(now, self._paced_until) + nbytes / self._rate
+        return max(0.0, self._paced_until - nbytes / self._rate - now)
+
+    async def _limit(self, rate: int | None) -> None:
+        self._rate = rate
+        self._paced_until = 0.0
+
     def _stall_now(self) -> None:
         self._budget = None
         self._flowing.clear()
@@ -241,14 +266,17 @@ class TcpProxy:
         if self._listener is not None:
             _reset(self._listener)  # connections still in its backlog are reset with it
             self._listener = None
+        await self._reset_connections()
+        self._budget = None
+        self.state = "cut"
+
+    async def _reset_connections(self) -> None:
         connections = list(self._connections)
         for connection in connections:
             connection.reset = True
             connection.task.cancel()
         await asyncio.gather(*(connection.task for connection in connections), return_exceptions=True)
-        self._budget = None
-        self.state = "cut"
-        log.debug("proxy %d: cut %d connections", self.port, len(connections))
+        log.debug("proxy %d: reset %d connections", self.port, len(connections))
 
     async def _restore(self) -> None:
         self._listen()
