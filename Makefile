@@ -2,6 +2,7 @@
 #
 #   make run    venv + install + migrate + storage folder + local admin, then Daphne on 127.0.0.1:8000
 #   make test   the test suite (the same command CI runs); extra pytest arguments in PYTEST_ARGS
+#   make faults the fault suite at its full count, on PostgreSQL + Redis, the folder and SeaweedFS (docs/reliability.md)
 #   make lint   ruff check, ruff format --check, lint-imports (the app's layers), makemigrations --check
 #   make ci     what CI runs (.ci/run): lint, deploy checks, tests on SQLite and on PostgreSQL + Redis
 
@@ -28,7 +29,7 @@ STORAGE_DIR := $(or $(DIRECTDRIVEX_STORAGE_DIR),var/storage)
 # make run is a development server: DEBUG on unless the caller says otherwise.
 RUN_DEBUG := $(or $(DEBUG),1)
 
-.PHONY: help venv run test lint format ci daphne-command clean
+.PHONY: help venv run test faults lint format ci daphne-command clean
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -52,6 +53,16 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Its own database and Redis db (as CI's), SeaweedFS started by the suite itself; the figures it prints
+# at the end are also written to var/faults-report.json (docs/reliability.md publishes them).
+FAULTS_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/ddx_faults
+FAULTS_REDIS_URL ?= redis://127.0.0.1:6379/2
+
+faults: $(STAMP)
+	mkdir -p var
+	DIRECTDRIVEX_FAULTS=full DATABASE_URL=$(FAULTS_DATABASE_URL) REDIS_URL=$(FAULTS_REDIS_URL) \
+		DIRECTDRIVEX_FAULTS_REPORT=var/faults-report.json $(VENV)/bin/pytest tests/faults $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

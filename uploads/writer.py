@@ -46,7 +46,7 @@ from django.conf import settings
 from uploads import budgets, metrics, storage
 from uploads.exceptions import ChecksumMismatch, IdleTimeout, LeaseLost, NotUploading, Unavailable, UploadBusy
 from uploads.models import Slot
-from uploads.services.calls import db_call
+from uploads.services.calls import DB_CALL_SECONDS, db_call
 from uploads.services.grants import (
     WriterGrant,
     writer_admit,
@@ -473,11 +473,22 @@ class UploadWriter:
         except FileNotFoundError:
             await db_call(writer_check, self.grant)  # the upload was deleted or taken: say so, not a fault
             raise
-        await db_call(writer_commit, self.grant, durable.offset, hash_state=durable.hash_state, durable=durable)
-        part.committed(durable)
+        await self._record(part, durable, self.grant, DB_CALL_SECONDS)
         # A commit of new bytes, sync + UPDATE; a mere lease renewal would flatter the histogram.
         metrics.COMMIT_SECONDS.observe(time.monotonic() - started)
         return durable.offset, started
+
+    async def _record(self, part: storage.PartWriter, durable: storage.Durable, grant, timeout: float) -> None:
+        """The fenced UPDATE that records what ``part.sync`` made durable."""
+        try:
+            state = durable.hash_state
+            await db_call(writer_commit, grant, durable.offset, hash_state=state, durable=durable, timeout=timeout)
+        except (LeaseLost, NotUploading):
+            # Fenced (a writer that froze past its lease and woke up, say): what that sync just stored is
+            # recorded nowhere and known to no one else. Gone now, so a stale writer lands no byte anywhere.
+            await self._in_thread(part.fenced, durable)
+            raise
+        part.committed(durable)
 
     async def _collect_commit(self, *, wait: bool):
         """Take in the outcome of the commit in flight (raising its refusal), waiting for it if asked."""
@@ -600,9 +611,7 @@ class UploadWriter:
                 durable = await self._in_thread(part.sync, checkpoint)
                 # Half of what is left, so that the release below gets its turn too.
                 timeout = max(0.0, (deadline - loop.time()) / 2)
-                state = durable.hash_state
-                await db_call(writer_commit, grant, durable.offset, hash_state=state, durable=durable, timeout=timeout)
-                part.committed(durable)
+                await self._record(part, durable, grant, timeout)
                 metrics.BYTES_RECEIVED.inc(durable.offset - self.durable)
                 self.durable = durable.offset
             except (LeaseLost, NotUploading):

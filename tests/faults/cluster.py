@@ -14,6 +14,9 @@ what the servers say about themselves.
 """
 
 import contextlib
+import hashlib
+import http.client
+import json
 import logging
 import os
 import re
@@ -23,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -202,6 +206,19 @@ class Cluster:
         host = next(iter(self.hosts.values()))
         return Counter(stored.finished_sha256(key, host) for key in stored.finished_keys(host))
 
+    def leftovers(self) -> list[str]:
+        """What unfinished uploads left in storage: part files (local); multipart uploads and tail objects (s3)."""
+        if self.storage.kind == "local":
+            return sorted(str(path) for path in (self.site.storage_dir / "partial").glob("*"))
+        client = stored._server_backend(next(iter(self.hosts.values()))).where.client
+        bucket = self.storage.bucket
+        sessions = client.list_multipart_uploads(Bucket=bucket, Prefix=self.prefix).get("Uploads", [])
+        tails = client.list_objects_v2(Bucket=bucket, Prefix=f"{self.prefix}tails/").get("Contents", [])
+        return sorted(
+            [f"multipart {item['Key']} {item['UploadId']} {item['Initiated']}" for item in sessions]
+            + [f"tail {item['Key']} {item['Size']} {item['LastModified']}" for item in tails]
+        )
+
     # --- what the logs say ----------------------------------------------------------------------
 
     def internal_errors(self) -> list[str]:
@@ -220,6 +237,7 @@ class Cluster:
         return found
 
     def fsck(self, *, repair: bool = False) -> tuple[int, str]:
+        """``uploads fsck --json`` (with ``--repair``): its exit code and its output (the JSON report, then its log)."""
         host = next(iter(self.hosts.values()))
         args = ["uploads", "fsck", "--json"] + (["--repair"] if repair else [])
         done = subprocess.run(
@@ -227,6 +245,10 @@ class Cluster:
         )
         TALLY.check("fsck")
         return done.returncode, done.stdout + done.stderr
+
+    def findings(self, report: str) -> list[str]:
+        """The kinds of what an fsck output found."""
+        return [finding["kind"] for finding in json.loads(report[: report.rindex("}") + 1])["findings"]]
 
 
 def line_around(text: str, index: int) -> str:
@@ -308,6 +330,21 @@ def verify_upload(cluster: Cluster, server: LiveServer, token: str, upload_id: s
     )
     TALLY.upload(src.size, intact=intact)
     assert intact, (answer.status, detail, src, cluster.finished_digests())
+
+
+def download_sha256(base_url: str, path: str, token: str) -> tuple[int, str]:
+    """GET ``path`` (streamed, in blocks): the status and the sha256 of the body."""
+    parts = urlsplit(base_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("GET", path, headers={"Authorization": f"Token {token}"})
+        response = connection.getresponse()
+        digest = hashlib.sha256()
+        while block := response.read(MiB):
+            digest.update(block)
+        return response.status, digest.hexdigest()
+    finally:
+        connection.close()
 
 
 def wait_for(condition, what: str, timeout: float = 60, interval: float = 0.05):

@@ -17,6 +17,8 @@ each control call returns once the change is in effect:
 * ``restore()``: forward again; held bytes and held connections go on.
 * ``reset()``: every open connection is reset (RST, on both sides), new ones are
   accepted and forwarded as before: a connection dropped by a middlebox.
+* ``retarget(port)``: new connections go to ``port`` (of the same host); open ones
+  stay where they are: a load balancer that moved a client to another server.
 * ``limit(rate)``: bytes from clients to the target flow at no more than
   ``rate`` bytes a second, over all connections together (``None`` lifts it):
   a slow link.
@@ -169,6 +171,9 @@ class TcpProxy:
     def limit(self, rate: int | None) -> None:
         self._call(self._limit, rate)
 
+    def retarget(self, port: int) -> None:
+        self._call(self._retarget, port)
+
     def restore(self) -> None:
         self._call(self._restore)
 
@@ -239,6 +244,9 @@ class TcpProxy:
         now = asyncio.get_running_loop().time()
         self._paced_until = max(now, self._paced_until) + nbytes / self._rate
         return max(0.0, self._paced_until - nbytes / self._rate - now)
+
+    async def _retarget(self, port: int) -> None:
+        self.target = (self.target[0], port)
 
     async def _limit(self, rate: int | None) -> None:
         self._rate = rate

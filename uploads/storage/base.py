@@ -137,7 +137,8 @@ class Durable:
 
     ``pieces`` are the parts and tails to record (the tails replace every
     tail recorded before); ``session`` the store's upload; ``numbers`` the
-    part numbers to keep reserved.
+    part numbers to keep reserved; ``made`` the objects this sync created,
+    which nothing records until the commit does (a new tail).
     """
 
     offset: int
@@ -145,6 +146,7 @@ class Durable:
     session: str = ""
     pieces: tuple[Piece, ...] = ()
     numbers: int = 0
+    made: tuple[Piece, ...] = ()
 
 
 class PartWriter(abc.ABC):
@@ -184,6 +186,14 @@ class PartWriter(abc.ABC):
 
     def committed(self, durable: Durable) -> None:  # noqa: B027 - a hook: a disk has nothing to let go of
         """The writer's fenced commit of ``durable`` succeeded: what it superseded may go."""
+
+    def fenced(self, durable: Durable) -> None:  # noqa: B027 - a hook: a part file is the writer's, under its lock
+        """The fenced commit of ``durable`` changed nothing: the upload is someone else's now.
+
+        Delete what ``sync`` stored for it that nothing records (``durable.made``):
+        no other writer can know those names, so a stale writer leaves no byte
+        behind. What earlier commits recorded is the new owner's: never touched.
+        """
 
     @abc.abstractmethod
     def hexdigest(self) -> str:

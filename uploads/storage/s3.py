@@ -420,6 +420,7 @@ class S3Part(PartWriter):
             session=session,
             pieces=(*pieces, *tails),
             numbers=self.numbers_used + PART_NUMBERS_AHEAD,
+            made=(tail,) if gap else (),
         )
 
     def _put_tail(self, start: int, end: int, data: bytes) -> Piece:
@@ -443,6 +444,14 @@ class S3Part(PartWriter):
             doomed = bool(self._doomed)
         if doomed:  # called on the event loop: the deletes go to a thread, and a failed one is only a leftover
             self._deleting = self.store.pool.submit(self._delete_doomed)
+
+    def fenced(self, durable: Durable) -> None:
+        for piece in durable.made:
+            try:
+                with _store_call():
+                    self.where.client.delete_object(Bucket=self.where.bucket, Key=piece.name)
+            except Exception:  # the store is unreachable: fsck --repair finds the tail (leftover_tail)
+                log.warning("a fenced writer could not delete its unrecorded tail %s", piece.name, exc_info=True)
 
     def _delete_doomed(self) -> None:
         with self._lock:
