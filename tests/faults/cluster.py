@@ -281,6 +281,9 @@ class Client:
     (tests/faults/tus_client.py). Both print ``complete <upload id> <size> …`` at the end.
     """
 
+    # Every client started and not yet killed: tests/faults/conftest.py kills what a failed test left running.
+    started: "set[Client]" = set()
+
     def __init__(self, transport: str, url: str, token: str, src: Source, log_path: Path, *args: str):
         self.transport, self.src, self.log_path = transport, src, Path(log_path)
         if transport == "ws":
@@ -292,6 +295,7 @@ class Client:
             raise ValueError(transport)
         with open(self.log_path, "wb") as output:
             self.process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+        Client.started.add(self)
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -316,6 +320,7 @@ class Client:
         if self.alive():
             self.process.kill()
             self.process.wait(5)
+        Client.started.discard(self)
 
 
 def verify_upload(cluster: Cluster, server: LiveServer, token: str, upload_id: str, src: Source) -> None:

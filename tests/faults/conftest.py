@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.cluster import Cluster, Site, Storage
+from tests.faults.cluster import Client, Cluster, Site, Storage
 from tests.faults.tally import TALLY
 from tests.support import seaweedfs
 from tests.support.live_backend import live_backend
@@ -65,6 +65,14 @@ def needs_shared_services() -> None:
     if FULL:
         pytest.fail(f"{reason}; make faults sets both", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def no_client_outlives_its_test():
+    """A test that fails half-way leaves its clients running: they are killed here, not left to the next test."""
+    yield
+    for client in list(Client.started):
+        client.kill()
 
 
 @pytest.fixture(scope="module", params=["local", "s3"])

@@ -133,7 +133,9 @@ def test_kill_9_at_each_finalize_step_then_the_upload_completes_on_resume(cluste
         row = upload_row(deployment, src.path.name)
         # What the crash left: the row still says uploading (the completion was never committed).
         assert row[3] == "uploading", row
-        # What fsck makes of the crash before anyone resumes: whatever it finds, --repair must mend.
+        # One lease (and a reaper pass) later the dead holder's slot is gone; then what fsck makes of the
+        # crash before anyone resumes: whatever it finds, --repair must mend.
+        assert deployment.settle_slots(dead={host.pid}) == []
         found_code, found = deployment.fsck()
         if found_code:
             TALLY.check("fsck --repair mends what a crash at a finalize step left")
