@@ -26,6 +26,10 @@ from tests.support import seaweedfs
 from uploads import storage
 
 TEST_STORAGE = os.environ.get("DIRECTDRIVEX_TEST_STORAGE", "local")
+# How long an in-process WebSocket handshake (WebsocketCommunicator.connect) may take: channels' default of
+# 1 s fails on a loaded machine (CI runs its test runs side by side on two cores), and a test that fails
+# in its handshake leaves its consumer to the teardown.
+CONNECT_SECONDS = 10
 
 PASSWORD = "correct-horse-battery-staple"
 

@@ -20,6 +20,7 @@ from django.test import Client
 from django.utils import timezone
 
 from directdrivex.routing import application
+from tests.conftest import CONNECT_SECONDS
 from tests.support import stored
 from uploads import storage
 from uploads.models import Slot, Upload
@@ -78,7 +79,7 @@ async def active_slots(upload: Upload) -> int:
 async def connect(path: str, headers=()) -> tuple[WebsocketCommunicator, dict]:
     communicator = WebsocketCommunicator(application, path, headers=list(headers))
     OPENED.append(communicator)
-    connected, _subprotocol = await communicator.connect()
+    connected, _subprotocol = await communicator.connect(timeout=CONNECT_SECONDS)
     assert connected
     return communicator, json.loads(await communicator.receive_from(timeout=5))
 
@@ -465,7 +466,7 @@ async def test_foreign_origin_is_refused_at_the_handshake_even_with_a_ticket(ali
     path = await database_sync_to_async(ws_url)(upload)
     communicator = WebsocketCommunicator(application, path, headers=[(b"origin", b"https://evil.example")])
     OPENED.append(communicator)
-    connected, _code = await communicator.connect()
+    connected, _code = await communicator.connect(timeout=CONNECT_SECONDS)
     # Closed before accept: Daphne answers such a handshake with HTTP 403.
     assert connected is False
     assert await active_slots(upload) == 1  # only the reservation made by POST

@@ -8,6 +8,7 @@ from channels.testing import ApplicationCommunicator, WebsocketCommunicator
 from rest_framework.authtoken.models import Token
 
 from directdrivex.routing import application
+from tests.conftest import CONNECT_SECONDS
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
     CHUNK,
     OPENED,
@@ -31,7 +32,7 @@ async def page(user) -> WebsocketCommunicator:
     headers = [(b"host", b"testserver"), (b"origin", b"http://testserver"), (b"cookie", cookie)]
     communicator = WebsocketCommunicator(application, "/ws/progress/", headers=headers)
     OPENED.append(communicator)
-    connected, _subprotocol = await communicator.connect()
+    connected, _subprotocol = await communicator.connect(timeout=CONNECT_SECONDS)
     assert connected
     assert await communicator.receive_nothing(0.2), "a signed-in page is not refused"
     return communicator
@@ -83,7 +84,7 @@ async def test_a_cancel_elsewhere_reaches_the_page(alice):
 async def test_without_a_session_the_page_socket_is_refused_with_4401(alice):
     communicator = WebsocketCommunicator(application, "/ws/progress/")
     OPENED.append(communicator)
-    assert (await communicator.connect())[0]
+    assert (await communicator.connect(timeout=CONNECT_SECONDS))[0]
     error = json.loads(await communicator.receive_from(timeout=5))
     assert (error["type"], error["code"]) == ("error", "unauthenticated")
     assert await communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 4401}

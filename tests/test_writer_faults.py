@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 
 from directdrivex.routing import application
+from tests.conftest import CONNECT_SECONDS
 from tests.support import stored
 from tests.support.files import lock_is_free, open_descriptors
 from tests.test_consumer import (  # noqa: F401 - autouse fixtures of the consumer tests apply here too
@@ -106,7 +107,7 @@ async def opened_without_reading(upload: Upload) -> WebsocketCommunicator:
     """A connection whose handshake is done; the test reads (or not) what the server sends."""
     communicator = WebsocketCommunicator(application, await database_sync_to_async(ws_url)(upload))
     OPENED.append(communicator)
-    connected, _subprotocol = await communicator.connect()
+    connected, _subprotocol = await communicator.connect(timeout=CONNECT_SECONDS)
     assert connected
     return communicator
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from directdrivex.routing import application
-from tests.conftest import make_user
+from tests.conftest import CONNECT_SECONDS, make_user
 from tests.support import stored
 from tests.support.files import open_descriptors
 from uploads import writer
@@ -106,7 +106,7 @@ async def run_events(alice, events) -> None:
     writer.writer_commit = commit
     communicator = WebsocketCommunicator(application, await database_sync_to_async(ws_url)(upload))
     try:
-        assert (await communicator.connect())[0]
+        assert (await communicator.connect(timeout=CONNECT_SECONDS))[0]
         ready = json.loads(await communicator.receive_from(timeout=10))
         client = Client(communicator, data, ready.get("offset", 0))
         if ready["type"] != "ready":

@@ -221,6 +221,11 @@ class Cluster:
 
     # --- what the logs say ----------------------------------------------------------------------
 
+    def writers_of(self, upload_id: str) -> set[str]:
+        """The hosts whose log says a writer of the upload started there (``writer ready upload=<id>``)."""
+        needle = f"writer ready upload={upload_id} "
+        return {name for name, server in self.hosts.items() if needle in server.log_path.read_text(errors="replace")}
+
     def internal_errors(self) -> list[str]:
         """Lines of the hosts' logs (since the last call) that report an internal error, not a refusal."""
         found = []
