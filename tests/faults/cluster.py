@@ -23,9 +23,11 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import psycopg
@@ -71,6 +73,13 @@ class Storage:
             "AWS_ACCESS_KEY_ID": seaweedfs.ACCESS_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": seaweedfs.SECRET_ACCESS_KEY,
         }
+
+
+class Row(NamedTuple):
+    id: uuid.UUID
+    offset: int
+    size: int
+    status: str
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,18 @@ class Cluster:
         TALLY.check("no slot without a live holder one lease later")
         TALLY.leaked(len(left))
         return left
+
+    def upload_row(self, filename: str) -> "Row | None":
+        """The upload of ``filename`` as the database has it now (None before it is created)."""
+        rows = self.query(
+            'SELECT id, "offset", size, status FROM uploads_upload WHERE original_filename = %s', filename
+        )
+        return Row(*rows[0]) if rows else None
+
+    def offset_of(self, filename: str) -> int:
+        """The durable offset of the upload of ``filename`` (0 before it is created)."""
+        row = self.upload_row(filename)
+        return row.offset if row else 0
 
     def upload_rows(self) -> list[tuple]:
         """(id, status, size, offset, sha256) of every upload."""

@@ -28,11 +28,6 @@ log = logging.getLogger(__name__)
 SIZE = 24 * MiB
 
 
-def offset_of(cluster, filename: str) -> int:
-    rows = cluster.query('SELECT "offset" FROM uploads_upload WHERE original_filename = %s', filename)
-    return rows[0][0] if rows else 0
-
-
 @pytest.mark.parametrize("transport", ["ws", "tus"])
 def test_a_writer_frozen_past_its_lease_and_woken_after_a_takeover_lands_no_byte(cluster, transport, tmp_path):
     deployment = cluster()
@@ -45,9 +40,9 @@ def test_a_writer_frozen_past_its_lease_and_woken_after_a_takeover_lands_no_byte
         balancer.limit(4 * MiB)
         client = Client(transport, balancer.via(a.url), deployment.backend.alice_token, src, tmp_path / "client.log")
         try:
-            wait_for(lambda: offset_of(deployment, src.path.name) >= SIZE // 4, "a quarter durable", 120)
+            wait_for(lambda: deployment.offset_of(src.path.name) >= SIZE // 4, "a quarter durable", 120)
             frozen_at = freeze(a, deployment.backend.database_url)
-            offset_at_freeze = offset_of(deployment, src.path.name)
+            offset_at_freeze = deployment.offset_of(src.path.name)
             TALLY.fault("SIGSTOP of the writer past its lease, SIGCONT after a takeover")
             balancer.retarget(b.port)
             balancer.reset()  # the client reconnects, to the other host
@@ -57,7 +52,7 @@ def test_a_writer_frozen_past_its_lease_and_woken_after_a_takeover_lands_no_byte
                 if wake_after_completion:
                     assert client.wait() == 0, client.output()
                 else:
-                    wait_for(lambda: offset_of(deployment, src.path.name) > offset_at_freeze, "B to write", 60)
+                    wait_for(lambda: deployment.offset_of(src.path.name) > offset_at_freeze, "B to write", 60)
             a.signal(signal.SIGCONT)
             log.info("woke the stale writer %s, %s", a.url, "after completion" if wake_after_completion else "mid-way")
             assert client.wait() == 0, client.output()

@@ -28,11 +28,6 @@ SIZE = scaled(24, 64) * MiB
 RATE = 6 * MiB
 
 
-def upload_row(cluster, filename: str):
-    rows = cluster.query('SELECT id, "offset", size, status FROM uploads_upload WHERE original_filename = %s', filename)
-    return rows[0] if rows else None
-
-
 def holder_pid(cluster, upload_id) -> int | None:
     rows = cluster.query(
         "SELECT holder_process FROM uploads_slot WHERE upload_id = %s AND released_at IS NULL AND holder_process <> ''",
@@ -69,22 +64,27 @@ def test_kill_9_of_the_serving_host_at_random_offsets_loses_nothing_and_holds_no
             while any(plans.values()):
                 assert any(c.alive() for c in clients if plans[c]), [c.output() for c in clients]
                 for client, targets in plans.items():
-                    row = upload_row(deployment, client.src.path.name) if targets else None
-                    if row is None or row[1] < targets[0]:
+                    row = deployment.upload_row(client.src.path.name) if targets else None
+                    if row is None or row.offset < targets[0]:
                         continue
-                    assert row[3] == "uploading", (row, targets, "the upload ended before its planned kill")
-                    pid = holder_pid(deployment, row[0])
+                    assert row.status == "uploading", (row, targets, "the upload ended before its planned kill")
+                    pid = holder_pid(deployment, row.id)
                     victim = next((h for h in hosts.values() if h.process.poll() is None and h.pid == pid), None)
                     if victim is None:
                         continue  # between writers (a takeover under way): its next holder is killed
                     victim.kill()
                     targets.pop(0)
                     dead.add(pid)
-                    kills.append((client.src.path.name, row[1]))
+                    kills.append((client.src.path.name, row.offset))
                     checks.append((pid, time.monotonic() + LEASE_SECONDS + 3 * REAPER_INTERVAL + 5))
                     TALLY.fault("kill -9 of the serving host mid-upload")
                     log.info(
-                        "kill %d: %s (pid %d) at durable offset %d of %s", len(kills), victim.url, pid, *row[1::-1]
+                        "kill %d: %s (pid %d) at durable offset %d of %s",
+                        len(kills),
+                        victim.url,
+                        pid,
+                        row.offset,
+                        row.id,
                     )
                     victim.restart()  # a process manager restarts it; nginx meanwhile sends clients to the other
                 # One lease (and a reaper pass) after each crash, the dead process holds nothing.
@@ -130,9 +130,9 @@ def test_kill_9_at_each_finalize_step_then_the_upload_completes_on_resume(cluste
         wait_for(lambda: host.process.poll() is not None, f"the host to crash at {step}", 60)
         assert flag.read_text() == step
         TALLY.fault(f"kill -9 at finalize: {step}")
-        row = upload_row(deployment, src.path.name)
+        row = deployment.upload_row(src.path.name)
         # What the crash left: the row still says uploading (the completion was never committed).
-        assert row[3] == "uploading", row
+        assert row.status == "uploading", row
         # One lease (and a reaper pass) later the dead holder's slot is gone; then what fsck makes of the
         # crash before anyone resumes: whatever it finds, --repair must mend.
         assert deployment.settle_slots(dead={host.pid}) == []

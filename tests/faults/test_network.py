@@ -29,11 +29,6 @@ STORM_CLIENTS = 50
 STORM_RESETS = scaled(2, 5)
 
 
-def upload_row(cluster, filename: str):
-    rows = cluster.query('SELECT id, "offset", status FROM uploads_upload WHERE original_filename = %s', filename)
-    return rows[0] if rows else None
-
-
 def slots_of(cluster, upload_id) -> int:
     (count,) = cluster.query(
         "SELECT count(*) FROM uploads_slot WHERE upload_id = %s AND released_at IS NULL", upload_id
@@ -45,7 +40,7 @@ def started(cluster, client: Client, fraction: float) -> tuple:
     """The client's upload row once its durable offset passed ``fraction`` of the file."""
     want = int(client.src.size * fraction)
     return wait_for(
-        lambda: (row := upload_row(cluster, client.src.path.name)) and row[1] >= want and row,
+        lambda: (row := cluster.upload_row(client.src.path.name)) and row.offset >= want and row,
         f"{client.src.path.name} at {want}",
         120,
     )
@@ -83,7 +78,7 @@ def test_a_stall_longer_than_the_idle_timeout_frees_the_slot_and_the_client_resu
         stalled_at = time.monotonic()
         # The server gives up on the silent connection by itself and frees the slot, while the client still waits:
         # within the idle timeout, or a lease and a reaper pass for a slot parked between two PATCHes.
-        wait_for(lambda: slots_of(deployment, row[0]) == 0, "the idle connection's slot to be released", 30)
+        wait_for(lambda: slots_of(deployment, row.id) == 0, "the idle connection's slot to be released", 30)
         log.info("slot released %.1f s into the stall", time.monotonic() - stalled_at)
         assert time.monotonic() - stalled_at >= IDLE_SECONDS - 0.5
         assert client.alive()

@@ -6,6 +6,7 @@ may ever be marked complete with wrong bytes (every completion is compared with
 the client's sha256 and read back from storage).
 """
 
+import contextlib
 import logging
 import time
 
@@ -31,6 +32,26 @@ def progress(cluster: Cluster, clients: list[Client], fraction: float) -> None:
     wait_for(there, f"every upload at {fraction:.0%}", 120)
 
 
+@contextlib.contextmanager
+def slow_links(cluster: Cluster, rate: int):
+    """A rate-limited TCP proxy in front of each host: uploads last long enough for a fault to land mid-way."""
+    with contextlib.ExitStack() as stack:
+        links = [stack.enter_context(TcpProxy("127.0.0.1", host.port)) for host in cluster.hosts.values()]
+        for link in links:
+            link.limit(rate)
+        yield links
+
+
+def spread(cluster: Cluster, links, token: str, count: int, size: int, tmp_path, label: str) -> list[Client]:
+    """``count`` clients, WebSocket and tus in turn, over the hosts in turn (each through its slow link)."""
+    hosts = list(cluster.hosts.values())
+    return [
+        Client(("ws", "tus")[i % 2], links[i % len(links)].via(hosts[i % len(hosts)].url), token,
+               source(tmp_path, f"{label}-{i}.bin", size + i), tmp_path / f"{label}-{i}.log")
+        for i in range(count)
+    ]  # fmt: skip
+
+
 def run_to_the_end(cluster: Cluster, clients: list[Client], token: str) -> None:
     codes = [c.wait() for c in clients]
     assert codes == [0] * len(clients), "\n\n".join(c.output() for c in clients)
@@ -51,16 +72,11 @@ def test_a_redis_restart_under_five_live_uploads_on_two_hosts_loses_none(site, t
         where = Site(backend, site.storage, site.storage_dir, site.prefix)
         deployment = Cluster(tmp_path / "cluster", where, DIRECTDRIVEX_USER_UPLOAD_SLOTS=10)
         try:
-            a, b = deployment.host("a"), deployment.host("b")
-            with TcpProxy("127.0.0.1", a.port) as slow_a, TcpProxy("127.0.0.1", b.port) as slow_b:
-                for proxy in (slow_a, slow_b):
-                    proxy.limit(3 * MiB)  # three uploads share each: about 1 MiB/s, 12 s each
-                clients = [
-                    Client(("ws", "tus")[i % 2], (slow_a, slow_b)[i % 2].via((a, b)[i % 2].url),
-                           backend.alice_token, source(tmp_path, f"redis-{i}.bin", 12 * MiB + i),
-                           tmp_path / f"r{i}.log")
-                    for i in range(6)
-                ]  # fmt: skip
+            for name in ("a", "b"):
+                deployment.host(name)
+            # Three uploads share each link: about 1 MiB/s, 12 s each.
+            with slow_links(deployment, 3 * MiB) as links:
+                clients = spread(deployment, links, backend.alice_token, 6, 12 * MiB, tmp_path, "redis")
                 progress(deployment, clients, 0.05)
                 live = sum(c.alive() for c in clients)
                 redis.restart()
@@ -82,15 +98,10 @@ def test_a_postgresql_restart_mid_upload_loses_nothing(site, tmp_path):
         prefix = f"{site.prefix}pg-restart/"
         deployment = Cluster(tmp_path / "cluster", Site(backend, site.storage, storage_dir, prefix))
         try:
-            a, b = deployment.host("a"), deployment.host("b")
-            with TcpProxy("127.0.0.1", a.port) as slow_a, TcpProxy("127.0.0.1", b.port) as slow_b:
-                for proxy in (slow_a, slow_b):
-                    proxy.limit(4 * MiB)
-                clients = [
-                    Client(("ws", "tus")[i % 2], (slow_a, slow_b)[i % 2].via((a, b)[i % 2].url),
-                           backend.alice_token, source(tmp_path, f"pg-{i}.bin", 12 * MiB + i), tmp_path / f"p{i}.log")
-                    for i in range(2)
-                ]  # fmt: skip
+            for name in ("a", "b"):
+                deployment.host(name)
+            with slow_links(deployment, 4 * MiB) as links:
+                clients = spread(deployment, links, backend.alice_token, 2, 12 * MiB, tmp_path, "pg")
                 progress(deployment, clients, 0.2)
                 started = time.monotonic()
                 server.restart()
@@ -110,16 +121,10 @@ def test_the_object_store_cut_mid_upload_then_restored_loses_nothing(site, tmp_p
         through = Storage("s3", store.via(site.storage.endpoint), site.storage.bucket)
         deployment = Cluster(tmp_path / "cluster", Site(site.backend, through, site.storage_dir, site.prefix))
         try:
-            a, b = deployment.host("a"), deployment.host("b")
-            with TcpProxy("127.0.0.1", a.port) as slow_a, TcpProxy("127.0.0.1", b.port) as slow_b:
-                for proxy in (slow_a, slow_b):
-                    proxy.limit(6 * MiB)
-                clients = [
-                    Client(("ws", "tus")[i % 2], (slow_a, slow_b)[i % 2].via((a, b)[i % 2].url),
-                           site.backend.alice_token, source(tmp_path, f"store-{i}.bin", 20 * MiB + i),
-                           tmp_path / f"s{i}.log")
-                    for i in range(3)
-                ]  # fmt: skip
+            for name in ("a", "b"):
+                deployment.host(name)
+            with slow_links(deployment, 6 * MiB) as links:
+                clients = spread(deployment, links, site.backend.alice_token, 3, 20 * MiB, tmp_path, "store")
                 progress(deployment, clients, 0.15)
                 store.cut()
                 TALLY.fault("object store cut mid-upload")

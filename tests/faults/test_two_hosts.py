@@ -26,11 +26,6 @@ SWITCHES = scaled(3, 8)
 SIZE = scaled(16, 48) * MiB
 
 
-def offset_of(cluster, filename: str) -> int:
-    rows = cluster.query('SELECT "offset" FROM uploads_upload WHERE original_filename = %s', filename)
-    return rows[0][0] if rows else 0
-
-
 @pytest.mark.parametrize("transport", ["ws", "tus"])
 def test_an_upload_moved_between_hosts_at_random_offsets_resumes_on_each_and_completes(cluster, transport, tmp_path):
     deployment = cluster()
@@ -45,7 +40,7 @@ def test_an_upload_moved_between_hosts_at_random_offsets_resumes_on_each_and_com
             on = a
             for target in targets:
                 wait_for(
-                    lambda t=target: offset_of(deployment, src.path.name) >= t or not client.alive(),
+                    lambda t=target: deployment.offset_of(src.path.name) >= t or not client.alive(),
                     f"offset {target}",
                     120,
                 )
@@ -54,7 +49,7 @@ def test_an_upload_moved_between_hosts_at_random_offsets_resumes_on_each_and_com
                 balancer.retarget(on.port)
                 balancer.reset()  # the client's connection drops; its next one reaches the other host
                 TALLY.fault("moved to the other host mid-upload")
-                log.info("moved to %s at offset %d", on.url, offset_of(deployment, src.path.name))
+                log.info("moved to %s at offset %d", on.url, deployment.offset_of(src.path.name))
             assert client.wait() == 0, client.output()
         finally:
             client.kill()
