@@ -247,8 +247,13 @@ class Cluster:
         needle = f"writer ready upload={upload_id} "
         return {name for name, server in self.hosts.items() if needle in server.log_path.read_text(errors="replace")}
 
-    def internal_errors(self) -> list[str]:
-        """Lines of the hosts' logs (since the last call) that report an internal error, not a refusal."""
+    def internal_errors(self, *, explained: tuple[str, ...] = ()) -> list[str]:
+        """Lines of the hosts' logs (since the last call) that report an internal error, not a refusal.
+
+        ``explained``: texts of ERROR lines that the fault itself makes a host write, and only that fault
+        (a process frozen in the middle of its close wakes past the close's budget and says so). They are
+        counted apart, never as internal errors, and only where a test names them.
+        """
         found = []
         for path in [server.log_path for server in self.hosts.values()] + [self.root / "reaper.log"]:
             if not path.exists():
@@ -258,8 +263,10 @@ class Cluster:
             self._log_marks[path] = len(text)
             found += [f"{path.parent.name}: {m.group(0)} …{line_around(text, m.start())}" for m in
                       INTERNAL_ERROR.finditer(text, start)]  # fmt: skip
+        expected = [line for line in found if any(text in line for text in explained)]
+        found = [line for line in found if line not in expected]
         TALLY.check("no internal error in any host's log")
-        TALLY.errors(len(found))
+        TALLY.errors(len(found), explained=len(expected))
         return found
 
     def fsck(self, *, repair: bool = False) -> tuple[int, str]:

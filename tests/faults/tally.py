@@ -25,6 +25,7 @@ class Tally:
     bytes_lost: int = 0
     slots_leaked: int = 0
     internal_errors: int = 0
+    explained_errors: int = 0  # ERROR lines a fault itself makes a host write, named by the test (never bugs)
     checks: Counter = field(default_factory=Counter)  # invariant -> times checked
     tests: Counter = field(default_factory=Counter)  # outcome -> tests
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -54,9 +55,10 @@ class Tally:
         with self._lock:
             self.slots_leaked += slots
 
-    def errors(self, count: int) -> None:
+    def errors(self, count: int, *, explained: int = 0) -> None:
         with self._lock:
             self.internal_errors += count
+            self.explained_errors += explained
 
     def empty(self) -> bool:
         return not (self.faults or self.cases or self.uploads_completed or self.bytes_lost)
@@ -73,6 +75,7 @@ class Tally:
             "bytes_lost": self.bytes_lost,
             "slots_leaked": self.slots_leaked,
             "internal_errors": self.internal_errors,
+            "error_lines_explained_by_the_fault": self.explained_errors,
             "invariant_checks": dict(sorted(self.checks.items())),
         }
 
@@ -91,6 +94,7 @@ class Tally:
         out.append(f"bytes lost: {report['bytes_lost']}")
         out.append(f"slots leaked: {report['slots_leaked']}")
         out.append(f"internal errors: {report['internal_errors']}")
+        out.append(f"error lines explained by the fault (a close frozen past its budget): {self.explained_errors}")
         out.append("invariant checks: " + ", ".join(f"{k} {n}" for k, n in report["invariant_checks"].items()))
         return out
 
