@@ -62,7 +62,7 @@ FAULTS_REDIS_URL ?= redis://127.0.0.1:6379/2
 faults: $(STAMP)
 	mkdir -p var
 	DIRECTDRIVEX_FAULTS=full DATABASE_URL=$(FAULTS_DATABASE_URL) REDIS_URL=$(FAULTS_REDIS_URL) \
-		DIRECTDRIVEX_FAULTS_REPORT=var/faults-report.json $(VENV)/bin/pytest tests/faults $(PYTEST_ARGS)
+		DIRECTDRIVEX_FAULTS_REPORT=var/faults-report.json $(VENV)/bin/pytest tests/faults tests/test_schemathesis.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -80,6 +80,11 @@ CHUNKY_READ_PIECES = 64
 # message dict, the bytes object's header, the queue's slot, with the
 # allocator's rounding (measured near 300 bytes; counted generously).
 FRAME_COST = 1024
+# Request line plus headers, and any one header line. Twisted's 16 KiB (HTTPChannel.totalHeadersSize,
+# LineReceiver.MAX_LENGTH) answers a bare 400, or nothing, before the application sees the request: a
+# filename of the documented 1-16,384 characters is up to 64 KiB of UTF-8, 87,384 base64 characters in
+# tus's Upload-Metadata (tests/faults/test_filename_attacks.py found it). Parsed per connection, once.
+MAX_HEADER_BYTES = 128 * 1024
 
 
 def max_message_size() -> int:
@@ -448,6 +453,9 @@ class BoundedHTTPFactory(HTTPFactory):
     def buildProtocol(self, addr):
         protocol = super().buildProtocol(addr)
         protocol.requestFactory = BackpressureRequest
+        # The limits live on the HTTP/1.1 channel inside Twisted's protocol wrapper (which forwards only
+        # requestFactory and factory); Daphne runs no HTTP/2, so that channel is the one that parses.
+        protocol._channel.totalHeadersSize = protocol._channel.MAX_LENGTH = MAX_HEADER_BYTES
         return protocol
 
 

@@ -23,6 +23,7 @@ import sys
 
 import pytest
 
+from tests.faults.tally import TALLY
 from tests.support.live_server import LiveServer, postgres_database
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,8 @@ def test_the_server_does_what_its_schema_says_for_every_generated_request(server
     report = json.loads(report_path.read_text())
     cases = report["test_cases"]
     log.info("schemathesis ran %s cases (seed %s): %s", cases["generated"], SEED, cases)
+    # The cases schemathesis recorded, each one sent to the server: counted with the fault suite's (tests/faults).
+    TALLY.case("OpenAPI operations and cases (schemathesis)", cases["generated"])
     assert report["failures"] == [], output
     assert report["errors"] == [], output
     assert done.returncode == 0, output

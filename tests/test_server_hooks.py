@@ -15,6 +15,7 @@ from daphne import server as daphne_server
 from daphne.http_protocol import WebRequest
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import tcp
+from twisted.protocols import basic
 from twisted.web import http
 
 from directdrivex import server
@@ -62,6 +63,22 @@ def test_our_http_factory_replaces_the_one_run_builds():
     instance = server.BackpressureServer.__new__(server.BackpressureServer)
     instance.http_factory = object()
     assert isinstance(instance.http_factory, server.BoundedHTTPFactory)
+
+
+def test_the_header_limits_are_the_attributes_twisteds_channel_checks():
+    """Hook: BoundedHTTPFactory.buildProtocol sets HTTPChannel.totalHeadersSize and LineReceiver.MAX_LENGTH.
+
+    Behaviour: tests/faults/test_filename_attacks.py (a tus filename of the documented length is answered).
+    """
+    assert "self._receivedHeaderSize > self.totalHeadersSize" in inspect.getsource(http.HTTPChannel)
+    # A header line longer than MAX_LENGTH: the LineReceiver HTTPChannel is.
+    assert issubclass(http.HTTPChannel, basic.LineReceiver)
+    assert "self.MAX_LENGTH" in inspect.getsource(basic.LineReceiver.dataReceived)
+    assert http.HTTPChannel.totalHeadersSize < server.MAX_HEADER_BYTES
+    assert http.HTTPChannel.MAX_LENGTH < server.MAX_HEADER_BYTES
+    built = server.BoundedHTTPFactory(object()).buildProtocol(("127.0.0.1", 1))
+    assert isinstance(built._channel, http.HTTPChannel)
+    assert built._channel.totalHeadersSize == built._channel.MAX_LENGTH == server.MAX_HEADER_BYTES
 
 
 def test_bounded_requests_hook_the_twisted_request_steps_daphne_uses():
