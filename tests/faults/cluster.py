@@ -47,7 +47,7 @@ REAPER_INTERVAL = 1
 METRICS_TOKEN = "faults-metrics-" + "m" * 32
 CLIENT_TIMEOUT = 600
 
-# What a host's log says when something went wrong inside it (logfmt level=error, an uncaught
+# What a host's log says when something went wrong inside it (logfmt level=ERROR, an uncaught
 # traceback, Daphne's access log of a 500), as opposed to a refusal the protocol defines.
 INTERNAL_ERROR = re.compile(r"level=(ERROR|CRITICAL)\b|^Traceback |\" 500 |status=500\b|code=1011\b", re.MULTILINE)
 
