@@ -159,10 +159,15 @@ def pointed_at(target: Target, name: str) -> dict[str, tuple | None]:
     if "\x00" in name or any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
         return {}  # no file system path holds these
     found = {}
+    # The folders the server writes into by design (and those above them, whose entries change with them):
+    # an empty name, ".", or ".." lands there, and their times move with every upload. Any other path must not.
+    layout = [os.path.normpath(target.server.storage / area) for area in ("", "files", "partial")]
     for base in (target.server.storage, target.server.storage / "files", target.server.storage / "partial",
                  target.server.workdir, ROOT):  # fmt: skip
         for form in (name, name.replace("\\", "/")):
             path = os.path.normpath(os.path.join(base, form))
+            if any(folder == path or folder.startswith(path.rstrip(os.sep) + os.sep) for folder in layout):
+                continue
             try:
                 info = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
