@@ -69,10 +69,12 @@ def link(cluster, tmp_path):
 @pytest.mark.parametrize("transport", ["ws", "tus"])
 def test_a_stall_longer_than_the_idle_timeout_frees_the_slot_and_the_client_resumes(link, transport, tmp_path):
     deployment, host, proxy = link
-    src = source(tmp_path, f"stall-{transport}.bin", SIZE)
+    # Twice the size, stalled in its first 40 %: on s3 the durable offset moves a part (8 MiB) at a time, and
+    # the stall must catch the upload with much left to send, not as it completes.
+    src = source(tmp_path, f"stall-{transport}.bin", 2 * SIZE)
     client = Client(transport, proxy.via(host.url), deployment.backend.alice_token, src, tmp_path / "client.log")
     try:
-        row = started(deployment, client, random.uniform(0.1, 0.6))
+        row = started(deployment, client, random.uniform(0.1, 0.4))
         proxy.stall()
         TALLY.fault("network stall longer than the idle timeout")
         stalled_at = time.monotonic()
@@ -81,6 +83,7 @@ def test_a_stall_longer_than_the_idle_timeout_frees_the_slot_and_the_client_resu
         wait_for(lambda: slots_of(deployment, row.id) == 0, "the idle connection's slot to be released", 30)
         log.info("slot released %.1f s into the stall", time.monotonic() - stalled_at)
         assert time.monotonic() - stalled_at >= IDLE_SECONDS - 0.5
+        assert deployment.upload_row(src.path.name).status == "uploading"  # freed by the timeout, not by the end
         assert client.alive()
         proxy.restore()
     finally:
