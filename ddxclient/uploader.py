@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import websockets
 from tqdm import tqdm
+from websockets.protocol import State
 
 log = logging.getLogger("ddxclient")
 
@@ -328,7 +329,15 @@ class Uploader:
                 ping_timeout=self.timeout,
                 close_timeout=min(10.0, self.timeout),
             ) as ws:
-                return await self._send_file(ws, path, size, bar, budget)
+                try:
+                    return await self._send_file(ws, path, size, bar, budget)
+                except AttributeError as error:
+                    # websockets 17 can fail so when the server dies while a send waits out the closing
+                    # handshake: it aborts a transport asyncio has already torn down. The connection is
+                    # gone, as in any other loss (the fault suite's kill -9 met it): retry from the server's offset.
+                    if ws.state not in (State.CLOSING, State.CLOSED):
+                        raise
+                    raise Retry(f"connection lost: {error!r}") from error
         except websockets.InvalidStatus as error:
             response = error.response
             try:
