@@ -47,6 +47,11 @@ REAPER_INTERVAL = 1
 METRICS_TOKEN = "faults-metrics-" + "m" * 32
 CLIENT_TIMEOUT = 600
 
+# What fsck may find after kill -9 of a writer, all bytes nobody will read: a tail or part the killed writer
+# stored before its commit recorded it (leftover_part once the upload completed elsewhere, leftover_tail,
+# abandoned_session, extra_parts). --repair deletes them; the reaper's hourly sweep does too.
+CRASH_LEFTOVERS = {"leftover_part", "leftover_tail", "abandoned_session", "extra_parts"}
+
 # What a host's log says when something went wrong inside it (logfmt level=ERROR, an uncaught
 # traceback, Daphne's access log of a 500), as opposed to a refusal the protocol defines.
 INTERNAL_ERROR = re.compile(r"level=(ERROR|CRITICAL)\b|^Traceback |\" 500 |status=500\b|code=1011\b", re.MULTILINE)
@@ -278,6 +283,21 @@ class Cluster:
         )
         TALLY.check("fsck")
         return done.returncode, done.stdout + done.stderr
+
+    def fsck_mends(self) -> list[str]:
+        """fsck over the whole site; what a crash may leave (an unrecorded tail or part of a killed writer) is mended
+        by ``--repair``, after which fsck finds nothing. Returns the kinds mended; anything else fails the test."""
+        code, report = self.fsck()
+        if code == 0:
+            return []
+        kinds = self.findings(report)
+        assert set(kinds) <= CRASH_LEFTOVERS, report
+        repaired_code, repaired = self.fsck(repair=True)
+        assert repaired_code == 0, repaired
+        again, report = self.fsck()
+        assert again == 0, report
+        TALLY.repaired(len(kinds))
+        return kinds
 
     def findings(self, report: str) -> list[str]:
         """The kinds of what an fsck output found."""

@@ -25,6 +25,7 @@ class Tally:
     bytes_lost: int = 0
     slots_leaked: int = 0
     internal_errors: int = 0
+    crash_leftovers_repaired: int = 0  # fsck findings a kill -9 left (unread bytes), mended by --repair
     explained_errors: int = 0  # ERROR lines a fault itself makes a host write, named by the test (never bugs)
     checks: Counter = field(default_factory=Counter)  # invariant -> times checked
     tests: Counter = field(default_factory=Counter)  # outcome -> tests
@@ -51,6 +52,10 @@ class Tally:
             else:
                 self.bytes_lost += size
 
+    def repaired(self, findings: int) -> None:
+        with self._lock:
+            self.crash_leftovers_repaired += findings
+
     def leaked(self, slots: int) -> None:
         with self._lock:
             self.slots_leaked += slots
@@ -76,6 +81,7 @@ class Tally:
             "slots_leaked": self.slots_leaked,
             "internal_errors": self.internal_errors,
             "error_lines_explained_by_the_fault": self.explained_errors,
+            "crash_leftovers_repaired_by_fsck": self.crash_leftovers_repaired,
             "invariant_checks": dict(sorted(self.checks.items())),
         }
 
@@ -95,6 +101,10 @@ class Tally:
         out.append(f"slots leaked: {report['slots_leaked']}")
         out.append(f"internal errors: {report['internal_errors']}")
         out.append(f"error lines explained by the fault (a close frozen past its budget): {self.explained_errors}")
+        out.append(
+            f"crash leftovers (unrecorded tails / parts of killed writers) mended by fsck --repair: "
+            f"{self.crash_leftovers_repaired}"
+        )
         out.append("invariant checks: " + ", ".join(f"{k} {n}" for k, n in report["invariant_checks"].items()))
         return out
 

@@ -108,8 +108,7 @@ def test_kill_9_of_the_serving_host_at_random_offsets_loses_nothing_and_holds_no
     assert deployment.settle_slots(dead=dead) == []
     assert deployment.settle_slots() == []
     assert not any(pid_alive(pid) for pid in dead)
-    code, report = deployment.fsck()
-    assert code == 0, report
+    deployment.fsck_mends()  # what the kills left unread in storage, --repair deletes; nothing else may be found
     assert deployment.internal_errors() == []
 
 
@@ -156,6 +155,5 @@ def test_kill_9_at_each_finalize_step_then_the_upload_completes_on_resume(cluste
     verify_upload(deployment, host, deployment.backend.alice_token, client.upload_id, src)
     assert resumed_after < LEASE_SECONDS + 30, resumed_after
     assert deployment.settle_slots() == []
-    code, report = deployment.fsck()
-    assert code == 0, report
+    deployment.fsck_mends()  # what the kills left unread in storage, --repair deletes; nothing else may be found
     assert deployment.internal_errors() == []
