@@ -1,8 +1,9 @@
 """The fault suite's set-up: its scale, its deployments, and the count it prints at the end of the run.
 
-``make test`` runs it at a reduced count in both CI stages; the multi-process
-deployments (two hosts sharing PostgreSQL and Redis) need the PostgreSQL +
-Redis stage and run there on both storage backends, the folder and SeaweedFS.
+``make test`` runs it at a reduced count. The multi-process deployments (two
+hosts sharing PostgreSQL and Redis) skip on SQLite; CI runs them in a run of
+their own on PostgreSQL + Redis, on both storage backends, the folder and
+SeaweedFS (.ci/run). The fuzzers run in both.
 ``make faults`` runs the full count (DIRECTDRIVEX_FAULTS=full) and writes the
 figures docs/reliability.md publishes (DIRECTDRIVEX_FAULTS_REPORT).
 """
